@@ -1,0 +1,276 @@
+"""`AgentService`: the transport of agent sessions. It checks the hello against the caller's
+certificate, then pumps messages between the stream and the fleet/telemetry domain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from sentinel.v1 import agent_pb2, agent_pb2_grpc
+
+from certs import IdentityError
+from certs._identity import validate_name
+from controlplane.api import _convert
+from controlplane.auth import current_principal
+from controlplane.fleet import (
+    AgentRegistry,
+    AgentSession,
+    CommandLedger,
+    CommandOut,
+    ConfigOut,
+    GoAwayOut,
+    Outbound,
+    TelemetryAckOut,
+    UnknownCommand,
+)
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.settings import ControlPlaneSettings
+from controlplane.telemetry import Sample, TelemetryHub
+from sentinel_common import log_context
+
+log = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def outbound_message(message: Outbound) -> agent_pb2.ConnectResponse:
+    if isinstance(message, TelemetryAckOut):
+        return agent_pb2.ConnectResponse(telemetry_ack=agent_pb2.TelemetryAck(seq=message.seq))
+    if isinstance(message, CommandOut):
+        return agent_pb2.ConnectResponse(
+            command=agent_pb2.Command(
+                command_id=message.command_id,
+                plan_id=message.plan_id,
+                action=message.action,
+                parameters=_convert.struct(message.parameters),
+                deadline=_convert.timestamp(message.deadline),
+            )
+        )
+    if isinstance(message, ConfigOut):
+        return agent_pb2.ConnectResponse(
+            config_update=agent_pb2.ConfigUpdate(
+                telemetry_interval=_duration(message.telemetry_interval_s)
+            )
+        )
+    return agent_pb2.ConnectResponse(
+        go_away=agent_pb2.GoAway(
+            reason=message.reason, reconnect_after=_duration(message.reconnect_after_s)
+        )
+    )
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        registry: AgentRegistry,
+        hub: TelemetryHub,
+        ledger: CommandLedger,
+        metrics: ControlPlaneMetrics,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._hub = hub
+        self._ledger = ledger
+        self._metrics = metrics
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str
+    ) -> None:
+        self._metrics.sessions_refused.labels(reason).inc()
+        log.warning("agent session refused: %s", message)
+        await context.abort(code, message)
+
+    async def _read_hello(self, context: grpc.aio.ServicerContext) -> agent_pb2.Hello:
+        principal = current_principal()
+        try:
+            first = await asyncio.wait_for(context.read(), self._settings.hello_timeout_s)
+        except TimeoutError:
+            await self._refuse(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "hello_timeout",
+                f"no hello within {self._settings.hello_timeout_s:g} s of opening the session",
+            )
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "no_hello",
+                "the first message of a session must be `hello`",
+            )
+        hello: agent_pb2.Hello = first.hello
+        try:
+            validate_name(hello.node_id)
+        except IdentityError as exc:
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "bad_hello", f"hello.node_id: {exc}"
+            )
+        if hello.node_id != principal.name:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "foreign_node",
+                f"hello.node_id {hello.node_id!r} does not match the certificate's identity "
+                f"{principal.spiffe_id}: an agent may only speak for its own node",
+            )
+        if hello.resume.oldest_unacked_seq > hello.resume.next_telemetry_seq:
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_hello",
+                "hello.resume.oldest_unacked_seq is greater than hello.resume.next_telemetry_seq",
+            )
+        return hello
+
+    async def Connect(  # noqa: N802 (gRPC method name)
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        hello = await self._read_hello(context)
+        principal = current_principal()
+        session, state = await self._registry.open_session(
+            _convert.hello_info(hello, principal.spiffe_id)
+        )
+        self._hub.start_session(hello.node_id, state.last_telemetry_seq, state.telemetry_gap_samples)
+        self._metrics.sessions_opened.inc()
+        with log_context(node_id=hello.node_id, session_id=session.session_id):
+            log.info("agent session opened (version %s)", hello.agent_version or "unknown")
+            await context.write(
+                agent_pb2.ConnectResponse(
+                    welcome=agent_pb2.Welcome(
+                        session_id=session.session_id,
+                        telemetry_interval=_duration(self._settings.telemetry_interval_s),
+                        heartbeat_interval=_duration(self._settings.heartbeat_interval_s),
+                        acked_telemetry_seq=state.last_telemetry_seq,
+                        max_batch_samples=self._settings.max_batch_samples,
+                    )
+                )
+            )
+            writer = asyncio.create_task(self._write_loop(session, context))
+            reason = "stream ended"
+            try:
+                await self._ledger.redeliver(session)
+                reason = await self._read_loop(session, context)
+            except asyncio.CancelledError:
+                reason = "cancelled (client went away or server stopping)"
+                raise
+            finally:
+                await self._registry.close_session(session, reason)
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+                log.info("agent session closed: %s", session.close_reason or reason)
+
+    async def _write_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            message = await session.outbound.get()
+            if message is None:
+                return
+            await context.write(outbound_message(message))
+            if isinstance(message, GoAwayOut):
+                return
+
+    async def _read_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> str:
+        node_id = session.node_id
+        read = asyncio.ensure_future(context.read())
+        closed = asyncio.ensure_future(session.closed.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({read, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    # Give the writer a moment to flush a GoAway before the stream ends.
+                    await asyncio.sleep(0.05)
+                    return session.close_reason
+                request = read.result()
+                if request is grpc.aio.EOF:
+                    return "agent closed the stream"
+                read = asyncio.ensure_future(context.read())
+                self._registry.heard_from(node_id)
+                await self._dispatch(session, request, context)
+        finally:
+            read.cancel()
+            closed.cancel()
+
+    async def _dispatch(
+        self,
+        session: AgentSession,
+        request: agent_pb2.ConnectRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        node_id = session.node_id
+        kind = request.WhichOneof("message")
+        if kind == "telemetry":
+            batch = request.telemetry
+            if len(batch.samples) > self._settings.max_batch_samples:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"telemetry.samples: {len(batch.samples)} samples in one batch, "
+                    f"at most {self._settings.max_batch_samples}",
+                )
+            samples = []
+            for sample in batch.samples:
+                if sample.node_id and sample.node_id != node_id:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"telemetry.samples[].node_id {sample.node_id!r}: "
+                        "an agent may only send its own node's telemetry",
+                    )
+                if not sample.node_id:
+                    sample.node_id = node_id
+                samples.append(Sample(node_id, sample.seq, sample))
+            samples.sort(key=lambda s: s.seq)
+            outcome = self._hub.accept(node_id, samples)
+            self._metrics.telemetry_received.inc(len(samples))
+            if outcome.duplicates:
+                self._metrics.telemetry_duplicates.inc(outcome.duplicates)
+            if outcome.gaps:
+                self._metrics.telemetry_gaps.inc(outcome.gaps)
+            if batch.dropped_samples:
+                log.warning("agent dropped %d sample(s): its spool was full", batch.dropped_samples)
+        elif kind == "command_ack":
+            await self._safely(self._ledger.record_ack(node_id, request.command_ack.command_id))
+        elif kind == "command_result":
+            result = _convert.command_result(node_id, "", request.command_result)
+            await self._safely(self._ledger.record_result(node_id, result))
+        elif kind == "event":
+            event = request.event
+            kind_name = agent_pb2.AgentEventKind.Name(event.kind).removeprefix("AGENT_EVENT_KIND_")
+            self._metrics.agent_events.labels(kind_name).inc()
+            log.warning(
+                "agent event %s: %s",
+                kind_name,
+                event.message,
+                extra={"gpu_uuid": event.gpu_uuid, "xid": event.xid},
+            )
+        elif kind == "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "hello may only be the first message"
+            )
+        # heartbeats only prove liveness, which reading them already recorded
+
+    @staticmethod
+    async def _safely(work: object) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except UnknownCommand as exc:
+            log.warning("%s", exc)
+
+    async def RenewCertificate(  # noqa: N802
+        self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewCertificateResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "certificate renewal is not available yet (identity lifecycle work)",
+        )
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def go_away_all(registry: AgentRegistry, reason: str, reconnect_after_s: float) -> None:
+        for session in registry.sessions():
+            session.send(GoAwayOut(reason, reconnect_after_s))
+            session.close(reason)

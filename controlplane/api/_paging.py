@@ -1,0 +1,36 @@
+"""Page tokens for List methods: opaque to clients, the last key of the previous page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class PageError(ValueError):
+    """A page_size or page_token the caller must fix; the message names the field."""
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise PageError(f"page_size: must not be negative, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_token(last_key: str) -> str:
+    return base64.urlsafe_b64encode(f"k1:{last_key}".encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    """The key after which the page starts; '' for the first page."""
+    if not token:
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise PageError("page_token: not a token this server issued") from None
+    if not raw.startswith("k1:"):
+        raise PageError("page_token: not a token this server issued")
+    return raw[3:]

@@ -1,0 +1,176 @@
+"""The control plane process: wires the store, fleet, telemetry hub, command ledger, gRPC
+server and /metrics endpoint together, and starts and stops them in order."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from sentinel.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
+
+from controlplane._tls import ReloadingServerCredentials
+from controlplane.api import (
+    PENDING_SERVICES,
+    AgentService,
+    FleetService,
+    TelemetryService,
+    pending_servicer,
+)
+from controlplane.auth.interceptor import AuthInterceptor
+from controlplane.fleet import AgentRegistry, AgentStatus, CommandLedger, CommandResult, TelemetryAckOut
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.settings import ControlPlaneSettings
+from controlplane.store import Store
+from controlplane.telemetry import TelemetryHub
+from sentinel_common import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str]]:
+    """gRPC server options, chosen for thousands of long-lived agent streams."""
+    keepalive_ms = int(settings.keepalive_time_s * 1000)
+    return [
+        # A second control plane on the same port must fail loudly, not share it silently.
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections so dead peers (power loss, partitions) are noticed.
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept the agents' pings at their ~30 s rate even when no data flows (the default
+        # answers pings more frequent than 5 min with GOAWAY too_many_pings).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(keepalive_ms // 2, 1000)),
+        ("grpc.http2.max_ping_strikes", 3),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        *settings.extra_grpc_options,
+    ]
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self.metrics = ControlPlaneMetrics()
+        self.metrics_registry = self.metrics.registry
+        self.store = Store(settings.database_url)
+        self.registry = AgentRegistry(
+            self.store,
+            suspect_after_s=settings.suspect_after_s,
+            disconnect_after_s=settings.disconnect_after_s,
+            on_status_counts=self._publish_agent_counts,
+        )
+        self.hub = TelemetryHub(
+            self.store,
+            ack_interval_s=settings.telemetry_ack_interval_s,
+            send_ack=self._send_telemetry_ack,
+            on_stored=self.registry.record_telemetry,
+        )
+        self.commands = CommandLedger(
+            self.store, self.registry.session_for, on_finished=self._command_finished
+        )
+        self._supervisor = Supervisor(
+            "controlplane", on_failure=lambda name: self.metrics.task_failures.labels(name).inc()
+        )
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: object | None = None
+        self._health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+
+    def _publish_agent_counts(self, counts: dict[AgentStatus, int]) -> None:
+        for status, count in counts.items():
+            self.metrics.agents.labels(status.value.lower()).set(count)
+
+    def _send_telemetry_ack(self, node_id: str, seq: int) -> None:
+        session = self.registry.session_for(node_id)
+        if session is not None:
+            session.send(TelemetryAckOut(seq))
+
+    def _command_finished(self, result: CommandResult, round_trip_s: float) -> None:
+        self.metrics.commands.labels(result.action, result.outcome).inc()
+        if round_trip_s >= 0:
+            self.metrics.command_round_trip.labels(result.action).observe(round_trip_s)
+
+    async def start(self) -> None:
+        settings = self.settings
+        credentials = ReloadingServerCredentials(settings.tls).credentials()
+        self.store.migrate()
+        await self.registry.load()
+
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(settings.trust_domain, self.metrics)],
+            options=_server_options(settings),
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentService(settings, self.registry, self.hub, self.commands, self.metrics), server
+        )
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
+            TelemetryService(settings, self.hub), server
+        )
+        names = [
+            agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+            fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+            telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
+        ]
+        for base, register, feature in PENDING_SERVICES:
+            register(pending_servicer(base, feature), server)
+            names.append(base.__name__.removesuffix("Servicer"))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [n if "." in n else f"sentinel.v1.{n}" for n in names]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_secure_port(settings.listen, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.listen} (address in use?)")
+        await server.start()
+        self._server = server
+
+        if settings.metrics_listen:
+            host, _, port = settings.metrics_listen.rpartition(":")
+            http_server, _thread = start_http_server(
+                int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.metrics.registry
+            )
+            self._metrics_http = http_server
+            self.metrics_port = http_server.server_port
+
+        self._supervisor.start(
+            "telemetry-flusher", lambda: self.hub.run_flusher(settings.telemetry_flush_interval_s)
+        )
+        self._supervisor.start("liveness-sweeper", lambda: self.registry.run_sweeper(1.0))
+        for service in ("", *names):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "control plane serving on port %d (metrics on %s)",
+            self.port,
+            self.metrics_port or "off",
+        )
+
+    async def stop(self) -> None:
+        """Tells agents to reconnect later, lets calls finish, then persists what is pending."""
+        await self._health.enter_graceful_shutdown()
+        AgentService.go_away_all(
+            self.registry, "control plane shutting down", self.settings.reconnect_after_shutdown_s
+        )
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+            self._server = None
+        await self._supervisor.stop()
+        await self.hub.flush()
+        await self.registry.persist_last_seen()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+            self._metrics_http.server_close()  # type: ignore[attr-defined]
+        self.store.close()
+        log.info("control plane stopped")

@@ -1,0 +1,35 @@
+"""The caller of the current RPC, as established by the authorization interceptor."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    spiffe_id: str
+    role: str
+    name: str
+    serial: str
+
+
+_CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "sentinel_principal", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller; only valid inside a handler behind the interceptor."""
+    principal = _CURRENT.get()
+    if principal is None:
+        raise RuntimeError("no principal: the handler runs without the auth interceptor")
+    return principal
+
+
+def set_principal(principal: Principal) -> contextvars.Token[Principal | None]:
+    return _CURRENT.set(principal)
+
+
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    _CURRENT.reset(token)

@@ -1,0 +1,53 @@
+"""Which roles may call which RPC: one table, the single source of truth for authorization.
+
+A method missing from the table is refused for every role (deny by default).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+AGENT: Final = "agent"
+PLANNER: Final = "planner"
+OPERATOR: Final = "operator"
+VIEWER: Final = "viewer"
+
+_READERS = frozenset({PLANNER, OPERATOR, VIEWER})
+_EVERYONE = frozenset({AGENT, PLANNER, OPERATOR, VIEWER})
+
+_V1 = "/sentinel.v1."
+
+METHOD_ROLES: Final[dict[str, frozenset[str]]] = {
+    f"{_V1}AgentService/Connect": frozenset({AGENT}),
+    f"{_V1}AgentService/RenewCertificate": frozenset({AGENT}),
+    f"{_V1}FleetService/ListAgents": _READERS,
+    f"{_V1}FleetService/GetAgent": _READERS,
+    f"{_V1}FleetService/WatchAgents": _READERS,
+    f"{_V1}TelemetryService/GetNodeTelemetry": _READERS,
+    f"{_V1}TelemetryService/GetFleetTelemetry": _READERS,
+    f"{_V1}TelemetryService/StreamTelemetry": _READERS,
+    f"{_V1}PlanService/SubmitPlan": frozenset({PLANNER, OPERATOR}),
+    f"{_V1}PlanService/GetPlan": _READERS,
+    f"{_V1}PlanService/ListPlans": _READERS,
+    f"{_V1}PlanService/WatchPlan": _READERS,
+    f"{_V1}PlanService/ApprovePlan": frozenset({OPERATOR}),
+    f"{_V1}PlanService/CancelPlan": frozenset({PLANNER, OPERATOR}),
+    f"{_V1}PolicyService/ListPolicies": _READERS,
+    f"{_V1}PolicyService/GetPolicy": _READERS,
+    f"{_V1}PolicyService/CreatePolicy": frozenset({OPERATOR}),
+    f"{_V1}PolicyService/UpdatePolicy": frozenset({OPERATOR}),
+    f"{_V1}PolicyService/DeletePolicy": frozenset({OPERATOR}),
+    f"{_V1}AuditService/ListAuditEvents": frozenset({OPERATOR}),
+    f"{_V1}AuthService/Login": frozenset({OPERATOR, VIEWER}),
+    f"{_V1}AuthService/Refresh": frozenset({OPERATOR, VIEWER}),
+    f"{_V1}EnrollmentService/CreateBootstrapToken": frozenset({OPERATOR}),
+    # Enroll is served on the enrollment port (no client certificate), never here.
+    "/grpc.health.v1.Health/Check": _EVERYONE,
+    "/grpc.health.v1.Health/Watch": _EVERYONE,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _EVERYONE,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _EVERYONE,
+}
+
+
+def allowed(method: str, role: str) -> bool:
+    return role in METHOD_ROLES.get(method, frozenset())

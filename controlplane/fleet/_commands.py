@@ -1,0 +1,243 @@
+"""The command ledger: commands to agents, written before they are sent, delivered at least
+once (re-sent on every new session until acknowledged), and finished by the agent's result.
+
+`CommandLedger.send` is the internal API the plan executors use: it returns the result, or
+raises `CommandTimeout` when none came before the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from controlplane.fleet._model import AgentSession, CommandOut
+from controlplane.store import CommandRow, Store
+
+log = logging.getLogger(__name__)
+
+
+class CommandState(enum.StrEnum):
+    PENDING = "PENDING"  # stored, not yet on a session
+    SENT = "SENT"  # written to a session at least once
+    ACKED = "ACKED"  # the agent has it
+    FINISHED = "FINISHED"  # the agent sent its result
+    EXPIRED = "EXPIRED"  # the deadline passed without a result
+
+
+class CommandTimeout(Exception):
+    """No result arrived before the command's deadline."""
+
+
+class UnknownCommand(Exception):
+    """An ack or result names a command this node was never sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command_id: str
+    node_id: str
+    action: str
+    outcome: str  # SUCCEEDED, FAILED, UNSUPPORTED, EXPIRED, CANCELLED, INVALID_ARGUMENT
+    message: str = ""
+    output: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "SUCCEEDED"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_command_id() -> str:
+    # Time-ordered, so ids sort in creation order in the store and in logs.
+    return f"cmd-{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
+
+
+class CommandLedger:
+    def __init__(
+        self,
+        store: Store,
+        session_for: Callable[[str], AgentSession | None],
+        on_finished: Callable[[CommandResult, float], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._session_for = session_for
+        self._on_finished = on_finished
+        self._waiters: dict[str, asyncio.Future[CommandResult]] = {}
+        self._sent_at: dict[str, float] = {}
+
+    async def send(
+        self,
+        node_id: str,
+        action: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+        plan_id: str = "",
+        command_id: str | None = None,
+    ) -> CommandResult:
+        """Stores a command, delivers it when the node has a session, awaits its result."""
+        command = CommandOut(
+            command_id=command_id or new_command_id(),
+            plan_id=plan_id,
+            action=action,
+            parameters=dict(parameters or {}),
+            deadline=_utcnow() + dt.timedelta(seconds=timeout),
+        )
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._waiters[command.command_id] = future
+        try:
+            session = self._session_for(node_id)
+            # One transaction stores the command, already marked SENT when a session is open;
+            # it goes on the wire only after that commit (the ledger never loses a command).
+            await self._store.run(lambda db: self._insert(db, node_id, command, session is not None))
+            if session is not None:
+                self._sent_at[command.command_id] = time.monotonic()
+                session.send(command)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            await self._expire(command.command_id)
+            if future.done():  # the result raced the deadline; it wins
+                return future.result()
+            raise CommandTimeout(
+                f"{action} on {node_id}: no result within {timeout:g} s"
+            ) from None
+        finally:
+            self._waiters.pop(command.command_id, None)
+            self._sent_at.pop(command.command_id, None)
+
+    @staticmethod
+    def _insert(db: Session, node_id: str, command: CommandOut, sending: bool) -> None:
+        now = _utcnow()
+        db.add(
+            CommandRow(
+                command_id=command.command_id,
+                node_id=node_id,
+                plan_id=command.plan_id,
+                action=command.action,
+                parameters=command.parameters,
+                state=(CommandState.SENT if sending else CommandState.PENDING).value,
+                created_at=now,
+                deadline=command.deadline,
+                sent_at=now if sending else None,
+                deliveries=1 if sending else 0,
+                outcome="",
+                message="",
+                output={},
+            )
+        )
+
+    async def redeliver(self, session: AgentSession) -> int:
+        """Re-sends, in creation order, every unfinished and unexpired command of the node."""
+        node_id = session.node_id
+        now = _utcnow()
+        open_states = [CommandState.PENDING.value, CommandState.SENT.value, CommandState.ACKED.value]
+
+        def pending(db: Session) -> list[CommandOut]:
+            rows = db.scalars(
+                select(CommandRow)
+                .where(CommandRow.node_id == node_id, CommandRow.state.in_(open_states))
+                .order_by(CommandRow.created_at, CommandRow.command_id)
+            )
+            out = []
+            for row in rows:
+                if row.deadline <= now:
+                    row.state = CommandState.EXPIRED.value
+                    row.finished_at = now
+                    continue
+                row.deliveries += 1
+                row.sent_at = row.sent_at or now
+                if row.state == CommandState.PENDING.value:
+                    row.state = CommandState.SENT.value
+                out.append(
+                    CommandOut(row.command_id, row.plan_id, row.action, row.parameters, row.deadline)
+                )
+            return out
+
+        commands = await self._store.run(pending)
+        if commands:
+            log.info("sending %d unfinished command(s)", len(commands), extra={"node_id": node_id})
+        sent = time.monotonic()
+        for command in commands:
+            self._sent_at.setdefault(command.command_id, sent)
+            session.send(command)
+        return len(commands)
+
+    async def record_ack(self, node_id: str, command_id: str) -> None:
+        def write(db: Session) -> None:
+            row = db.get(CommandRow, command_id)
+            if row is None or row.node_id != node_id:
+                raise UnknownCommand(f"{node_id} acknowledged unknown command {command_id!r}")
+            if row.state in (CommandState.PENDING.value, CommandState.SENT.value):
+                row.state = CommandState.ACKED.value
+                row.acked_at = _utcnow()
+
+        await self._store.run(write)
+
+    async def record_result(self, node_id: str, result: CommandResult) -> None:
+        """Stores the agent's result (the first one wins) and wakes the sender."""
+
+        def write(db: Session) -> CommandResult | None:
+            row = db.get(CommandRow, result.command_id)
+            if row is None or row.node_id != node_id:
+                raise UnknownCommand(f"{node_id} sent a result for unknown command {result.command_id!r}")
+            if row.state == CommandState.FINISHED.value:
+                return None  # a re-sent result after a reconnect: already recorded
+            row.state = CommandState.FINISHED.value
+            row.finished_at = _utcnow()
+            row.outcome = result.outcome
+            row.message = result.message
+            row.output = result.output
+            return CommandResult(
+                row.command_id, node_id, row.action, result.outcome, result.message, result.output
+            )
+
+        stored = await self._store.run(write)
+        if stored is None:
+            return
+        started = self._sent_at.get(result.command_id)
+        if self._on_finished is not None:
+            self._on_finished(stored, time.monotonic() - started if started else -1.0)
+        future = self._waiters.get(result.command_id)
+        if future is not None and not future.done():
+            future.set_result(stored)
+
+    async def get(self, command_id: str) -> tuple[CommandState, CommandResult | None] | None:
+        """The stored state of a command and its result when finished."""
+
+        def read(db: Session) -> tuple[CommandState, CommandResult | None] | None:
+            row = db.get(CommandRow, command_id)
+            if row is None:
+                return None
+            result = None
+            if row.state == CommandState.FINISHED.value:
+                result = CommandResult(
+                    row.command_id, row.node_id, row.action, row.outcome, row.message, row.output
+                )
+            return CommandState(row.state), result
+
+        return await self._store.run(read)
+
+    async def _expire(self, command_id: str) -> None:
+        open_states = [CommandState.PENDING.value, CommandState.SENT.value, CommandState.ACKED.value]
+
+        def write(db: Session) -> None:
+            db.execute(
+                update(CommandRow)
+                .where(CommandRow.command_id == command_id, CommandRow.state.in_(open_states))
+                .values(state=CommandState.EXPIRED.value, finished_at=_utcnow())
+            )
+
+        await self._store.run(write)

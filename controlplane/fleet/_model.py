@@ -1,0 +1,97 @@
+"""Domain objects of the fleet: agent status and state, sessions and what they send down."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class AgentStatus(enum.StrEnum):
+    CONNECTED = "CONNECTED"
+    SUSPECT = "SUSPECT"
+    DISCONNECTED = "DISCONNECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    """A snapshot of one agent as the registry knows it."""
+
+    node_id: str
+    status: AgentStatus
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    agent_version: str
+    spiffe_id: str
+    capabilities: tuple[str, ...]
+    inventory: dict[str, Any]
+    last_telemetry_seq: int
+    telemetry_gap_samples: int
+    session_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HelloInfo:
+    """What an agent says about itself when its session opens."""
+
+    node_id: str
+    spiffe_id: str
+    agent_version: str
+    capabilities: tuple[str, ...]
+    inventory: dict[str, Any]
+    next_telemetry_seq: int
+    oldest_unacked_seq: int
+    boot_count: int
+
+
+# Messages the control plane sends down a session; the transport turns them into protobuf.
+@dataclass(frozen=True, slots=True)
+class TelemetryAckOut:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOut:
+    command_id: str
+    plan_id: str
+    action: str
+    parameters: dict[str, Any]
+    deadline: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigOut:
+    telemetry_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayOut:
+    reason: str
+    reconnect_after_s: float
+
+
+Outbound = TelemetryAckOut | CommandOut | ConfigOut | GoAwayOut
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One open `AgentService.Connect` stream; the transport drains `outbound`."""
+
+    session_id: str
+    node_id: str
+    outbound: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_reason: str = ""
+
+    def send(self, message: Outbound) -> None:
+        if not self.closed.is_set():
+            self.outbound.put_nowait(message)
+
+    def close(self, reason: str) -> None:
+        """Ends the session: the transport stops writing and finishes the stream."""
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+            self.outbound.put_nowait(None)

@@ -1,0 +1,79 @@
+"""The control plane's Prometheus metrics, on a registry of its own (one per instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ControlPlaneMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.grpc_requests = Counter(
+            "sentinel_grpc_requests",
+            "gRPC calls handled, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_latency = Histogram(
+            "sentinel_grpc_request_duration_seconds",
+            "Time to answer unary gRPC calls.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.agents = Gauge(
+            "sentinel_agents", "Known agents by liveness status.", ["status"], registry=r
+        )
+        self.sessions_opened = Counter(
+            "sentinel_agent_sessions_opened", "Agent sessions accepted.", registry=r
+        )
+        self.sessions_refused = Counter(
+            "sentinel_agent_sessions_refused",
+            "Agent sessions refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.telemetry_received = Counter(
+            "sentinel_telemetry_samples_received",
+            "Telemetry samples received from agents (including duplicates).",
+            registry=r,
+        )
+        self.telemetry_duplicates = Counter(
+            "sentinel_telemetry_duplicate_samples",
+            "Telemetry samples dropped because their (node, seq) was already held.",
+            registry=r,
+        )
+        self.telemetry_gaps = Counter(
+            "sentinel_telemetry_gap_samples",
+            "Telemetry samples never received (gaps in an agent's seq).",
+            registry=r,
+        )
+        self.telemetry_subscribers = Gauge(
+            "sentinel_telemetry_subscribers", "Open StreamTelemetry subscriptions.", registry=r
+        )
+        self.agent_events = Counter(
+            "sentinel_agent_events", "Events reported by agents, by kind.", ["kind"], registry=r
+        )
+        self.commands = Counter(
+            "sentinel_commands", "Commands finished, by action and outcome.",
+            ["action", "outcome"], registry=r,
+        )
+        self.command_round_trip = Histogram(
+            "sentinel_command_round_trip_seconds",
+            "From a command being sent to its result arriving.",
+            ["action"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_flush = Histogram(
+            "sentinel_telemetry_flush_seconds",
+            "Time to persist one batch of telemetry watermarks.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.task_failures = Counter(
+            "sentinel_task_failures", "Background task failures, by task.", ["task"], registry=r
+        )

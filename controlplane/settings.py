@@ -1,0 +1,67 @@
+"""Control plane settings: one frozen dataclass that flags and environment variables map onto."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files the server serves with; re-read when they change on disk (hot rotation)."""
+
+    ca: pathlib.Path
+    """CA bundle that client certificates must chain to."""
+    cert: pathlib.Path
+    """The server's certificate (chain)."""
+    key: pathlib.Path
+    """The server's private key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneSettings:
+    """Everything the control plane can be told; defaults are safe for one machine."""
+
+    tls: TlsFiles
+    """Serving certificate, key and client CA."""
+    listen: str = "127.0.0.1:7443"
+    """gRPC address (host:port; port 0 picks a free one)."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """Prometheus /metrics address; empty disables it."""
+    database_url: str = "sqlite:///sentinel.db"
+    """SQLAlchemy URL of the store."""
+    trust_domain: str = "sentinel.local"
+    """SPIFFE trust domain whose identities are accepted."""
+    telemetry_interval_s: float = 5.0
+    """How often agents send telemetry (told to them in the welcome)."""
+    heartbeat_interval_s: float = 10.0
+    """How often agents send a heartbeat when they have nothing else to say."""
+    suspect_after_s: float = 30.0
+    """Silence on an open session after which a node becomes Suspect (3 heartbeats)."""
+    disconnect_after_s: float = 90.0
+    """Time as Suspect after which a node becomes Disconnected; longer than the keepalive
+    interval plus timeout, so a connection keepalive has not yet given up on is never dropped."""
+    keepalive_time_s: float = 30.0
+    """Server-side keepalive ping interval (agents ping at the same rate)."""
+    keepalive_timeout_s: float = 10.0
+    """How long to wait for a keepalive ping ack before closing the connection."""
+    hello_timeout_s: float = 10.0
+    """How long a new session may take to send its hello."""
+    telemetry_flush_interval_s: float = 0.2
+    """How often accepted telemetry is persisted, published and acknowledged."""
+    telemetry_ack_interval_s: float = 5.0
+    """Minimum time between telemetry acks to one node when it is caught up (acks coalesce)."""
+    max_batch_samples: int = 500
+    """Largest telemetry batch an agent may send."""
+    subscriber_queue: int = 10_000
+    """Samples a slow StreamTelemetry subscriber may fall behind before it is cut off."""
+    shutdown_grace_s: float = 5.0
+    """How long in-flight calls get to finish on shutdown."""
+    reconnect_after_shutdown_s: float = 2.0
+    """What agents are told to wait before reconnecting after a graceful shutdown."""
+    extra_grpc_options: tuple[tuple[str, int | str], ...] = field(default=())
+    """Additional grpc server options, for experiments."""
+
+    def replace(self, **changes: object) -> ControlPlaneSettings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

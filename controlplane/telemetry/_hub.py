@@ -1,0 +1,225 @@
+"""The telemetry hub: accepts samples from agent sessions, drops duplicates by (node, seq),
+counts gaps, persists each node's high-water mark, then publishes to subscribers and acks.
+
+Order matters for "none missing, none doubled" across control plane crashes: a sample is
+published and acknowledged only after its seq is durably stored. A sample received but not yet
+stored when the process dies is re-sent by the agent (it was never acked) and accepted once.
+Payloads are opaque here: the transport decides what a sample's body is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from controlplane.store import AgentRow, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    node_id: str
+    seq: int
+    payload: object
+
+
+@dataclass
+class _Node:
+    received: int = 0  # highest seq accepted into the pending buffer
+    stored: int = 0  # highest seq durably stored (and so acknowledgeable)
+    gaps: int = 0
+    acked: int = 0
+    last_ack: float = 0.0
+    latest: Sample | None = None
+    pending: list[Sample] = field(default_factory=list)
+
+
+class SubscriberTooSlow(Exception):
+    """A subscriber fell further behind than its queue allows and was cut off."""
+
+
+class _Subscription:
+    def __init__(self, nodes: frozenset[str], max_backlog: int) -> None:
+        self.nodes = nodes
+        self.queue: asyncio.Queue[Sample | None] = asyncio.Queue(maxsize=max_backlog)
+        self.overflowed = False
+
+    def offer(self, sample: Sample) -> None:
+        if self.overflowed or (self.nodes and sample.node_id not in self.nodes):
+            return
+        if self.queue.full():
+            self.overflowed = True
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
+        else:
+            self.queue.put_nowait(sample)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptOutcome:
+    accepted: int
+    duplicates: int
+    gaps: int
+
+
+class TelemetryHub:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ack_interval_s: float,
+        send_ack: Callable[[str, int], None],
+        on_stored: Callable[[str, int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._ack_interval = ack_interval_s
+        self._send_ack = send_ack
+        self._on_stored = on_stored
+        self._clock = clock
+        self._nodes: dict[str, _Node] = {}
+        self._dirty: set[str] = set()
+        self._subscribers: set[_Subscription] = set()
+        self._flush_lock = asyncio.Lock()
+
+    def start_session(self, node_id: str, stored_seq: int, gaps: int) -> None:
+        """Sets the node's high-water mark from the registry when its session opens."""
+        node = self._nodes.setdefault(node_id, _Node())
+        if node.pending:
+            return  # samples from the previous session are still being stored; keep counting
+        node.received = node.stored = node.acked = stored_seq
+        node.gaps = gaps
+        node.last_ack = 0.0
+
+    def accept(self, node_id: str, samples: list[Sample]) -> AcceptOutcome:
+        """Takes a batch from a session (ascending seq); cheap, never blocks."""
+        node = self._nodes.setdefault(node_id, _Node())
+        accepted = duplicates = gaps = 0
+        for sample in samples:
+            if sample.seq <= node.received:
+                duplicates += 1
+                continue
+            if node.received and sample.seq > node.received + 1:
+                missing = sample.seq - node.received - 1
+                gaps += missing
+                log.warning(
+                    "telemetry gap: %d sample(s) after seq %d never arrived",
+                    missing,
+                    node.received,
+                    extra={"node_id": node_id},
+                )
+            node.received = sample.seq
+            node.pending.append(sample)
+            accepted += 1
+        node.gaps += gaps
+        if accepted:
+            self._dirty.add(node_id)
+        elif duplicates and node.stored >= node.received:
+            # A re-sent batch we already hold: ack again so the agent can drop it.
+            self._ack(node_id, node, force=True)
+        return AcceptOutcome(accepted, duplicates, gaps)
+
+    async def flush(self) -> int:
+        """Persists the high-water marks of nodes with new samples, then publishes and acks."""
+        async with self._flush_lock:
+            if not self._dirty:
+                return 0
+            batch: list[tuple[str, _Node, list[Sample]]] = []
+            for node_id in self._dirty:
+                node = self._nodes[node_id]
+                batch.append((node_id, node, node.pending))
+                node.pending = []
+            self._dirty.clear()
+            values = [
+                {"node_id": node_id, "last_telemetry_seq": samples[-1].seq, "telemetry_gap_samples": node.gaps}
+                for node_id, node, samples in batch
+            ]
+
+            def write(db: Session) -> None:
+                db.execute(update(AgentRow), values)
+
+            try:
+                await self._store.run(write)
+            except Exception:
+                # Put the samples back so the next flush retries them; nothing is acked.
+                for node_id, node, samples in batch:
+                    node.pending[:0] = samples
+                    self._dirty.add(node_id)
+                raise
+            count = 0
+            for node_id, node, samples in batch:
+                node.stored = max(node.stored, samples[-1].seq)
+                node.latest = samples[-1]
+                count += len(samples)
+                for sample in samples:
+                    for subscriber in self._subscribers:
+                        subscriber.offer(sample)
+                if self._on_stored is not None:
+                    self._on_stored(node_id, node.stored, node.gaps)
+                # More than one sample at once means the agent is catching up: ack at once.
+                self._ack(node_id, node, force=len(samples) > 1)
+            return count
+
+    def _ack(self, node_id: str, node: _Node, *, force: bool) -> None:
+        now = self._clock()
+        if node.stored <= node.acked and not force:
+            return
+        if force or now - node.last_ack >= self._ack_interval:
+            node.acked = node.stored
+            node.last_ack = now
+            self._send_ack(node_id, node.stored)
+
+    def ack_due(self) -> None:
+        """Acks nodes whose coalesced ack has been waiting for a full interval."""
+        now = self._clock()
+        for node_id, node in self._nodes.items():
+            if node.stored > node.acked and now - node.last_ack >= self._ack_interval:
+                self._ack(node_id, node, force=False)
+
+    async def run_flusher(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()
+            self.ack_due()
+
+    def latest(self, node_id: str) -> Sample | None:
+        node = self._nodes.get(node_id)
+        return node.latest if node else None
+
+    def latest_all(self, node_ids: Collection[str] = ()) -> list[Sample]:
+        wanted = set(node_ids)
+        return sorted(
+            (n.latest for k, n in self._nodes.items() if n.latest and (not wanted or k in wanted)),
+            key=lambda s: s.node_id,
+        )
+
+    async def subscribe(
+        self, node_ids: Collection[str] = (), *, include_latest: bool = False, max_backlog: int
+    ) -> AsyncIterator[Sample]:
+        """Yields accepted samples of the given nodes (all when empty) until cancelled."""
+        subscription = _Subscription(frozenset(node_ids), max_backlog)
+        self._subscribers.add(subscription)
+        try:
+            if include_latest:
+                for sample in self.latest_all(node_ids):
+                    yield sample
+            while True:
+                item = await subscription.queue.get()
+                if item is None:
+                    raise SubscriberTooSlow(
+                        f"subscriber fell more than {max_backlog} samples behind"
+                    )
+                yield item
+        finally:
+            self._subscribers.discard(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
