@@ -1,0 +1,221 @@
+"""Shared fixtures: a real development PKI made at test time, real control planes on free
+loopback ports with real TLS, and real node agents in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import pathlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from certs import CertificateAuthority, Identity, write_private_key
+from controlplane import ControlPlane, ControlPlaneSettings, TlsFiles
+from nodeagent.agent import NodeAgent
+from nodeagent.settings import AgentSettings
+
+TRUST_DOMAIN = "sentinel.local"
+
+
+@dataclasses.dataclass
+class Pki:
+    directory: pathlib.Path
+    ca: CertificateAuthority
+
+    @property
+    def ca_path(self) -> pathlib.Path:
+        return self.directory / "ca.pem"
+
+    def server_files(self) -> TlsFiles:
+        return TlsFiles(self.ca_path, self.directory / "server.pem", self.directory / "server.key")
+
+    def client(
+        self,
+        role: str,
+        name: str,
+        *,
+        ca: CertificateAuthority | None = None,
+        valid_for: dt.timedelta = dt.timedelta(days=1),
+        not_before: dt.datetime | None = None,
+        tag: str = "",
+    ) -> tuple[pathlib.Path, pathlib.Path]:
+        """Issues (once) a client certificate; returns (cert, key) paths."""
+        stem = f"{role}-{name}{tag}"
+        cert, key = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        if not cert.exists():
+            issued = (ca or self.ca).issue_client(
+                Identity(TRUST_DOMAIN, role, name), valid_for=valid_for, not_before=not_before
+            )
+            write_private_key(key, issued.private_key_pem)
+            cert.write_bytes(issued.certificate_pem)
+        return cert, key
+
+    def channel_credentials(self, role: str, name: str, **kwargs: Any) -> grpc.ChannelCredentials:
+        cert, key = self.client(role, name, **kwargs)
+        return grpc.ssl_channel_credentials(
+            self.ca_path.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority.create()
+    (directory / "ca.pem").write_bytes(ca.certificate_pem)
+    server = ca.issue_server()
+    write_private_key(directory / "server.key", server.private_key_pem)
+    (directory / "server.pem").write_bytes(server.certificate_pem)
+    return Pki(directory, ca)
+
+
+def fast_settings(pki: Pki, database_url: str, **overrides: Any) -> ControlPlaneSettings:
+    """Settings with short timers so liveness and acks happen within a test's patience."""
+    settings = ControlPlaneSettings(
+        tls=pki.server_files(),
+        listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        database_url=database_url,
+        telemetry_interval_s=0.2,
+        heartbeat_interval_s=0.5,
+        telemetry_flush_interval_s=0.05,
+        telemetry_ack_interval_s=0.0,
+        shutdown_grace_s=0.5,
+        reconnect_after_shutdown_s=0.1,
+    )
+    return dataclasses.replace(settings, **overrides)
+
+
+@pytest.fixture
+def database_url(tmp_path: pathlib.Path) -> str:
+    return f"sqlite:///{tmp_path / 'sentinel.db'}"
+
+
+ControlPlaneFactory = Callable[..., Awaitable[ControlPlane]]
+
+
+@pytest.fixture
+async def control_plane_factory(
+    pki: Pki, database_url: str
+) -> AsyncIterator[ControlPlaneFactory]:
+    started: list[ControlPlane] = []
+
+    async def start(**overrides: Any) -> ControlPlane:
+        cp = ControlPlane(fast_settings(pki, database_url, **overrides))
+        await cp.start()
+        started.append(cp)
+        return cp
+
+    yield start
+    for cp in started:
+        if cp._server is not None:
+            await cp.stop()
+
+
+@pytest.fixture
+async def control_plane(control_plane_factory: ControlPlaneFactory) -> ControlPlane:
+    return await control_plane_factory()
+
+
+class RunningAgent:
+    def __init__(self, agent: NodeAgent, task: asyncio.Task[None]) -> None:
+        self.agent = agent
+        self.task = task
+
+    async def stop(self) -> None:
+        self.agent.stop()
+        await asyncio.wait_for(self.task, 10)
+
+
+AgentFactory = Callable[..., Awaitable[RunningAgent]]
+
+
+@pytest.fixture
+async def agent_factory(pki: Pki, tmp_path: pathlib.Path) -> AsyncIterator[AgentFactory]:
+    running: list[RunningAgent] = []
+
+    async def start(
+        node_id: str,
+        port: int,
+        *,
+        cert_name: str | None = None,
+        wait_connected: bool = True,
+        **overrides: Any,
+    ) -> RunningAgent:
+        cert, key = pki.client("agent", cert_name or node_id)
+        settings = AgentSettings(
+            node_id=node_id,
+            ca=pki.ca_path,
+            cert=cert,
+            key=key,
+            control_plane=f"localhost:{port}",
+            state_dir=tmp_path / f"agent-{node_id}",
+            metrics_listen="",
+            telemetry_interval_s=0.2,
+            backoff_base_s=0.05,
+            backoff_cap_s=0.5,
+            connect_timeout_s=5.0,
+        )
+        settings = dataclasses.replace(settings, **overrides)
+        agent = NodeAgent(settings, **_collectors())
+        task = asyncio.create_task(agent.run(), name=f"agent-{node_id}")
+        handle = RunningAgent(agent, task)
+        running.append(handle)
+        if wait_connected:
+            await asyncio.wait_for(agent.connected.wait(), 10)
+        return handle
+
+    yield start
+    for handle in running:
+        if not handle.task.done():
+            with contextlib.suppress(Exception):
+                await handle.stop()
+
+
+def _collectors() -> dict[str, Any]:
+    """The real host collector, and the real GPU collector on this GPU-less machine."""
+    try:
+        from nodeagent.collectors import AsyncGpuCollector, HostCollector
+    except ImportError:  # TEMP while collectors land
+        from nodeagent.collectors._host import HostCollector
+
+        return {"host_collector": HostCollector(), "gpu_collector": None}
+    return {"host_collector": HostCollector(), "gpu_collector": AsyncGpuCollector()}
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Polls `check` until it returns something truthy; fails the test after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fails a test that leaves asyncio tasks running behind it."""
+    before = set(asyncio.all_tasks())
+    yield
+    await asyncio.sleep(0)
+    leaked = [
+        t
+        for t in asyncio.all_tasks() - before
+        if not t.done() and t is not asyncio.current_task()
+    ]
+    if leaked:
+        for task in leaked:
+            task.cancel()
+        await asyncio.gather(*leaked, return_exceptions=True)
+        pytest.fail(f"test leaked asyncio tasks: {[t.get_name() for t in leaked]}")
