@@ -50,11 +50,11 @@ class MetricFilter:
         field = src.DESCRIPTOR.fields_by_name[name]  # type: ignore[attr-defined]
         value = getattr(src, name)
         if field.message_type is None:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 getattr(dst, name).extend(value)
             else:
                 setattr(dst, name, value)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             for item in value:
                 target = getattr(dst, name).add()
                 if sub:
