@@ -122,7 +122,7 @@ class CertificateAuthority:
         key: PrivateKey,
         common_name: str,
         san: list[x509.GeneralName],
-        usage: ExtendedKeyUsageOID,
+        usage: x509.ObjectIdentifier,
         not_before: dt.datetime,
         not_after: dt.datetime,
     ) -> bytes:

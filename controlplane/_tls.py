@@ -24,7 +24,9 @@ class ReloadingServerCredentials:
         self._config = self._load()
 
     def _read_stamp(self) -> tuple[float, ...]:
-        return tuple(os.stat(p).st_mtime_ns for p in (self._files.ca, self._files.cert, self._files.key))
+        return tuple(
+            os.stat(p).st_mtime_ns for p in (self._files.ca, self._files.cert, self._files.key)
+        )
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         try:
@@ -50,7 +52,9 @@ class ReloadingServerCredentials:
             config = self._load()
         except (OSError, ValueError) as exc:
             # A half-written rotation keeps the old certificate rather than breaking handshakes.
-            log.warning("TLS files changed but cannot be loaded yet (%s); keeping the old ones", exc)
+            log.warning(
+                "TLS files changed but cannot be loaded yet (%s); keeping the old ones", exc
+            )
             return None
         self._stamp = stamp
         self._config = config

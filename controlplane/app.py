@@ -27,7 +27,13 @@ from controlplane.api import (
     pending_servicer,
 )
 from controlplane.auth.interceptor import AuthInterceptor
-from controlplane.fleet import AgentRegistry, AgentStatus, CommandLedger, CommandResult, TelemetryAckOut
+from controlplane.fleet import (
+    AgentRegistry,
+    AgentStatus,
+    CommandLedger,
+    CommandResult,
+    TelemetryAckOut,
+)
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Store
@@ -128,7 +134,11 @@ class ControlPlane:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [n if "." in n else f"sentinel.v1.{n}" for n in names]
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_secure_port(settings.listen, credentials)

@@ -6,9 +6,7 @@ Every flag has an environment variable (SENTINEL_<FLAG>, e.g. SENTINEL_DATABASE_
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
-import inspect
 import dataclasses
 import logging
 import os
@@ -20,26 +18,11 @@ from controlplane.app import ControlPlane
 from controlplane.settings import ControlPlaneSettings, TlsFiles
 from controlplane.store import StoreError
 from sentinel_common import configure_logging
+from sentinel_common._settings_docs import field_docs
 
 log = logging.getLogger("controlplane")
 
 _DEFAULTS = ControlPlaneSettings(tls=TlsFiles(pathlib.Path(), pathlib.Path(), pathlib.Path()))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under each field of a settings dataclass, for --help."""
-    tree = ast.parse(inspect.getsource(cls))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
 
 
 def _env(name: str, default: object) -> str | None:
@@ -50,11 +33,15 @@ def _env(name: str, default: object) -> str | None:
 def parse_args(argv: list[str] | None) -> tuple[ControlPlaneSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="sentinel-controlplane", description=__doc__)
     certs_dir = _env("certs_dir", ".dev/certs")
-    parser.add_argument("--certs-dir", default=certs_dir, help="directory of ca.pem, server.pem, server.key")
+    parser.add_argument(
+        "--certs-dir", default=certs_dir, help="directory of ca.pem, server.pem, server.key"
+    )
     parser.add_argument("--ca", default=_env("ca", None))
     parser.add_argument("--cert", default=_env("cert", None))
     parser.add_argument("--key", default=_env("key", None))
-    parser.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"))
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=_env("log_format", "text")
+    )
     parser.add_argument("--log-level", default=_env("log_level", "INFO"))
     numeric = {
         "telemetry_interval_s",
@@ -76,7 +63,7 @@ def parse_args(argv: list[str] | None) -> tuple[ControlPlaneSettings, argparse.N
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             type=kind,
-            default=kind(_env(field.name, default)),
+            default=kind(_env(field.name, default) or ""),
             help=docs.get(field.name),
         )
     args = parser.parse_args(argv)
@@ -113,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     for path in (settings.tls.ca, settings.tls.cert, settings.tls.key):
         if not path.exists():
-            log.error("TLS file %s does not exist; create a dev PKI with `sentinel-certs init %s`", path, path.parent)
+            log.error(
+                "TLS file %s does not exist; create a dev PKI with `sentinel-certs init %s`",
+                path,
+                path.parent,
+            )
             return 2
     try:
         asyncio.run(serve(settings))

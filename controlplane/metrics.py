@@ -58,8 +58,10 @@ class ControlPlaneMetrics:
             "sentinel_agent_events", "Events reported by agents, by kind.", ["kind"], registry=r
         )
         self.commands = Counter(
-            "sentinel_commands", "Commands finished, by action and outcome.",
-            ["action", "outcome"], registry=r,
+            "sentinel_commands",
+            "Commands finished, by action and outcome.",
+            ["action", "outcome"],
+            registry=r,
         )
         self.command_round_trip = Histogram(
             "sentinel_command_round_trip_seconds",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import logging
 import platform
@@ -30,8 +31,7 @@ from sentinel_common import Supervisor, log_context
 log = logging.getLogger(__name__)
 
 _OUTCOMES = {
-    name.removeprefix("COMMAND_OUTCOME_"): value
-    for name, value in agent_pb2.CommandOutcome.items()
+    name.removeprefix("COMMAND_OUTCOME_"): value for name, value in agent_pb2.CommandOutcome.items()
 }
 _INTERVAL_SETTING = "telemetry_interval_ms"
 
@@ -133,6 +133,33 @@ class NodeAgent:
                 status.message or telemetry_pb2.GpuCollectionState.Name(status.state),
             )
 
+    def metrics_collector(self) -> Any:
+        """A prometheus_client collector of the agent's own session state."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        agent = self
+
+        class _SessionMetrics:
+            def collect(self) -> Any:
+                connected = GaugeMetricFamily(
+                    "sentinel_agent_connected", "1 while a session with the control plane is open."
+                )
+                connected.add_metric([], 1.0 if agent.connected.is_set() else 0.0)
+                yield connected
+                sessions = CounterMetricFamily(
+                    "sentinel_agent_sessions", "Sessions opened since the agent started."
+                )
+                sessions.add_metric([], agent.sessions_opened)
+                yield sessions
+                acked = GaugeMetricFamily(
+                    "sentinel_agent_telemetry_acked_seq",
+                    "Highest telemetry seq the control plane acknowledged.",
+                )
+                acked.add_metric([], agent.acked_seq)
+                yield acked
+
+        return _SessionMetrics()
+
     # -- telemetry -----------------------------------------------------------------------------
 
     async def _collect_once(self) -> None:
@@ -175,10 +202,8 @@ class NodeAgent:
             self._interval_changed.clear()
             remaining = self._interval_s - (time.monotonic() - started)
             if remaining > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._interval_changed.wait(), remaining)
-                except TimeoutError:
-                    pass
 
     def _interval(self) -> float:
         return self._interval_s
@@ -201,11 +226,16 @@ class NodeAgent:
             try:
                 delay, welcomed = await self._session()
             except grpc.aio.AioRpcError as exc:
-                level = logging.ERROR if exc.code() in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ) else logging.WARNING
+                level = (
+                    logging.ERROR
+                    if exc.code()
+                    in (
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    )
+                    else logging.WARNING
+                )
                 log.log(level, "session ended: %s: %s", exc.code().name, exc.details())
             except (SessionRefused, TimeoutError) as exc:
                 log.warning("session failed: %s", exc or "no welcome in time")
@@ -222,10 +252,8 @@ class NodeAgent:
             if self._stopping.is_set():
                 return
             log.info("reconnecting in %.2f s", delay)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            except TimeoutError:
-                pass
 
     def _credentials(self) -> grpc.ChannelCredentials:
         s = self.settings
@@ -275,7 +303,9 @@ class NodeAgent:
         """One session; returns (delay the control plane asked for, whether it was welcomed)."""
         s = self.settings
         hello = await self._hello()
-        channel = grpc.aio.secure_channel(s.control_plane, self._credentials(), self._channel_options())
+        channel = grpc.aio.secure_channel(
+            s.control_plane, self._credentials(), self._channel_options()
+        )
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
         tasks = Supervisor("session")
         try:
@@ -328,7 +358,9 @@ class NodeAgent:
                 message = read.result()
                 if message is grpc.aio.EOF:
                     code = await call.code()
-                    log.warning("control plane ended the session: %s %s", code.name, await call.details())
+                    log.warning(
+                        "control plane ended the session: %s %s", code.name, await call.details()
+                    )
                     return None
                 kind = message.WhichOneof("message")
                 if kind == "telemetry_ack":
@@ -341,7 +373,7 @@ class NodeAgent:
                         self._interval_s = interval
                         self._interval_changed.set()
                 elif kind == "go_away":
-                    delay = message.go_away.reconnect_after.ToNanoseconds() / 1e9
+                    delay: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
                     log.info("control plane going away (%s)", message.go_away.reason)
                     # Jitter the requested delay too, so the fleet does not return all at once.
                     return delay + self._rng.uniform(0, max(delay, self.settings.backoff_base_s))
@@ -401,7 +433,11 @@ class NodeAgent:
     def _receive_command(self, command: agent_pb2.Command) -> None:
         if command.command_id in self._in_flight:
             # Re-delivered while we are still on it: confirm, the result follows when done.
-            self._send(agent_pb2.ConnectRequest(command_ack=agent_pb2.CommandAck(command_id=command.command_id)))
+            self._send(
+                agent_pb2.ConnectRequest(
+                    command_ack=agent_pb2.CommandAck(command_id=command.command_id)
+                )
+            )
             return
         self._in_flight.add(command.command_id)
         self._commands.put_nowait(command)
@@ -423,7 +459,9 @@ class NodeAgent:
         assert self._state is not None
         state = self._state
         self._send(
-            agent_pb2.ConnectRequest(command_ack=agent_pb2.CommandAck(command_id=command.command_id))
+            agent_pb2.ConnectRequest(
+                command_ack=agent_pb2.CommandAck(command_id=command.command_id)
+            )
         )
         done = await asyncio.to_thread(state.executed, command.command_id)
         if done is not None:
@@ -432,24 +470,35 @@ class NodeAgent:
                 result = agent_pb2.CommandResult.FromString(done.result)
             else:
                 result = self._result(
-                    command, "FAILED", "the agent restarted while executing this command; "
-                    "it is not run again and its effect is unknown", None, _now_ts(),
+                    command,
+                    "FAILED",
+                    "the agent restarted while executing this command; "
+                    "it is not run again and its effect is unknown",
+                    None,
+                    _now_ts(),
                 )
-                await asyncio.to_thread(state.mark_finished, command.command_id, result.SerializeToString())
+                await asyncio.to_thread(
+                    state.mark_finished, command.command_id, result.SerializeToString()
+                )
             return result
 
         started = _now_ts()
         await asyncio.to_thread(state.mark_started, command.command_id)
         deadline = command.deadline.ToDatetime(dt.UTC) if command.HasField("deadline") else None
         remaining = (
-            (deadline - dt.datetime.now(dt.UTC)).total_seconds() if deadline else self.settings.command_timeout_s
+            (deadline - dt.datetime.now(dt.UTC)).total_seconds()
+            if deadline
+            else self.settings.command_timeout_s
         )
         action = ACTIONS.get(command.action)
         output: dict[str, Any] | None = None
         if remaining <= 0:
             outcome, message = "EXPIRED", "the deadline passed before the command could start"
         elif action is None:
-            outcome, message = "UNSUPPORTED", f"action {command.action!r} is not supported by this agent"
+            outcome, message = (
+                "UNSUPPORTED",
+                f"action {command.action!r} is not supported by this agent",
+            )
         else:
             controls = AgentControls(self._interval, self._set_interval)
             parameters = json_format.MessageToDict(command.parameters)
@@ -480,7 +529,7 @@ class NodeAgent:
     ) -> agent_pb2.CommandResult:
         result = agent_pb2.CommandResult(
             command_id=command.command_id,
-            outcome=_OUTCOMES[outcome],  # type: ignore[arg-type]
+            outcome=_OUTCOMES[outcome],
             message=message,
             start_time=started,
             finish_time=_now_ts(),

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-_CONTEXT: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "sentinel_log_context", default={}
+_CONTEXT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "sentinel_log_context", default=None
 )
 
 # Field names that must never reach a log line, whatever a caller passes in `extra`.
@@ -27,13 +27,13 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 def bind_log_context(**fields: str) -> None:
     """Adds fields to the current task's log context (inherited by tasks it starts)."""
-    _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v}})
+    _CONTEXT.set({**(_CONTEXT.get() or {}), **{k: v for k, v in fields.items() if v}})
 
 
 @contextlib.contextmanager
 def log_context(**fields: str) -> Iterator[None]:
     """Adds fields to the log context for the duration of a block."""
-    token = _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in fields.items() if v}})
+    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **{k: v for k, v in fields.items() if v}})
     try:
         yield
     finally:
@@ -41,7 +41,7 @@ def log_context(**fields: str) -> Iterator[None]:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields: dict[str, Any] = dict(_CONTEXT.get())
+    fields: dict[str, Any] = dict(_CONTEXT.get() or {})
     for key, value in record.__dict__.items():
         if key not in _RESERVED and not key.startswith("_"):
             fields[key] = value

@@ -99,9 +99,7 @@ ControlPlaneFactory = Callable[..., Awaitable[ControlPlane]]
 
 
 @pytest.fixture
-async def control_plane_factory(
-    pki: Pki, database_url: str
-) -> AsyncIterator[ControlPlaneFactory]:
+async def control_plane_factory(pki: Pki, database_url: str) -> AsyncIterator[ControlPlaneFactory]:
     started: list[ControlPlane] = []
 
     async def start(**overrides: Any) -> ControlPlane:
@@ -210,9 +208,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     yield
     await asyncio.sleep(0)
     leaked = [
-        t
-        for t in asyncio.all_tasks() - before
-        if not t.done() and t is not asyncio.current_task()
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
     ]
     if leaked:
         for task in leaked:

@@ -16,10 +16,12 @@ from sentinel.v1 import (
 from controlplane import ControlPlane
 from controlplane.fleet import AgentStatus, CommandTimeout
 
-from .conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
+from .conftest import AgentFactory, Pki, eventually
 
 
-def operator_channel(pki: Pki, cp: ControlPlane, role: str = "operator", name: str = "alice") -> grpc.aio.Channel:
+def operator_channel(
+    pki: Pki, cp: ControlPlane, role: str = "operator", name: str = "alice"
+) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(f"localhost:{cp.port}", pki.channel_credentials(role, name))
 
 

@@ -65,9 +65,7 @@ async def test_client_certificate_from_another_ca_is_refused(
     assert control_plane.metrics.grpc_requests._metrics == {}
 
 
-async def test_expired_client_certificate_is_refused(
-    pki: Pki, control_plane: ControlPlane
-) -> None:
+async def test_expired_client_certificate_is_refused(pki: Pki, control_plane: ControlPlane) -> None:
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
     credentials = pki.channel_credentials(
         "operator", "bob", valid_for=dt.timedelta(days=1), not_before=long_ago, tag="-expired"
@@ -90,7 +88,9 @@ async def test_viewer_may_read_but_not_submit_plans(pki: Pki, control_plane: Con
     assert "SubmitPlan" in refused.value.details()
 
 
-async def test_operator_may_not_open_an_agent_session(pki: Pki, control_plane: ControlPlane) -> None:
+async def test_operator_may_not_open_an_agent_session(
+    pki: Pki, control_plane: ControlPlane
+) -> None:
     async with grpc.aio.secure_channel(
         _target(control_plane), pki.channel_credentials("operator", "alice")
     ) as channel:
@@ -106,7 +106,9 @@ async def test_agent_whose_certificate_names_another_node_is_refused(
     pki: Pki, control_plane: ControlPlane, agent_factory: AgentFactory
 ) -> None:
     # The agent holds node-a's certificate but claims to be node-b in its hello.
-    imposter = await agent_factory("node-b", control_plane.port, cert_name="node-a", wait_connected=False)
+    imposter = await agent_factory(
+        "node-b", control_plane.port, cert_name="node-a", wait_connected=False
+    )
     await eventually(
         lambda: control_plane.metrics.sessions_refused.labels("foreign_node")._value.get() >= 1
     )

@@ -21,7 +21,9 @@ from .conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
 async def stream_seqs(pki: Pki, port: int, node_id: str) -> AsyncIterator[list[int]]:
     """Collects the seqs a StreamTelemetry subscriber sees, as a user of the API would."""
     seen: list[int] = []
-    channel = grpc.aio.secure_channel(f"localhost:{port}", pki.channel_credentials("planner", "inframind"))
+    channel = grpc.aio.secure_channel(
+        f"localhost:{port}", pki.channel_credentials("planner", "inframind")
+    )
     call = telemetry_pb2_grpc.TelemetryServiceStub(channel).StreamTelemetry(
         telemetry_pb2.StreamTelemetryRequest(node_ids=[node_id], metrics=["host.load"])
     )
@@ -82,14 +84,23 @@ def _free_port() -> int:
 def _start_process(pki: Pki, port: int, database_url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "controlplane.main",
-            "--certs-dir", str(pki.directory),
-            "--listen", f"127.0.0.1:{port}",
-            "--metrics-listen", "",
-            "--database-url", database_url,
-            "--telemetry-interval-s", "0.2",
-            "--telemetry-flush-interval-s", "0.05",
-            "--telemetry-ack-interval-s", "0",
+            sys.executable,
+            "-m",
+            "controlplane.main",
+            "--certs-dir",
+            str(pki.directory),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            "",
+            "--database-url",
+            database_url,
+            "--telemetry-interval-s",
+            "0.2",
+            "--telemetry-flush-interval-s",
+            "0.05",
+            "--telemetry-ack-interval-s",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

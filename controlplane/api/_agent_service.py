@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
@@ -13,6 +15,7 @@ from sentinel.v1 import agent_pb2, agent_pb2_grpc
 from certs import IdentityError
 from certs._identity import validate_name
 from controlplane.api import _convert
+from controlplane.api._errors import abort
 from controlplane.auth import current_principal
 from controlplane.fleet import (
     AgentRegistry,
@@ -82,10 +85,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str
-    ) -> None:
+    ) -> NoReturn:
         self._metrics.sessions_refused.labels(reason).inc()
         log.warning("agent session refused: %s", message)
-        await context.abort(code, message)
+        await abort(context, code, message)
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> agent_pb2.Hello:
         principal = current_principal()
@@ -129,7 +132,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             )
         return hello
 
-    async def Connect(  # noqa: N802 (gRPC method name)
+    async def Connect(  # type: ignore[override]
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
         hello = await self._read_hello(context)
@@ -137,7 +140,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         session, state = await self._registry.open_session(
             _convert.hello_info(hello, principal.spiffe_id)
         )
-        self._hub.start_session(hello.node_id, state.last_telemetry_seq, state.telemetry_gap_samples)
+        self._hub.start_session(
+            hello.node_id, state.last_telemetry_seq, state.telemetry_gap_samples
+        )
         self._metrics.sessions_opened.inc()
         with log_context(node_id=hello.node_id, session_id=session.session_id):
             log.info("agent session opened (version %s)", hello.agent_version or "unknown")
@@ -207,7 +212,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if kind == "telemetry":
             batch = request.telemetry
             if len(batch.samples) > self._settings.max_batch_samples:
-                await context.abort(
+                await abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"telemetry.samples: {len(batch.samples)} samples in one batch, "
                     f"at most {self._settings.max_batch_samples}",
@@ -215,7 +221,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             samples = []
             for sample in batch.samples:
                 if sample.node_id and sample.node_id != node_id:
-                    await context.abort(
+                    await abort(
+                        context,
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"telemetry.samples[].node_id {sample.node_id!r}: "
                         "an agent may only send its own node's telemetry",
@@ -248,26 +255,26 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 extra={"gpu_uuid": event.gpu_uuid, "xid": event.xid},
             )
         elif kind == "hello":
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "hello may only be the first message"
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "hello may only be the first message"
             )
         # heartbeats only prove liveness, which reading them already recorded
 
     @staticmethod
-    async def _safely(work: object) -> None:
+    async def _safely(work: Awaitable[None]) -> None:
         try:
-            await work  # type: ignore[misc]
+            await work
         except UnknownCommand as exc:
             log.warning("%s", exc)
 
-    async def RenewCertificate(  # noqa: N802
+    async def RenewCertificate(
         self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RenewCertificateResponse:
-        await context.abort(
+        await abort(
+            context,
             grpc.StatusCode.UNIMPLEMENTED,
             "certificate renewal is not available yet (identity lifecycle work)",
         )
-        raise AssertionError("unreachable")
 
     @staticmethod
     def go_away_all(registry: AgentRegistry, reason: str, reconnect_after_s: float) -> None:

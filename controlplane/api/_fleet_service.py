@@ -8,6 +8,7 @@ import grpc
 from sentinel.v1 import fleet_pb2, fleet_pb2_grpc
 
 from controlplane.api import _convert, _paging
+from controlplane.api._errors import abort
 from controlplane.fleet import AgentRegistry, WatcherOverflow
 
 
@@ -15,43 +16,45 @@ class FleetService(fleet_pb2_grpc.FleetServiceServicer):
     def __init__(self, registry: AgentRegistry) -> None:
         self._registry = registry
 
-    async def ListAgents(  # noqa: N802
+    async def ListAgents(
         self, request: fleet_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListAgentsResponse:
         try:
             size = _paging.page_size(request.page_size)
             after = _paging.decode_token(request.page_token)
         except _paging.PageError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.status not in (fleet_pb2.AGENT_STATUS_UNSPECIFIED, *_convert.STATUS_FROM_PB):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"status: unknown value {request.status}"
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"status: unknown value {request.status}"
             )
         status = _convert.STATUS_FROM_PB.get(request.status)
-        agents = [a for a in self._registry.list(status) if a.node_id > after]
+        agents = [a for a in self._registry.agents(status) if a.node_id > after]
         page = agents[:size]
         response = fleet_pb2.ListAgentsResponse(agents=[_convert.agent_message(a) for a in page])
         if len(agents) > size:
             response.next_page_token = _paging.encode_token(page[-1].node_id)
         return response
 
-    async def GetAgent(  # noqa: N802
+    async def GetAgent(
         self, request: fleet_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.GetAgentResponse:
         if not request.node_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id: required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id: required")
         state = self._registry.get(request.node_id)
         if state is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"node_id: no agent {request.node_id!r} ever registered"
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"node_id: no agent {request.node_id!r} ever registered",
             )
         return fleet_pb2.GetAgentResponse(agent=_convert.agent_message(state))
 
-    async def WatchAgents(  # noqa: N802
+    async def WatchAgents(
         self, request: fleet_pb2.WatchAgentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.WatchAgentsResponse]:
         try:
             async for state in self._registry.watch():
                 yield fleet_pb2.WatchAgentsResponse(agent=_convert.agent_message(state))
         except WatcherOverflow as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; watch again")
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; watch again")

@@ -9,6 +9,7 @@ from google.protobuf import descriptor
 from sentinel.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 from controlplane.api import _paging
+from controlplane.api._errors import abort
 from controlplane.settings import ControlPlaneSettings
 from controlplane.telemetry import Sample, SubscriberTooSlow, TelemetryHub
 
@@ -32,7 +33,7 @@ class MetricFilter:
                 field = message_type.fields_by_name[part]
                 node = node.setdefault(part, {})  # type: ignore[assignment]
                 message_type = field.message_type
-        if "gpus" in self._tree and self._tree["gpus"]:
+        if self._tree.get("gpus"):
             for name in _GPU_IDENTITY:
                 self._tree["gpus"].setdefault(name, {})
 
@@ -43,7 +44,7 @@ class MetricFilter:
         for name in _ALWAYS_KEPT:
             self._copy(sample, out, name, {})
         for name, sub in self._tree.items():
-            self._copy(sample, out, name, sub)  # type: ignore[arg-type]
+            self._copy(sample, out, name, sub)
         return out
 
     def _copy(self, src: object, dst: object, name: str, sub: dict[str, object]) -> None:
@@ -83,27 +84,28 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
         self._settings = settings
         self._hub = hub
 
-    async def GetNodeTelemetry(  # noqa: N802
+    async def GetNodeTelemetry(
         self, request: telemetry_pb2.GetNodeTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> telemetry_pb2.GetNodeTelemetryResponse:
         if not request.node_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id: required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id: required")
         sample = self._hub.latest(request.node_id)
         if sample is None:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"node_id: no telemetry from {request.node_id!r} since the control plane started",
             )
         return telemetry_pb2.GetNodeTelemetryResponse(sample=_payload(sample))
 
-    async def GetFleetTelemetry(  # noqa: N802
+    async def GetFleetTelemetry(
         self, request: telemetry_pb2.GetFleetTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> telemetry_pb2.GetFleetTelemetryResponse:
         try:
             size = _paging.page_size(request.page_size)
             after = _paging.decode_token(request.page_token)
         except _paging.PageError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         samples = [s for s in self._hub.latest_all(request.node_ids) if s.node_id > after]
         page = samples[:size]
         response = telemetry_pb2.GetFleetTelemetryResponse(samples=[_payload(s) for s in page])
@@ -111,13 +113,13 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
             response.next_page_token = _paging.encode_token(page[-1].node_id)
         return response
 
-    async def StreamTelemetry(  # noqa: N802
+    async def StreamTelemetry(
         self, request: telemetry_pb2.StreamTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[telemetry_pb2.StreamTelemetryResponse]:
         try:
             metric_filter = MetricFilter(request.metrics)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             async for sample in self._hub.subscribe(
                 request.node_ids,
@@ -128,6 +130,8 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
                     sample=metric_filter.apply(_payload(sample))
                 )
         except SubscriberTooSlow as exc:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; read faster or filter more, then retry"
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{exc}; read faster or filter more, then retry",
             )

@@ -18,6 +18,7 @@ import grpc
 from cryptography import x509
 
 from certs import IdentityError, parse_spiffe_id
+from controlplane.api._errors import abort
 from controlplane.auth._principal import Principal, reset_principal, set_principal
 from controlplane.auth.roles import allowed
 from controlplane.metrics import ControlPlaneMetrics
@@ -30,7 +31,7 @@ def _status_name(context: grpc.aio.ServicerContext) -> str:
     if code is None:
         return "OK"
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     return str(code)
 
 
@@ -86,7 +87,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         auth = context.auth_context()
         ids = auth.get("peer_spiffe_id") or []
         if len(ids) != 1:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "the client certificate carries no single SPIFFE id "
                 f"(expected spiffe://{self._trust_domain}/<role>/<name> as its URI SAN)",
@@ -95,12 +97,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             identity = parse_spiffe_id(spiffe_id, self._trust_domain)
         except IdentityError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client identity refused: {exc}")
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"client identity refused: {exc}")
         pems = auth.get("x509_pem_cert") or [b""]
         principal = Principal(spiffe_id, identity.role, identity.name, self._serial(pems[0]))
         if not allowed(method, identity.role):
             log.warning("refused %s for %s", method, spiffe_id)
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role {identity.role!r} ({spiffe_id}) may not call {method}",
             )
@@ -137,7 +140,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior):
 
             @functools.wraps(behavior)
-            async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def generator(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 code: str | None = None
                 try:
                     token = set_principal(await self._authorize(method, context))

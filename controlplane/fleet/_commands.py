@@ -102,7 +102,9 @@ class CommandLedger:
             session = self._session_for(node_id)
             # One transaction stores the command, already marked SENT when a session is open;
             # it goes on the wire only after that commit (the ledger never loses a command).
-            await self._store.run(lambda db: self._insert(db, node_id, command, session is not None))
+            await self._store.run(
+                lambda db: self._insert(db, node_id, command, session is not None)
+            )
             if session is not None:
                 self._sent_at[command.command_id] = time.monotonic()
                 session.send(command)
@@ -111,9 +113,7 @@ class CommandLedger:
             await self._expire(command.command_id)
             if future.done():  # the result raced the deadline; it wins
                 return future.result()
-            raise CommandTimeout(
-                f"{action} on {node_id}: no result within {timeout:g} s"
-            ) from None
+            raise CommandTimeout(f"{action} on {node_id}: no result within {timeout:g} s") from None
         finally:
             self._waiters.pop(command.command_id, None)
             self._sent_at.pop(command.command_id, None)
@@ -143,7 +143,11 @@ class CommandLedger:
         """Re-sends, in creation order, every unfinished and unexpired command of the node."""
         node_id = session.node_id
         now = _utcnow()
-        open_states = [CommandState.PENDING.value, CommandState.SENT.value, CommandState.ACKED.value]
+        open_states = [
+            CommandState.PENDING.value,
+            CommandState.SENT.value,
+            CommandState.ACKED.value,
+        ]
 
         def pending(db: Session) -> list[CommandOut]:
             rows = db.scalars(
@@ -162,7 +166,9 @@ class CommandLedger:
                 if row.state == CommandState.PENDING.value:
                     row.state = CommandState.SENT.value
                 out.append(
-                    CommandOut(row.command_id, row.plan_id, row.action, row.parameters, row.deadline)
+                    CommandOut(
+                        row.command_id, row.plan_id, row.action, row.parameters, row.deadline
+                    )
                 )
             return out
 
@@ -192,7 +198,9 @@ class CommandLedger:
         def write(db: Session) -> CommandResult | None:
             row = db.get(CommandRow, result.command_id)
             if row is None or row.node_id != node_id:
-                raise UnknownCommand(f"{node_id} sent a result for unknown command {result.command_id!r}")
+                raise UnknownCommand(
+                    f"{node_id} sent a result for unknown command {result.command_id!r}"
+                )
             if row.state == CommandState.FINISHED.value:
                 return None  # a re-sent result after a reconnect: already recorded
             row.state = CommandState.FINISHED.value
@@ -231,7 +239,11 @@ class CommandLedger:
         return await self._store.run(read)
 
     async def _expire(self, command_id: str) -> None:
-        open_states = [CommandState.PENDING.value, CommandState.SENT.value, CommandState.ACKED.value]
+        open_states = [
+            CommandState.PENDING.value,
+            CommandState.SENT.value,
+            CommandState.ACKED.value,
+        ]
 
         def write(db: Session) -> None:
             db.execute(

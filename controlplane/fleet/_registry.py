@@ -99,7 +99,7 @@ class AgentRegistry:
         agent = self._agents.get(node_id)
         return agent.state if agent else None
 
-    def list(self, status: AgentStatus | None = None) -> list[AgentState]:
+    def agents(self, status: AgentStatus | None = None) -> list[AgentState]:
         states = [a.state for a in self._agents.values()]
         if status is not None:
             states = [s for s in states if s.status is status]
@@ -214,7 +214,9 @@ class AgentRegistry:
             silent = now - agent.last_heard
             status = agent.state.status
             if status is AgentStatus.CONNECTED and silent > self._suspect_after:
-                log.warning("node silent for %.0f s", silent, extra={"node_id": agent.state.node_id})
+                log.warning(
+                    "node silent for %.0f s", silent, extra={"node_id": agent.state.node_id}
+                )
                 await self._change_status(agent, AgentStatus.SUSPECT)
             elif status is AgentStatus.SUSPECT and silent > self._disconnect_after:
                 if agent.session is not None:
@@ -250,7 +252,7 @@ class AgentRegistry:
         queue: asyncio.Queue[AgentState | None] = asyncio.Queue(maxsize=max_backlog)
         self._watchers.add(queue)
         try:
-            for state in self.list():
+            for state in self.agents():
                 yield state
             while True:
                 item = await queue.get()

@@ -138,7 +138,11 @@ class TelemetryHub:
                 node.pending = []
             self._dirty.clear()
             values = [
-                {"node_id": node_id, "last_telemetry_seq": samples[-1].seq, "telemetry_gap_samples": node.gaps}
+                {
+                    "node_id": node_id,
+                    "last_telemetry_seq": samples[-1].seq,
+                    "telemetry_gap_samples": node.gaps,
+                }
                 for node_id, node, samples in batch
             ]
 
