@@ -14,6 +14,16 @@ if [ -n "$(git status --porcelain -- gen/ 2>/dev/null)" ]; then
   exit 1
 fi
 
+echo "== buf lint (protos/)"
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -x .tools/node_modules/.bin/buf ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >/dev/null
+  fi
+  .tools/node_modules/.bin/buf lint
+else
+  echo "npm not found: buf lint skipped (install Node.js to lint the API)" >&2
+fi
+
 echo "== ruff"
 ruff check .
 ruff format --check .
