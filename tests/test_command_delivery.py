@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import update
 
 from controlplane import ControlPlane
@@ -38,7 +40,9 @@ async def test_redelivered_command_is_not_executed_twice_across_agent_restart(
         return stored is not None and stored[0] is CommandState.FINISHED
 
     await eventually(finished)
-    state, result = await control_plane.commands.get(first.command_id)
+    stored = await control_plane.commands.get(first.command_id)
+    assert stored is not None
+    _, result = stored
     # The same result as the first execution: had it run again, previous_seconds would be 3.
     assert result is not None and result.output == first.output
     # The interval set by the first execution survived the agent restart.
@@ -49,8 +53,6 @@ async def test_commands_run_in_the_order_sent(
     control_plane: ControlPlane, agent_factory: AgentFactory
 ) -> None:
     await agent_factory("node-1", control_plane.port)
-    import asyncio
-
     results = await asyncio.gather(
         *(
             control_plane.commands.send(
