@@ -176,12 +176,8 @@ async def agent_factory(pki: Pki, tmp_path: pathlib.Path) -> AsyncIterator[Agent
 
 def _collectors() -> dict[str, Any]:
     """The real host collector, and the real GPU collector on this GPU-less machine."""
-    try:
-        from nodeagent.collectors import AsyncGpuCollector, HostCollector
-    except ImportError:  # TEMP while collectors land
-        from nodeagent.collectors._host import HostCollector
+    from nodeagent.collectors import AsyncGpuCollector, HostCollector
 
-        return {"host_collector": HostCollector(), "gpu_collector": None}
     return {"host_collector": HostCollector(), "gpu_collector": AsyncGpuCollector()}
 
 

@@ -1,0 +1,328 @@
+"""The node agent's own Prometheus /metrics: its latest telemetry sample, rendered with
+node_exporter names for the host and dcgm-exporter names for GPUs, so existing dashboards work.
+
+Rendering reads only the stored sample (no psutil or NVML calls), so a scrape costs little and
+never waits on a driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sentinel.v1 import telemetry_pb2
+
+_MIB = 1024 * 1024
+
+_CPU_MODES = ("user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice")
+
+_GPU_LABELS = ("gpu", "UUID", "device", "Hostname")
+
+
+@dataclasses.dataclass(frozen=True)
+class _GpuMetric:
+    name: str
+    documentation: str
+    field: str
+    convert: Callable[[float], float] = float
+
+
+# dcgm-exporter's names and units. All are gauges: dcgm-exporter exposes its counters without a
+# `_total` suffix, and prometheus_client would add one to a counter family.
+_GPU_METRICS = (
+    _GpuMetric("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "utilization_gpu_percent"),
+    _GpuMetric(
+        "DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", "utilization_memory_percent"
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB).",
+        "memory_used_bytes",
+        lambda value: value // _MIB,
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        "memory_free_bytes",
+        lambda value: value // _MIB,
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_FB_RESERVED",
+        "Framebuffer memory reserved (in MiB).",
+        "memory_reserved_bytes",
+        lambda value: value // _MIB,
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_FB_TOTAL",
+        "Framebuffer memory total (in MiB).",
+        "memory_total_bytes",
+        lambda value: value // _MIB,
+    ),
+    _GpuMetric("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock_mhz"),
+    _GpuMetric("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "memory_clock_mhz"),
+    _GpuMetric("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "temperature_celsius"),
+    _GpuMetric(
+        "DCGM_FI_DEV_POWER_USAGE",
+        "Power draw (in W).",
+        "power_usage_milliwatts",
+        lambda value: value / 1000.0,
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_POWER_MGMT_LIMIT",
+        "Enforced power limit (in W).",
+        "power_limit_milliwatts",
+        lambda value: value / 1000.0,
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        "total_energy_millijoules",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+        "Current clock throttle reasons (bitmask of nvmlClocksEventReason*).",
+        "throttle_reasons",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "Total number of single-bit volatile ECC errors.",
+        "ecc_corrected_volatile",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        "Total number of double-bit volatile ECC errors.",
+        "ecc_uncorrected_volatile",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for correctable errors.",
+        "remapped_rows_correctable",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for uncorrectable errors.",
+        "remapped_rows_uncorrectable",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_ROW_REMAP_PENDING",
+        "Whether a row remapping is pending (1) or not (0).",
+        "remapped_rows_pending",
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered (0 when none).",
+        "last_xid",
+    ),
+    _GpuMetric("DCGM_FI_DEV_FAN_SPEED", "Fan speed (in 0-100%).", "fan_speed_percent"),
+    _GpuMetric(
+        "DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "PCIe transmit throughput (in KB/s).", "pcie_tx_kbps"
+    ),
+    _GpuMetric(
+        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT", "PCIe receive throughput (in KB/s).", "pcie_rx_kbps"
+    ),
+)
+
+# (metric, help, MemoryTelemetry field), following node_exporter's meminfo collector.
+_MEMORY_METRICS = (
+    ("node_memory_MemTotal_bytes", "Memory information field MemTotal_bytes.", "total_bytes"),
+    (
+        "node_memory_MemAvailable_bytes",
+        "Memory information field MemAvailable_bytes.",
+        "available_bytes",
+    ),
+    ("node_memory_MemFree_bytes", "Memory information field MemFree_bytes.", "free_bytes"),
+    ("node_memory_Cached_bytes", "Memory information field Cached_bytes.", "cached_bytes"),
+    ("node_memory_Buffers_bytes", "Memory information field Buffers_bytes.", "buffers_bytes"),
+    (
+        "node_memory_SwapTotal_bytes",
+        "Memory information field SwapTotal_bytes.",
+        "swap_total_bytes",
+    ),
+)
+
+# (metric without _total, help, DiskIoTelemetry field)
+_DISK_METRICS = (
+    ("node_disk_read_bytes", "The total number of bytes read successfully.", "read_bytes"),
+    ("node_disk_written_bytes", "The total number of bytes written successfully.", "written_bytes"),
+    (
+        "node_disk_reads_completed",
+        "The total number of reads completed successfully.",
+        "reads_completed",
+    ),
+    (
+        "node_disk_writes_completed",
+        "The total number of writes completed successfully.",
+        "writes_completed",
+    ),
+    ("node_disk_io_time_seconds", "Total seconds spent doing I/Os.", "io_time_seconds"),
+)
+
+# (metric, help, FilesystemTelemetry field)
+_FILESYSTEM_METRICS = (
+    ("node_filesystem_size_bytes", "Filesystem size in bytes.", "size_bytes"),
+    ("node_filesystem_free_bytes", "Filesystem free space in bytes.", "free_bytes"),
+    (
+        "node_filesystem_avail_bytes",
+        "Filesystem space available to non-root users in bytes.",
+        "avail_bytes",
+    ),
+)
+
+# (metric without _total, help, NetworkTelemetry field)
+_NETWORK_METRICS = (
+    ("node_network_receive_bytes", "Network device statistic receive_bytes.", "receive_bytes"),
+    ("node_network_transmit_bytes", "Network device statistic transmit_bytes.", "transmit_bytes"),
+    (
+        "node_network_receive_packets",
+        "Network device statistic receive_packets.",
+        "receive_packets",
+    ),
+    (
+        "node_network_transmit_packets",
+        "Network device statistic transmit_packets.",
+        "transmit_packets",
+    ),
+    ("node_network_receive_errs", "Network device statistic receive_errs.", "receive_errors"),
+    ("node_network_transmit_errs", "Network device statistic transmit_errs.", "transmit_errors"),
+    ("node_network_receive_drop", "Network device statistic receive_drop.", "receive_drops"),
+    ("node_network_transmit_drop", "Network device statistic transmit_drop.", "transmit_drops"),
+)
+
+# (metric without _total, help, PressureTelemetry field)
+_PRESSURE_METRICS = (
+    (
+        "node_pressure_cpu_waiting_seconds",
+        "Total time in seconds that processes have waited for CPU time.",
+        "cpu_some_total_seconds",
+    ),
+    (
+        "node_pressure_memory_stalled_seconds",
+        "Total time in seconds no process could make progress due to memory congestion.",
+        "memory_full_total_seconds",
+    ),
+    (
+        "node_pressure_io_stalled_seconds",
+        "Total time in seconds no process could make progress due to IO congestion.",
+        "io_full_total_seconds",
+    ),
+)
+
+_STATE_LABELS = {
+    telemetry_pb2.GPU_COLLECTION_STATE_UNSPECIFIED: "unspecified",
+    telemetry_pb2.GPU_COLLECTION_STATE_OK: "ok",
+    telemetry_pb2.GPU_COLLECTION_STATE_NO_GPU: "no_gpu",
+    telemetry_pb2.GPU_COLLECTION_STATE_ERROR: "error",
+    telemetry_pb2.GPU_COLLECTION_STATE_TIMEOUT: "timeout",
+}
+
+
+class TelemetryExporter:
+    """A prometheus_client collector serving the latest sample given to `update()`.
+
+    `update()` may be called from any thread while the registry is being scraped.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lock = threading.Lock()
+        self._sample: telemetry_pb2.TelemetrySample | None = None
+        registry.register(self)
+
+    def update(self, sample: telemetry_pb2.TelemetrySample) -> None:
+        # A copy, so the caller may go on mutating (or spooling) its own message.
+        snapshot = telemetry_pb2.TelemetrySample()
+        snapshot.CopyFrom(sample)
+        with self._lock:
+            self._sample = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            sample = self._sample
+        if sample is None:
+            return
+        seq = GaugeMetricFamily(
+            "sentinel_agent_telemetry_seq", "Sequence number of the latest telemetry sample."
+        )
+        seq.add_metric([], sample.seq)
+        yield seq
+        yield from _host_metrics(sample.host)
+        yield _gpu_state(sample.gpu_status)
+        yield from _gpu_metrics(sample.node_id, sample.gpus)
+
+
+def _host_metrics(host: telemetry_pb2.HostTelemetry) -> Iterator[Metric]:
+    cpu = CounterMetricFamily(
+        "node_cpu_seconds", "Seconds the CPUs spent in each mode.", labels=["mode"]
+    )
+    for mode in _CPU_MODES:
+        cpu.add_metric([mode], getattr(host.cpu, f"{mode}_seconds"))
+    yield cpu
+
+    for period in ("1", "5", "15"):
+        load = GaugeMetricFamily(f"node_load{period}", f"{period}m load average.")
+        load.add_metric([], getattr(host.load, f"load{period}"))
+        yield load
+
+    for name, documentation, field in _MEMORY_METRICS:
+        yield GaugeMetricFamily(name, documentation, value=getattr(host.memory, field))
+    yield GaugeMetricFamily(
+        "node_memory_SwapFree_bytes",
+        "Memory information field SwapFree_bytes.",
+        value=max(0, host.memory.swap_total_bytes - host.memory.swap_used_bytes),
+    )
+
+    for name, documentation, field in _DISK_METRICS:
+        disk = CounterMetricFamily(name, documentation, labels=["device"])
+        for io in host.disks:
+            disk.add_metric([io.device], getattr(io, field))
+        yield disk
+
+    for name, documentation, field in _FILESYSTEM_METRICS:
+        filesystem = GaugeMetricFamily(
+            name, documentation, labels=["device", "mountpoint", "fstype"]
+        )
+        for fs in host.filesystems:
+            filesystem.add_metric([fs.device, fs.mountpoint, fs.fstype], getattr(fs, field))
+        yield filesystem
+
+    for name, documentation, field in _NETWORK_METRICS:
+        network = CounterMetricFamily(name, documentation, labels=["device"])
+        for nic in host.networks:
+            network.add_metric([nic.interface], getattr(nic, field))
+        yield network
+
+    if host.HasField("pressure"):
+        for name, documentation, field in _PRESSURE_METRICS:
+            yield CounterMetricFamily(name, documentation, value=getattr(host.pressure, field))
+
+    if host.boot_time_unix_seconds:
+        yield GaugeMetricFamily(
+            "node_boot_time_seconds",
+            "Node boot time, in unixtime.",
+            value=host.boot_time_unix_seconds,
+        )
+
+
+def _gpu_state(status: telemetry_pb2.GpuCollectionStatus) -> Metric:
+    state = GaugeMetricFamily(
+        "sentinel_agent_gpu_collection_state",
+        "State of the agent's GPU collection (1 for the current state).",
+        labels=["state"],
+    )
+    for value, label in _STATE_LABELS.items():
+        state.add_metric([label], 1.0 if status.state == value else 0.0)
+    return state
+
+
+def _gpu_metrics(hostname: str, gpus: Sequence[telemetry_pb2.GpuTelemetry]) -> Iterator[Metric]:
+    labels = {gpu.index: [str(gpu.index), gpu.uuid, f"nvidia{gpu.index}", hostname] for gpu in gpus}
+    unsupported = {gpu.index: frozenset(gpu.unsupported) for gpu in gpus}
+    for metric in _GPU_METRICS:
+        family = GaugeMetricFamily(metric.name, metric.documentation, labels=_GPU_LABELS)
+        for gpu in gpus:
+            if metric.field not in unsupported[gpu.index]:
+                family.add_metric(labels[gpu.index], metric.convert(getattr(gpu, metric.field)))
+        if family.samples:
+            yield family

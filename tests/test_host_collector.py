@@ -1,0 +1,184 @@
+"""Host collection with psutil and /proc, read for real on this machine."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from nodeagent.collectors import HostCollector
+
+CPU_MODES = ("user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice")
+
+
+def _psi_readable() -> bool:
+    try:
+        pathlib.Path("/proc/pressure/cpu").read_text()
+    except OSError:
+        return False
+    return True
+
+
+def _burn_cpu(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def test_memory_matches_psutil() -> None:
+    host = HostCollector().collect()
+
+    assert host.memory.total_bytes > 0
+    assert host.memory.total_bytes == psutil.virtual_memory().total
+    assert 0 < host.memory.available_bytes <= host.memory.total_bytes
+    assert host.memory.swap_total_bytes == psutil.swap_memory().total
+
+
+def test_cpu_seconds_never_decrease_and_utilization_is_a_share() -> None:
+    collector = HostCollector()
+
+    first = collector.collect().cpu
+    _burn_cpu(0.3)
+    second = collector.collect().cpu
+
+    for mode in CPU_MODES:
+        assert getattr(second, f"{mode}_seconds") >= getattr(first, f"{mode}_seconds"), mode
+    assert second.user_seconds + second.system_seconds > 0
+    assert first.utilization_percent == 0.0
+    assert list(first.per_cpu_utilization_percent) == [0.0] * first.logical_cpus
+    assert 0.0 < second.utilization_percent <= 100.0
+    assert second.logical_cpus == psutil.cpu_count()
+    assert len(second.per_cpu_utilization_percent) == second.logical_cpus
+    assert all(0.0 <= share <= 100.0 for share in second.per_cpu_utilization_percent)
+    # The busy loop kept (at least) one CPU mostly busy.
+    assert max(second.per_cpu_utilization_percent) > 20.0
+
+
+def test_utilization_baseline_is_shared_across_threads() -> None:
+    """Unlike psutil.cpu_percent(None), the second call from another thread is not a first."""
+    collector = HostCollector()
+    with ThreadPoolExecutor(max_workers=1) as first_thread:
+        first_thread.submit(collector.collect).result()
+    _burn_cpu(0.3)
+    with ThreadPoolExecutor(max_workers=1) as second_thread:
+        cpu = second_thread.submit(collector.collect).result().cpu
+
+    assert cpu.utilization_percent > 0.0
+
+
+def test_load_average_and_boot_time() -> None:
+    host = HostCollector().collect()
+
+    assert (host.load.load1, host.load.load5, host.load.load15) == pytest.approx(
+        os.getloadavg(), abs=1.0
+    )
+    assert host.boot_time_unix_seconds == int(psutil.boot_time())
+
+
+def test_networks_include_loopback_with_counters() -> None:
+    networks = {nic.interface: nic for nic in HostCollector().collect().networks}
+
+    assert "lo" in networks
+    assert set(networks) == set(psutil.net_io_counters(pernic=True))
+    assert networks["lo"].receive_bytes >= 0
+
+
+def test_disks_leave_out_loop_and_ram_devices() -> None:
+    disks = HostCollector().collect().disks
+
+    names = [disk.device for disk in disks]
+    assert not [name for name in names if name.startswith(("loop", "ram", "zram"))]
+    real = psutil.disk_io_counters(perdisk=True) or {}
+    for disk in disks:
+        assert disk.device in real
+        assert disk.read_bytes <= real[disk.device].read_bytes
+        assert disk.io_time_seconds >= 0
+
+
+def test_filesystems_are_real_and_listed_once_per_device() -> None:
+    filesystems = HostCollector().collect().filesystems
+
+    devices = [fs.device for fs in filesystems]
+    assert len(devices) == len(set(devices))
+    for fs in filesystems:
+        assert fs.fstype not in {"proc", "sysfs", "tmpfs", "overlay", "squashfs", "devtmpfs"}
+        assert fs.size_bytes > 0
+        assert fs.avail_bytes <= fs.free_bytes <= fs.size_bytes
+    partitions = [p for p in psutil.disk_partitions(all=False) if p.mountpoint == "/"]
+    if partitions and partitions[0].fstype not in {"overlay", "tmpfs"}:
+        [root] = [fs for fs in filesystems if fs.mountpoint == "/"]
+        stat = os.statvfs("/")
+        assert root.size_bytes == stat.f_blocks * stat.f_frsize
+
+
+def test_pressure_is_present_exactly_when_the_kernel_has_psi() -> None:
+    host = HostCollector().collect()
+
+    assert host.HasField("pressure") == _psi_readable()
+    if host.HasField("pressure"):
+        assert host.pressure.cpu_some_total_seconds >= 0
+
+
+def test_pressure_files_are_parsed_into_percent_and_seconds(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "cpu").write_text(
+        "some avg10=1.50 avg60=0.80 avg300=0.20 total=3400563\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+    (tmp_path / "memory").write_text(
+        "some avg10=2.25 avg60=0.00 avg300=0.00 total=10\n"
+        "full avg10=1.25 avg60=0.00 avg300=0.00 total=2000000\n"
+    )
+    (tmp_path / "io").write_text(
+        "some avg10=4.00 avg60=0.02 avg300=0.04 total=1130658\n"
+        "full avg10=3.00 avg60=0.02 avg300=0.04 total=1051400\n"
+    )
+
+    pressure = HostCollector(pressure_dir=tmp_path).collect().pressure
+
+    assert pressure.cpu_some_avg10 == 1.5
+    assert pressure.cpu_some_total_seconds == pytest.approx(3.400563)
+    assert (pressure.memory_some_avg10, pressure.memory_full_avg10) == (2.25, 1.25)
+    assert pressure.memory_full_total_seconds == pytest.approx(2.0)
+    assert (pressure.io_some_avg10, pressure.io_full_avg10) == (4.0, 3.0)
+    assert pressure.io_full_total_seconds == pytest.approx(1.0514)
+
+
+def test_a_kernel_without_psi_leaves_pressure_unset(tmp_path: pathlib.Path) -> None:
+    host = HostCollector(pressure_dir=tmp_path / "missing").collect()
+
+    assert not host.HasField("pressure")
+    assert host.memory.total_bytes > 0
+
+
+def test_an_unreadable_part_costs_only_that_part(tmp_path: pathlib.Path) -> None:
+    # Reading a directory raises IsADirectoryError, a real OSError from the kernel.
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "io").write_text("some avg10=4.00 avg60=0.02 avg300=0.04 total=1000000\n")
+
+    host = HostCollector(pressure_dir=tmp_path).collect()
+
+    assert host.HasField("pressure")
+    assert host.pressure.io_some_avg10 == 4.0
+    assert host.pressure.cpu_some_total_seconds == 0.0
+    assert host.memory.total_bytes > 0
+    assert host.networks
+
+
+def test_inventory_matches_platform_and_psutil() -> None:
+    inventory = HostCollector().inventory()
+
+    assert inventory.hostname == socket.gethostname()
+    assert inventory.os == platform.system()
+    assert inventory.kernel_version == platform.release()
+    assert inventory.architecture == platform.machine()
+    assert inventory.logical_cpus == psutil.cpu_count(logical=True)
+    assert inventory.physical_cpus == (psutil.cpu_count(logical=False) or 0)
+    assert inventory.memory_total_bytes == psutil.virtual_memory().total
+    assert inventory.boot_time_unix_seconds == int(psutil.boot_time())
