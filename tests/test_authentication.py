@@ -144,3 +144,23 @@ async def test_session_that_does_not_start_with_hello_is_refused(
             await call.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hello" in refused.value.details()
+
+
+async def test_agent_may_not_send_telemetry_for_another_node(
+    pki: Pki, control_plane: ControlPlane
+) -> None:
+    async with grpc.aio.secure_channel(
+        _target(control_plane), pki.channel_credentials("agent", "node-a")
+    ) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-a")))
+        assert (await call.read()).WhichOneof("message") == "welcome"
+        forged = agent_pb2.TelemetryBatch()
+        forged.samples.add(seq=1, node_id="node-b")
+        await call.write(agent_pb2.ConnectRequest(telemetry=forged))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            while True:
+                await call.read()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "telemetry.samples[].node_id" in refused.value.details()
+    assert control_plane.hub.latest("node-b") is None

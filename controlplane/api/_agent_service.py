@@ -181,25 +181,34 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
 
     async def _read_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> str:
+        """Reads until the agent closes the stream or the session is closed from our side.
+
+        The per-message path is a plain `await context.read()` in one task; only the session's
+        end is raced against it, once, not per message.
+        """
         node_id = session.node_id
-        read = asyncio.ensure_future(context.read())
-        closed = asyncio.ensure_future(session.closed.wait())
-        try:
+
+        async def pump() -> str:
             while True:
-                done, _ = await asyncio.wait({read, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if closed in done:
-                    # Give the writer a moment to flush a GoAway before the stream ends.
-                    await asyncio.sleep(0.05)
-                    return session.close_reason
-                request = read.result()
+                request = await context.read()
                 if request is grpc.aio.EOF:
                     return "agent closed the stream"
-                read = asyncio.ensure_future(context.read())
                 self._registry.heard_from(node_id)
                 await self._dispatch(session, request, context)
+
+        reader = asyncio.create_task(pump(), name=f"session-reader:{node_id}")
+        closed = asyncio.create_task(session.closed.wait(), name=f"session-closed:{node_id}")
+        try:
+            done, _ = await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                return reader.result()
+            # Give the writer a moment to flush a GoAway before the stream ends.
+            await asyncio.sleep(0.05)
+            return session.close_reason
         finally:
-            read.cancel()
+            reader.cancel()
             closed.cancel()
+            await asyncio.gather(reader, closed, return_exceptions=True)
 
     async def _dispatch(
         self,
