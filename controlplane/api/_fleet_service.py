@@ -19,22 +19,23 @@ class FleetService(fleet_pb2_grpc.FleetServiceServicer):
     async def ListAgents(
         self, request: fleet_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListAgentsResponse:
-        try:
-            size = _paging.page_size(request.page_size)
-            after = _paging.decode_token(request.page_token)
-        except _paging.PageError as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.status not in (fleet_pb2.AGENT_STATUS_UNSPECIFIED, *_convert.STATUS_FROM_PB):
             await abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"status: unknown value {request.status}"
             )
         status = _convert.STATUS_FROM_PB.get(request.status)
-        agents = [a for a in self._registry.agents(status) if a.node_id > after]
-        page = agents[:size]
-        response = fleet_pb2.ListAgentsResponse(agents=[_convert.agent_message(a) for a in page])
-        if len(agents) > size:
-            response.next_page_token = _paging.encode_token(page[-1].node_id)
-        return response
+        try:
+            page, token = _paging.paginate(
+                self._registry.agents(status),
+                lambda a: a.node_id,
+                request.page_size,
+                request.page_token,
+            )
+        except _paging.PageError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return fleet_pb2.ListAgentsResponse(
+            agents=[_convert.agent_message(a) for a in page], next_page_token=token
+        )
 
     async def GetAgent(
         self, request: fleet_pb2.GetAgentRequest, context: grpc.aio.ServicerContext

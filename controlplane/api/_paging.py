@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -34,3 +38,14 @@ def decode_token(token: str) -> str:
     if not raw.startswith("k1:"):
         raise PageError("page_token: not a token this server issued")
     return raw[3:]
+
+
+def paginate(
+    items: Sequence[T], key: Callable[[T], str], requested_size: int, token: str
+) -> tuple[list[T], str]:
+    """One page of `items` (sorted by `key`) and the token of the next page ('' at the end)."""
+    size = page_size(requested_size)
+    after = decode_token(token)
+    remaining = [item for item in items if key(item) > after]
+    page = list(remaining[:size])
+    return page, encode_token(key(page[-1])) if len(remaining) > size else ""

@@ -102,16 +102,17 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
         self, request: telemetry_pb2.GetFleetTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> telemetry_pb2.GetFleetTelemetryResponse:
         try:
-            size = _paging.page_size(request.page_size)
-            after = _paging.decode_token(request.page_token)
+            page, token = _paging.paginate(
+                self._hub.latest_all(request.node_ids),
+                lambda s: s.node_id,
+                request.page_size,
+                request.page_token,
+            )
         except _paging.PageError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        samples = [s for s in self._hub.latest_all(request.node_ids) if s.node_id > after]
-        page = samples[:size]
-        response = telemetry_pb2.GetFleetTelemetryResponse(samples=[_payload(s) for s in page])
-        if len(samples) > size:
-            response.next_page_token = _paging.encode_token(page[-1].node_id)
-        return response
+        return telemetry_pb2.GetFleetTelemetryResponse(
+            samples=[_payload(s) for s in page], next_page_token=token
+        )
 
     async def StreamTelemetry(
         self, request: telemetry_pb2.StreamTelemetryRequest, context: grpc.aio.ServicerContext

@@ -7,6 +7,7 @@ the method's behaviour, which does; the principal is handed to the handler in a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -109,75 +110,55 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return principal
 
-    def _count(self, method: str, context: grpc.aio.ServicerContext, code: str | None) -> None:
-        self._metrics.grpc_requests.labels(method, code or _status_name(context)).inc()
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, method: str, context: grpc.aio.ServicerContext, *, timed: bool
+    ) -> AsyncIterator[None]:
+        """Authorizes the call, exposes its principal, and counts it however it ends."""
+        started = time.perf_counter()
+        code: str | None = None
+        try:
+            token = set_principal(await self._authorize(method, context))
+            try:
+                yield
+            finally:
+                reset_principal(token)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = "UNKNOWN"
+            log.exception("unhandled error in %s", method)
+            raise
+        finally:
+            self._metrics.grpc_requests.labels(method, code or _status_name(context)).inc()
+            if timed:
+                self._metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(behavior)
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code: str | None = None
-            try:
-                principal = await self._authorize(method, context)
-                token = set_principal(principal)
-                try:
-                    return await behavior(request, context)
-                finally:
-                    reset_principal(token)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                code = "UNKNOWN"
-                log.exception("unhandled error in %s", method)
-                raise
-            finally:
-                self._count(method, context, code)
-                self._metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._call(method, context, timed=True):
+                return await behavior(request, context)
 
-        return wrapper
+        return unary
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # Streaming handlers either yield responses or write them through the context.
         if inspect.isasyncgenfunction(behavior):
 
             @functools.wraps(behavior)
             async def generator(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                code: str | None = None
-                try:
-                    token = set_principal(await self._authorize(method, context))
-                    try:
-                        async for response in behavior(request, context):
-                            yield response
-                    finally:
-                        reset_principal(token)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = "UNKNOWN"
-                    log.exception("unhandled error in %s", method)
-                    raise
-                finally:
-                    self._count(method, context, code)
+                async with self._call(method, context, timed=False):
+                    async for response in behavior(request, context):
+                        yield response
 
             return generator
 
         @functools.wraps(behavior)
         async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code: str | None = None
-            try:
-                token = set_principal(await self._authorize(method, context))
-                try:
-                    return await behavior(request, context)
-                finally:
-                    reset_principal(token)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                code = "UNKNOWN"
-                log.exception("unhandled error in %s", method)
-                raise
-            finally:
-                self._count(method, context, code)
+            async with self._call(method, context, timed=False):
+                return await behavior(request, context)
 
         return coroutine
