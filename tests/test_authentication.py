@@ -31,6 +31,31 @@ async def _list_agents(channel: grpc.aio.Channel) -> fleet_pb2.ListAgentsRespons
     )
 
 
+async def session_refusal(
+    pki: Pki,
+    cp: ControlPlane,
+    identity: tuple[str, str],
+    *messages: agent_pb2.ConnectRequest,
+    expect_welcome: bool = False,
+) -> grpc.aio.AioRpcError:
+    """Opens a raw agent session as `identity`, sends `messages`, returns how it was refused."""
+    async with grpc.aio.secure_channel(_target(cp), pki.channel_credentials(*identity)) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        await call.write(messages[0])
+        if expect_welcome:
+            assert (await call.read()).WhichOneof("message") == "welcome"
+        for message in messages[1:]:
+            await call.write(message)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            while True:
+                await call.read()
+    return refused.value
+
+
+def hello(node_id: str) -> agent_pb2.ConnectRequest:
+    return agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id=node_id))
+
+
 async def test_operator_with_valid_certificate_is_served(
     pki: Pki, control_plane: ControlPlane
 ) -> None:
@@ -91,14 +116,8 @@ async def test_viewer_may_read_but_not_submit_plans(pki: Pki, control_plane: Con
 async def test_operator_may_not_open_an_agent_session(
     pki: Pki, control_plane: ControlPlane
 ) -> None:
-    async with grpc.aio.secure_channel(
-        _target(control_plane), pki.channel_credentials("operator", "alice")
-    ) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-1")))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call.read()
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = await session_refusal(pki, control_plane, ("operator", "alice"), hello("node-1"))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
     assert control_plane.registry.get("node-1") is None
 
 
@@ -120,47 +139,34 @@ async def test_agent_whose_certificate_names_another_node_is_refused(
 async def test_raw_session_with_foreign_node_id_ends_permission_denied(
     pki: Pki, control_plane: ControlPlane
 ) -> None:
-    async with grpc.aio.secure_channel(
-        _target(control_plane), pki.channel_credentials("agent", "node-a")
-    ) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-b")))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call.read()
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "node-b" in refused.value.details()
+    refused = await session_refusal(pki, control_plane, ("agent", "node-a"), hello("node-b"))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "node-b" in refused.details()
     assert control_plane.registry.get("node-b") is None
 
 
 async def test_session_that_does_not_start_with_hello_is_refused(
     pki: Pki, control_plane: ControlPlane
 ) -> None:
-    async with grpc.aio.secure_channel(
-        _target(control_plane), pki.channel_credentials("agent", "node-a")
-    ) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        await call.write(agent_pb2.ConnectRequest(heartbeat=agent_pb2.Heartbeat()))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call.read()
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "hello" in refused.value.details()
+    heartbeat = agent_pb2.ConnectRequest(heartbeat=agent_pb2.Heartbeat())
+    refused = await session_refusal(pki, control_plane, ("agent", "node-a"), heartbeat)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello" in refused.details()
 
 
 async def test_agent_may_not_send_telemetry_for_another_node(
     pki: Pki, control_plane: ControlPlane
 ) -> None:
-    async with grpc.aio.secure_channel(
-        _target(control_plane), pki.channel_credentials("agent", "node-a")
-    ) as channel:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-a")))
-        assert (await call.read()).WhichOneof("message") == "welcome"
-        forged = agent_pb2.TelemetryBatch()
-        forged.samples.add(seq=1, node_id="node-b")
-        await call.write(agent_pb2.ConnectRequest(telemetry=forged))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            while True:
-                await call.read()
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "telemetry.samples[].node_id" in refused.value.details()
+    forged = agent_pb2.TelemetryBatch()
+    forged.samples.add(seq=1, node_id="node-b")
+    refused = await session_refusal(
+        pki,
+        control_plane,
+        ("agent", "node-a"),
+        hello("node-a"),
+        agent_pb2.ConnectRequest(telemetry=forged),
+        expect_welcome=True,
+    )
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "telemetry.samples[].node_id" in refused.details()
     assert control_plane.hub.latest("node-b") is None
