@@ -158,7 +158,10 @@ class ControlPlane:
         self._supervisor.start(
             "telemetry-flusher", lambda: self.hub.run_flusher(settings.telemetry_flush_interval_s)
         )
-        self._supervisor.start("liveness-sweeper", lambda: self.registry.run_sweeper(1.0))
+        self._supervisor.start(
+            "liveness-sweeper",
+            lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
+        )
         for service in ("", *names):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -43,23 +43,12 @@ def parse_args(argv: list[str] | None) -> tuple[ControlPlaneSettings, argparse.N
         "--log-format", choices=("text", "json"), default=_env("log_format", "text")
     )
     parser.add_argument("--log-level", default=_env("log_level", "INFO"))
-    numeric = {
-        "telemetry_interval_s",
-        "heartbeat_interval_s",
-        "suspect_after_s",
-        "disconnect_after_s",
-        "keepalive_time_s",
-        "keepalive_timeout_s",
-        "telemetry_flush_interval_s",
-        "telemetry_ack_interval_s",
-        "shutdown_grace_s",
-    }
     docs = field_docs(ControlPlaneSettings)
     for field in dataclasses.fields(ControlPlaneSettings):
         if field.name in ("tls", "extra_grpc_options"):
             continue
         default = getattr(_DEFAULTS, field.name)
-        kind = type(default) if field.name not in numeric else float
+        kind = type(default)
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             type=kind,

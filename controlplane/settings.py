@@ -50,8 +50,11 @@ class ControlPlaneSettings:
     """How long a new session may take to send its hello."""
     telemetry_flush_interval_s: float = 0.2
     """How often accepted telemetry is persisted, published and acknowledged."""
-    telemetry_ack_interval_s: float = 5.0
-    """Minimum time between telemetry acks to one node when it is caught up (acks coalesce)."""
+    telemetry_ack_interval_s: float = 15.0
+    """Minimum time between telemetry acks to one node when it is caught up (acks coalesce;
+    the agent keeps unacknowledged samples in its spool, so this costs nothing in safety)."""
+    last_seen_persist_interval_s: float = 15.0
+    """How often nodes' `last_seen` is written to the store (liveness is judged in memory)."""
     max_batch_samples: int = 500
     """Largest telemetry batch an agent may send."""
     subscriber_queue: int = 10_000

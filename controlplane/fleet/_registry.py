@@ -15,11 +15,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, AgentState, AgentStatus, HelloInfo
-from controlplane.store import AgentRow, Store
+from controlplane.store import AGENTS, AgentRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class AgentRegistry:
     # -- liveness -----------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Applies the liveness rules once and persists batched `last_seen` updates."""
+        """Applies the liveness rules once."""
         now = self._clock()
         for agent in list(self._agents.values()):
             silent = now - agent.last_heard
@@ -223,27 +223,38 @@ class AgentRegistry:
                     agent.session.close("no message within the liveness grace period")
                     agent.session = None
                 await self._change_status(agent, AgentStatus.DISCONNECTED)
-        await self.persist_last_seen()
 
     async def persist_last_seen(self) -> None:
+        """Writes the `last_seen` of every node heard from since the last call, in one batch."""
         if not self._dirty_last_seen:
             return
         values = [
-            {"node_id": n, "last_seen": self._agents[n].state.last_seen}
+            {"key": n, "last_seen": self._agents[n].state.last_seen}
             for n in self._dirty_last_seen
             if n in self._agents
         ]
         self._dirty_last_seen.clear()
+        statement = (
+            update(AGENTS)
+            .where(AGENTS.c.node_id == bindparam("key"))
+            .values(last_seen=bindparam("last_seen"))
+        )
 
         def write(db: Session) -> None:
-            db.execute(update(AgentRow), values)
+            db.execute(statement, values)
 
         await self._store.run(write)
 
-    async def run_sweeper(self, interval_s: float) -> None:
+    async def run_sweeper(self, interval_s: float, persist_every_s: float) -> None:
+        """Liveness every `interval_s`; `last_seen` reaches the store every `persist_every_s`
+        (it is informational: liveness itself is judged in memory)."""
+        last_persist = self._clock()
         while True:
             await asyncio.sleep(interval_s)
             await self.sweep()
+            if self._clock() - last_persist >= persist_every_s:
+                last_persist = self._clock()
+                await self.persist_last_seen()
 
     # -- watchers -----------------------------------------------------------------------
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -71,3 +71,8 @@ class CommandRow(Base):
     outcome: Mapped[str] = mapped_column(String(32), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     output: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+# The tables themselves, for Core statements on hot paths (executemany batches).
+AGENTS = cast(Table, AgentRow.__table__)
+COMMANDS = cast(Table, CommandRow.__table__)
