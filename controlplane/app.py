@@ -38,7 +38,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Store
 from controlplane.telemetry import TelemetryHub
-from sentinel_common import Supervisor
+from sentinel_common import Supervisor, tune_gc_for_long_lived_heap
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class ControlPlane:
             "liveness-sweeper",
             lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
         )
+        tune_gc_for_long_lived_heap(settings.gc_gen0_threshold)
         for service in ("", *names):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(

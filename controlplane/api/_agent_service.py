@@ -166,9 +166,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 reason = "cancelled (client went away or server stopping)"
                 raise
             finally:
-                await self._registry.close_session(session, reason)
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
+                await self._registry.close_session(session, reason)
                 log.info("agent session closed: %s", session.close_reason or reason)
 
     async def _write_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
@@ -176,7 +176,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             message = await session.outbound.get()
             if message is None:
                 return
-            await context.write(outbound_message(message))
+            try:
+                await context.write(outbound_message(message))
+            except Exception as exc:
+                # The reader sees the end of the stream too and closes the session; commands
+                # not acknowledged are re-sent on the next session.
+                log.info("stream closed while writing: %s", exc)
+                session.close(f"write failed: {exc}")
+                return
             if isinstance(message, GoAwayOut):
                 return
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, AgentState, AgentStatus, HelloInfo
@@ -28,11 +28,26 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Agent:
+    """The registry's record of one node. What changes per message (liveness, last seen,
+    telemetry seq) are plain numbers here, so the hot path allocates nothing the garbage
+    collector has to track; `snapshot()` builds the public view on demand."""
+
     state: AgentState
-    last_heard: float
+    last_heard: float  # monotonic
+    last_seen: float  # unix time
+    seq: int
+    gaps: int
     session: AgentSession | None = None
+
+    def snapshot(self) -> AgentState:
+        return replace(
+            self.state,
+            last_seen=dt.datetime.fromtimestamp(self.last_seen, dt.UTC),
+            last_telemetry_seq=self.seq,
+            telemetry_gap_samples=self.gaps,
+        )
 
 
 class WatcherOverflow(Exception):
@@ -91,19 +106,25 @@ class AgentRegistry:
                 last_telemetry_seq=row.last_telemetry_seq,
                 telemetry_gap_samples=row.telemetry_gap_samples,
             )
-            self._agents[row.node_id] = _Agent(state, last_heard=now)
+            self._agents[row.node_id] = _Agent(
+                state,
+                last_heard=now,
+                last_seen=row.last_seen.timestamp(),
+                seq=row.last_telemetry_seq,
+                gaps=row.telemetry_gap_samples,
+            )
             self._counts[status] += 1
         self._publish_counts()
 
     def get(self, node_id: str) -> AgentState | None:
         agent = self._agents.get(node_id)
-        return agent.state if agent else None
+        return agent.snapshot() if agent else None
 
     def agents(self, status: AgentStatus | None = None) -> list[AgentState]:
-        states = [a.state for a in self._agents.values()]
-        if status is not None:
-            states = [s for s in states if s.status is status]
-        return sorted(states, key=lambda s: s.node_id)
+        return sorted(
+            (a.snapshot() for a in self._agents.values() if status in (None, a.state.status)),
+            key=lambda s: s.node_id,
+        )
 
     def session_for(self, node_id: str) -> AgentSession | None:
         agent = self._agents.get(node_id)
@@ -119,7 +140,7 @@ class AgentRegistry:
         now = _utcnow()
         session = AgentSession(session_id=uuid.uuid4().hex, node_id=hello.node_id)
         agent = self._agents.get(hello.node_id)
-        seq = agent.state.last_telemetry_seq if agent else 0
+        seq = agent.seq if agent else 0
         claimed = max(hello.next_telemetry_seq - 1, 0)
         if seq > claimed:
             # The agent never produced the samples we hold: its state directory was reset.
@@ -141,7 +162,7 @@ class AgentRegistry:
             capabilities=hello.capabilities,
             inventory=hello.inventory,
             last_telemetry_seq=seq,
-            telemetry_gap_samples=agent.state.telemetry_gap_samples if agent else 0,
+            telemetry_gap_samples=agent.gaps if agent else 0,
             session_id=session.session_id,
         )
 
@@ -165,16 +186,19 @@ class AgentRegistry:
         if agent is not None and agent.session is not None:
             agent.session.close("superseded by a newer session of the same node")
         if agent is None:
-            agent = _Agent(state, last_heard=self._clock(), session=session)
+            agent = _Agent(state, self._clock(), now.timestamp(), seq, 0, session)
             self._agents[hello.node_id] = agent
             self._counts[state.status] += 1
             self._publish_counts()
         else:
             agent.session = session
             agent.last_heard = self._clock()
+            agent.last_seen = now.timestamp()
+            agent.seq = seq
             self._set_state(agent, state)
-        self._notify(agent.state)
-        return session, agent.state
+        snapshot = agent.snapshot()
+        self._notify(snapshot)
+        return session, snapshot
 
     async def close_session(self, session: AgentSession, reason: str) -> None:
         """Marks the end of a session; the node becomes Suspect unless a newer session exists."""
@@ -192,18 +216,17 @@ class AgentRegistry:
         if agent is None:
             return
         agent.last_heard = self._clock()
-        agent.state = replace(agent.state, last_seen=_utcnow())
+        agent.last_seen = time.time()
         self._dirty_last_seen.add(node_id)
         if agent.state.status is AgentStatus.SUSPECT and agent.session is not None:
             self._set_state(agent, replace(agent.state, status=AgentStatus.CONNECTED))
-            self._dirty_last_seen.add(node_id)
-            self._notify(agent.state)
+            self._notify(agent.snapshot())
 
     def record_telemetry(self, node_id: str, seq: int, gaps: int) -> None:
         """Keeps the in-memory view in step with what the telemetry hub persisted."""
         agent = self._agents.get(node_id)
         if agent is not None:
-            agent.state = replace(agent.state, last_telemetry_seq=seq, telemetry_gap_samples=gaps)
+            agent.seq, agent.gaps = seq, gaps
 
     # -- liveness -----------------------------------------------------------------------
 
@@ -229,7 +252,7 @@ class AgentRegistry:
         if not self._dirty_last_seen:
             return
         values = [
-            {"key": n, "last_seen": self._agents[n].state.last_seen}
+            {"key": n, "last_seen": dt.datetime.fromtimestamp(self._agents[n].last_seen, dt.UTC)}
             for n in self._dirty_last_seen
             if n in self._agents
         ]
@@ -240,10 +263,10 @@ class AgentRegistry:
             .values(last_seen=bindparam("last_seen"))
         )
 
-        def write(db: Session) -> None:
+        def write(db: Connection) -> None:
             db.execute(statement, values)
 
-        await self._store.run(write)
+        await self._store.run_core(write)
 
     async def run_sweeper(self, interval_s: float, persist_every_s: float) -> None:
         """Liveness every `interval_s`; `last_seen` reaches the store every `persist_every_s`
@@ -296,7 +319,7 @@ class AgentRegistry:
         self._set_state(agent, replace(agent.state, status=status, session_id=session_id))
         node_id = agent.state.node_id
         log.info("node is now %s", status.value, extra={"node_id": node_id})
-        self._notify(agent.state)
+        self._notify(agent.snapshot())
 
         def write(db: Session) -> None:
             db.execute(

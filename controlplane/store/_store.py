@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,17 @@ class Store:
         """Runs `work` in one transaction on the calling thread (tests, CLI, startup)."""
         with self._sessions.begin() as session:
             return work(session)
+
+    def run_core_sync(self, work: Callable[[Connection], T]) -> T:
+        """Runs `work` in one transaction on a Core connection: no ORM unit of work, for the
+        batched writes of hot paths."""
+        with self._engine.begin() as connection:
+            return work(connection)
+
+    async def run_core(self, work: Callable[[Connection], T]) -> T:
+        """Like `run`, on a Core connection."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_core_sync, work)
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Runs `work` in one transaction on the store thread and returns its result."""

@@ -15,8 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, update
 
 from controlplane.store import AGENTS, Store
 
@@ -93,6 +92,7 @@ class TelemetryHub:
         self._clock = clock
         self._nodes: dict[str, _Node] = {}
         self._dirty: set[str] = set()
+        self._owed: set[str] = set()  # nodes holding stored samples not yet acked
         self._subscribers: set[_Subscription] = set()
         self._flush_lock = asyncio.Lock()
 
@@ -149,11 +149,11 @@ class TelemetryHub:
                 for node_id, node, samples in batch
             ]
 
-            def write(db: Session) -> None:
+            def write(db: Connection) -> None:
                 db.execute(_WATERMARK_UPDATE, values)
 
             try:
-                await self._store.run(write)
+                await self._store.run_core(write)
             except Exception:
                 # Put the samples back so the next flush retries them; nothing is acked.
                 for node_id, node, samples in batch:
@@ -181,20 +181,28 @@ class TelemetryHub:
         if force or now - node.last_ack >= self._ack_interval:
             node.acked = node.stored
             node.last_ack = now
+            self._owed.discard(node_id)
             self._send_ack(node_id, node.stored)
+        else:
+            self._owed.add(node_id)
 
     def ack_due(self) -> None:
         """Acks nodes whose coalesced ack has been waiting for a full interval."""
         now = self._clock()
-        for node_id, node in self._nodes.items():
-            if node.stored > node.acked and now - node.last_ack >= self._ack_interval:
+        for node_id in list(self._owed):
+            node = self._nodes[node_id]
+            if now - node.last_ack >= self._ack_interval:
                 self._ack(node_id, node, force=False)
 
     async def run_flusher(self, interval_s: float) -> None:
+        last_due = self._clock()
         while True:
             await asyncio.sleep(interval_s)
             await self.flush()
-            self.ack_due()
+            # Coalesced acks are due at a granularity of seconds; no need to scan every flush.
+            if self._clock() - last_due >= min(1.0, self._ack_interval):
+                last_due = self._clock()
+                self.ack_due()
 
     def latest(self, node_id: str) -> Sample | None:
         node = self._nodes.get(node_id)
