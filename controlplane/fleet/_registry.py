@@ -227,6 +227,8 @@ class AgentRegistry:
         agent = self._agents.get(node_id)
         if agent is not None:
             agent.seq, agent.gaps = seq, gaps
+            # The hub's write carried last_seen for this node; no need to write it again.
+            self._dirty_last_seen.discard(node_id)
 
     # -- liveness -----------------------------------------------------------------------
 

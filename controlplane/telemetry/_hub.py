@@ -10,9 +10,11 @@ Payloads are opaque here: the transport decides what a sample's body is.
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, bindparam, update
@@ -25,7 +27,11 @@ log = logging.getLogger(__name__)
 _WATERMARK_UPDATE = (
     update(AGENTS)
     .where(AGENTS.c.node_id == bindparam("key"))
-    .values(last_telemetry_seq=bindparam("seq"), telemetry_gap_samples=bindparam("gaps"))
+    .values(
+        last_telemetry_seq=bindparam("seq"),
+        telemetry_gap_samples=bindparam("gaps"),
+        last_seen=bindparam("seen"),
+    )
 )
 
 
@@ -92,7 +98,10 @@ class TelemetryHub:
         self._clock = clock
         self._nodes: dict[str, _Node] = {}
         self._dirty: set[str] = set()
-        self._owed: set[str] = set()  # nodes holding stored samples not yet acked
+        # Nodes holding stored samples not yet acked, oldest ack first: with one ack interval
+        # for all, appending keeps the order, so the due ones are always at the front.
+        self._owed: collections.deque[tuple[float, str]] = collections.deque()
+        self._owed_set: set[str] = set()
         self._subscribers: set[_Subscription] = set()
         self._flush_lock = asyncio.Lock()
 
@@ -144,8 +153,10 @@ class TelemetryHub:
                 batch.append((node_id, node, node.pending))
                 node.pending = []
             self._dirty.clear()
+            # A node that sent telemetry was seen now: its last_seen rides along.
+            seen = dt.datetime.now(dt.UTC)
             values = [
-                {"key": node_id, "seq": samples[-1].seq, "gaps": node.gaps}
+                {"key": node_id, "seq": samples[-1].seq, "gaps": node.gaps, "seen": seen}
                 for node_id, node, samples in batch
             ]
 
@@ -181,28 +192,25 @@ class TelemetryHub:
         if force or now - node.last_ack >= self._ack_interval:
             node.acked = node.stored
             node.last_ack = now
-            self._owed.discard(node_id)
+            self._owed_set.discard(node_id)
             self._send_ack(node_id, node.stored)
-        else:
-            self._owed.add(node_id)
+        elif node_id not in self._owed_set:
+            self._owed_set.add(node_id)
+            self._owed.append((node.last_ack + self._ack_interval, node_id))
 
     def ack_due(self) -> None:
         """Acks nodes whose coalesced ack has been waiting for a full interval."""
         now = self._clock()
-        for node_id in list(self._owed):
-            node = self._nodes[node_id]
-            if now - node.last_ack >= self._ack_interval:
-                self._ack(node_id, node, force=False)
+        while self._owed and self._owed[0][0] <= now:
+            _, node_id = self._owed.popleft()
+            if node_id in self._owed_set:  # else acked since it was queued
+                self._ack(node_id, self._nodes[node_id], force=True)
 
     async def run_flusher(self, interval_s: float) -> None:
-        last_due = self._clock()
         while True:
             await asyncio.sleep(interval_s)
             await self.flush()
-            # Coalesced acks are due at a granularity of seconds; no need to scan every flush.
-            if self._clock() - last_due >= min(1.0, self._ack_interval):
-                last_due = self._clock()
-                self.ack_due()
+            self.ack_due()
 
     def latest(self, node_id: str) -> Sample | None:
         node = self._nodes.get(node_id)
@@ -217,7 +225,7 @@ class TelemetryHub:
 
     async def subscribe(
         self, node_ids: Collection[str] = (), *, include_latest: bool = False, max_backlog: int
-    ) -> AsyncIterator[Sample]:
+    ) -> AsyncGenerator[Sample, None]:
         """Yields accepted samples of the given nodes (all when empty) until cancelled."""
         subscription = _Subscription(frozenset(node_ids), max_backlog)
         self._subscribers.add(subscription)
