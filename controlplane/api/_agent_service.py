@@ -190,8 +190,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _read_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> str:
         """Reads until the agent closes the stream or the session is closed from our side.
 
-        The per-message path is a plain `await context.read()` in one task; only the session's
-        end is raced against it, once, not per message.
+        The per-message path is a plain `await context.read()` in one task, which a close from
+        our side cancels.
         """
         node_id = session.node_id
 
@@ -204,18 +204,24 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 await self._dispatch(session, request, context)
 
         reader = asyncio.create_task(pump(), name=f"session-reader:{node_id}")
-        closed = asyncio.create_task(session.closed.wait(), name=f"session-closed:{node_id}")
-        try:
-            done, _ = await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                return reader.result()
-            # Give the writer a moment to flush a GoAway before the stream ends.
-            await asyncio.sleep(0.05)
-            return session.close_reason
-        finally:
+        # Closing the session from our side (superseded, liveness, shutdown) stops the reader;
+        # no extra task per session waits for that.
+
+        def stop_reader() -> None:
             reader.cancel()
-            closed.cancel()
-            await asyncio.gather(reader, closed, return_exceptions=True)
+
+        session.on_close = stop_reader
+        try:
+            await asyncio.wait({reader})
+            if reader.cancelled():
+                # Give the writer a moment to flush a GoAway before the stream ends.
+                await asyncio.sleep(0.05)
+                return session.close_reason
+            return reader.result()
+        finally:
+            session.on_close = None
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
     async def _dispatch(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class AgentSession:
     outbound: asyncio.Queue[Outbound | None] = field(default_factory=asyncio.Queue)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    on_close: Callable[[], None] | None = None
+    """Called once when the session is closed from the control plane's side."""
 
     def send(self, message: Outbound) -> None:
         if not self.closed.is_set():
@@ -95,3 +98,5 @@ class AgentSession:
             self.close_reason = reason
             self.closed.set()
             self.outbound.put_nowait(None)
+            if self.on_close is not None:
+                self.on_close()
