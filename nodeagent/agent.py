@@ -187,6 +187,11 @@ class NodeAgent:
         await asyncio.to_thread(self._state.spool, serialize)
         if reading is not None:
             self._events.extend(reading.events)
+            ok = reading.status.state == telemetry_pb2.GPU_COLLECTION_STATE_OK
+            if ok and not self._gpu_available and self._gpu is not None:
+                # A driver that appeared after start: the next hello carries the inventory.
+                self._gpu_inventory = await self._gpu.inventory()
+                self._gpu_available = True
         self.last_sample = built[0]
         if self.on_sample is not None:
             self.on_sample(built[0])
