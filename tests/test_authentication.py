@@ -41,12 +41,13 @@ async def session_refusal(
     """Opens a raw agent session as `identity`, sends `messages`, returns how it was refused."""
     async with grpc.aio.secure_channel(_target(cp), pki.channel_credentials(*identity)) as channel:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        await call.write(messages[0])
-        if expect_welcome:
-            assert (await call.read()).WhichOneof("message") == "welcome"
-        for message in messages[1:]:
-            await call.write(message)
+        # The refusal may arrive while a write is still in flight: any step may raise it.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.write(messages[0])
+            if expect_welcome:
+                assert (await call.read()).WhichOneof("message") == "welcome"
+            for message in messages[1:]:
+                await call.write(message)
             while True:
                 await call.read()
     return refused.value
