@@ -11,10 +11,22 @@ import logging
 import os
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from controlplane.settings import TlsFiles
 
 log = logging.getLogger(__name__)
+
+
+def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Refuses a key that does not belong to the certificate: during a rotation the two files
+    are written one after the other, and a handshake must never see half of each."""
+    public = serialization.load_pem_private_key(key_pem, password=None).public_key()
+    expected = x509.load_pem_x509_certificate(cert_pem).public_key()
+    encoding, fmt = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if public.public_bytes(encoding, fmt) != expected.public_bytes(encoding, fmt):
+        raise ValueError("the TLS key does not match the certificate")
 
 
 class ReloadingServerCredentials:
@@ -42,6 +54,7 @@ class ReloadingServerCredentials:
         ):
             if marker not in pem:
                 raise ValueError(f"TLS {label} file holds no PEM {label}")
+        _check_pair(cert, key)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
