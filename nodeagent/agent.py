@@ -16,15 +16,18 @@ import logging
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sentinel.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, telemetry_pb2
 
 from nodeagent._state import AgentStateStore
 from nodeagent.actions import ACTIONS, AGENT_VERSION, ActionError, AgentControls, capabilities
+from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.settings import AgentSettings
 from sentinel_common import Supervisor, log_context
 
@@ -45,9 +48,7 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
     return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
 
 
-def _now_ts() -> Any:
-    from google.protobuf import timestamp_pb2
-
+def _now_ts() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
@@ -58,8 +59,8 @@ class NodeAgent:
         self,
         settings: AgentSettings,
         *,
-        host_collector: Any = None,
-        gpu_collector: Any = None,
+        host_collector: HostCollector | None = None,
+        gpu_collector: AsyncGpuCollector | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
@@ -133,14 +134,12 @@ class NodeAgent:
                 status.message or telemetry_pb2.GpuCollectionState.Name(status.state),
             )
 
-    def metrics_collector(self) -> Any:
+    def metrics_collector(self) -> Collector:
         """A prometheus_client collector of the agent's own session state."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         agent = self
 
-        class _SessionMetrics:
-            def collect(self) -> Any:
+        class _SessionMetrics(Collector):
+            def collect(self) -> Iterator[Metric]:
                 connected = GaugeMetricFamily(
                     "sentinel_agent_connected", "1 while a session with the control plane is open."
                 )
@@ -530,7 +529,7 @@ class NodeAgent:
         outcome: str,
         message: str,
         output: dict[str, Any] | None,
-        started: Any,
+        started: timestamp_pb2.Timestamp,
     ) -> agent_pb2.CommandResult:
         result = agent_pb2.CommandResult(
             command_id=command.command_id,
