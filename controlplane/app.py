@@ -12,8 +12,13 @@ from prometheus_client import start_http_server
 from sentinel.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    audit_pb2,
+    auth_pb2,
+    enrollment_pb2,
     fleet_pb2,
     fleet_pb2_grpc,
+    plan_pb2,
+    policy_pb2,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -60,6 +65,16 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         *settings.extra_grpc_options,
     ]
+
+
+def _api_service_names() -> list[str]:
+    """Full names of every service of the public API (all are registered, some as pending)."""
+    modules = (agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, fleet_pb2, plan_pb2, policy_pb2)
+    return sorted(
+        service.full_name
+        for module in (*modules, telemetry_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    )
 
 
 class ControlPlane:
@@ -123,16 +138,10 @@ class ControlPlane:
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryService(settings, self.hub), server
         )
-        names = [
-            agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-            fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
-            telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
-        ]
         for base, register, feature in PENDING_SERVICES:
             register(pending_servicer(base, feature), server)
-            names.append(base.__name__.removesuffix("Servicer"))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [n if "." in n else f"sentinel.v1.{n}" for n in names]
+        names = _api_service_names()
         reflection.enable_server_reflection(
             [
                 *names,
