@@ -307,9 +307,9 @@ class NodeAgent:
         """One session; returns (delay the control plane asked for, whether it was welcomed)."""
         s = self.settings
         hello = await self._hello()
-        channel = grpc.aio.secure_channel(
-            s.control_plane, self._credentials(), self._channel_options()
-        )
+        # Read on every attempt, so a renewed certificate on disk is used at the next connect.
+        credentials = await asyncio.to_thread(self._credentials)
+        channel = grpc.aio.secure_channel(s.control_plane, credentials, self._channel_options())
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
         tasks = Supervisor("session")
         try:
