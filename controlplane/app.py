@@ -3,6 +3,7 @@ server and /metrics endpoint together, and starts and stops them in order."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -127,7 +128,7 @@ class ControlPlane:
     async def start(self) -> None:
         settings = self.settings
         credentials = ReloadingServerCredentials(settings.tls).credentials()
-        self.store.migrate()
+        await asyncio.to_thread(self.store.migrate)
         await self.registry.load()
 
         server = grpc.aio.server(
