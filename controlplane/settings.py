@@ -50,7 +50,7 @@ class ControlPlaneSettings:
     """How long a new session may take to send its hello."""
     telemetry_flush_interval_s: float = 0.2
     """How often accepted telemetry is persisted, published and acknowledged."""
-    telemetry_ack_interval_s: float = 15.0
+    telemetry_ack_interval_s: float = 30.0
     """Minimum time between telemetry acks to one node when it is caught up (acks coalesce;
     the agent keeps unacknowledged samples in its spool, so this costs nothing in safety)."""
     last_seen_persist_interval_s: float = 15.0

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, CommandOut
-from controlplane.store import CommandRow, Store
+from controlplane.store import COMMANDS, CommandRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class CommandLedger:
             session = self._session_for(node_id)
             # One transaction stores the command, already marked SENT when a session is open;
             # it goes on the wire only after that commit (the ledger never loses a command).
-            await self._store.run(
+            await self._store.run_core(
                 lambda db: self._insert(db, node_id, command, session is not None)
             )
             if session is not None:
@@ -119,10 +119,10 @@ class CommandLedger:
             self._sent_at.pop(command.command_id, None)
 
     @staticmethod
-    def _insert(db: Session, node_id: str, command: CommandOut, sending: bool) -> None:
+    def _insert(db: Connection, node_id: str, command: CommandOut, sending: bool) -> None:
         now = _utcnow()
-        db.add(
-            CommandRow(
+        db.execute(
+            insert(COMMANDS).values(
                 command_id=command.command_id,
                 node_id=node_id,
                 plan_id=command.plan_id,
@@ -182,37 +182,56 @@ class CommandLedger:
         return len(commands)
 
     async def record_ack(self, node_id: str, command_id: str) -> None:
-        def write(db: Session) -> None:
-            row = db.get(CommandRow, command_id)
-            if row is None or row.node_id != node_id:
-                raise UnknownCommand(f"{node_id} acknowledged unknown command {command_id!r}")
-            if row.state in (CommandState.PENDING.value, CommandState.SENT.value):
-                row.state = CommandState.ACKED.value
-                row.acked_at = _utcnow()
+        unacked = (CommandState.PENDING.value, CommandState.SENT.value)
 
-        await self._store.run(write)
+        def write(db: Connection) -> None:
+            owner = db.scalar(select(COMMANDS.c.node_id).where(COMMANDS.c.command_id == command_id))
+            if owner != node_id:
+                raise UnknownCommand(f"{node_id} acknowledged unknown command {command_id!r}")
+            db.execute(
+                update(COMMANDS)
+                .where(COMMANDS.c.command_id == command_id, COMMANDS.c.state.in_(unacked))
+                .values(state=CommandState.ACKED.value, acked_at=_utcnow())
+            )
+
+        await self._store.run_core(write)
 
     async def record_result(self, node_id: str, result: CommandResult) -> None:
         """Stores the agent's result (the first one wins) and wakes the sender."""
 
-        def write(db: Session) -> CommandResult | None:
-            row = db.get(CommandRow, result.command_id)
+        def write(db: Connection) -> CommandResult | None:
+            row = db.execute(
+                select(COMMANDS.c.node_id, COMMANDS.c.action, COMMANDS.c.state).where(
+                    COMMANDS.c.command_id == result.command_id
+                )
+            ).first()
             if row is None or row.node_id != node_id:
                 raise UnknownCommand(
                     f"{node_id} sent a result for unknown command {result.command_id!r}"
                 )
             if row.state == CommandState.FINISHED.value:
                 return None  # a re-sent result after a reconnect: already recorded
-            row.state = CommandState.FINISHED.value
-            row.finished_at = _utcnow()
-            row.outcome = result.outcome
-            row.message = result.message
-            row.output = result.output
+            db.execute(
+                update(COMMANDS)
+                .where(COMMANDS.c.command_id == result.command_id)
+                .values(
+                    state=CommandState.FINISHED.value,
+                    finished_at=_utcnow(),
+                    outcome=result.outcome,
+                    message=result.message,
+                    output=result.output,
+                )
+            )
             return CommandResult(
-                row.command_id, node_id, row.action, result.outcome, result.message, result.output
+                result.command_id,
+                node_id,
+                row.action,
+                result.outcome,
+                result.message,
+                result.output,
             )
 
-        stored = await self._store.run(write)
+        stored = await self._store.run_core(write)
         if stored is None:
             return
         started = self._sent_at.get(result.command_id)
