@@ -124,3 +124,19 @@ def test_controlplane_and_agent_processes_log_json_serve_metrics_and_stop_cleanl
     assert any(r.get("node_id") == "proc-node" for r in agent_records)
     everything = cp_log.read_text() + agent_log.read_text()
     assert "PRIVATE KEY" not in everything
+
+
+def test_missing_certificates_exit_with_a_clear_message(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    for program, args in (
+        ("sentinel-controlplane", []),
+        ("sentinel-agent", ["--node-id", "node-1"]),
+    ):
+        done = subprocess.run(
+            [str(bin_dir / program), "--certs-dir", str(tmp_path / "nowhere"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, (program, done.stderr)
+        assert "does not exist" in done.stderr and "sentinel-certs" in done.stderr
