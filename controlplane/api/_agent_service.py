@@ -140,35 +140,41 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         session, state = await self._registry.open_session(
             _convert.hello_info(hello, principal.spiffe_id)
         )
-        self._hub.start_session(
-            hello.node_id, state.last_telemetry_seq, state.telemetry_gap_samples
-        )
-        self._metrics.sessions_opened.inc()
+        writer: asyncio.Task[None] | None = None
+        reason = "stream ended"
         with log_context(node_id=hello.node_id, session_id=session.session_id):
-            log.info("agent session opened (version %s)", hello.agent_version or "unknown")
-            await context.write(
-                agent_pb2.ConnectResponse(
-                    welcome=agent_pb2.Welcome(
-                        session_id=session.session_id,
-                        telemetry_interval=_duration(self._settings.telemetry_interval_s),
-                        heartbeat_interval=_duration(self._settings.heartbeat_interval_s),
-                        acked_telemetry_seq=state.last_telemetry_seq,
-                        max_batch_samples=self._settings.max_batch_samples,
+            # Everything after open_session is inside the try: a client that goes away at any
+            # point (even while the welcome is being written) must not leave the session open.
+            try:
+                self._hub.start_session(
+                    hello.node_id, state.last_telemetry_seq, state.telemetry_gap_samples
+                )
+                self._metrics.sessions_opened.inc()
+                log.info("agent session opened (version %s)", hello.agent_version or "unknown")
+                await context.write(
+                    agent_pb2.ConnectResponse(
+                        welcome=agent_pb2.Welcome(
+                            session_id=session.session_id,
+                            telemetry_interval=_duration(self._settings.telemetry_interval_s),
+                            heartbeat_interval=_duration(self._settings.heartbeat_interval_s),
+                            acked_telemetry_seq=state.last_telemetry_seq,
+                            max_batch_samples=self._settings.max_batch_samples,
+                        )
                     )
                 )
-            )
-            writer = asyncio.create_task(self._write_loop(session, context))
-            reason = "stream ended"
-            try:
+                writer = asyncio.create_task(self._write_loop(session, context))
                 await self._ledger.redeliver(session)
                 reason = await self._read_loop(session, context)
             except asyncio.CancelledError:
                 reason = "cancelled (client went away or server stopping)"
                 raise
             finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+                # close_session changes the registry before its first await, so even a second
+                # cancellation arriving during this cleanup cannot leave the session registered.
                 await self._registry.close_session(session, reason)
+                if writer is not None:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
                 log.info("agent session closed: %s", session.close_reason or reason)
 
     async def _write_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
