@@ -7,6 +7,8 @@ import asyncio
 import grpc
 import pytest
 from sentinel.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
     telemetry_pb2,
@@ -100,3 +102,23 @@ async def test_command_times_out_when_node_never_returns(
     with pytest.raises(CommandTimeout, match="ping on node-1"):
         await control_plane.commands.send("node-1", "ping", {}, timeout=0.5)
     assert control_plane.registry.get("node-1").status is AgentStatus.SUSPECT
+
+
+async def test_agents_that_vanish_right_after_hello_leave_no_session_behind(
+    pki: Pki, control_plane: ControlPlane
+) -> None:
+    # Cancel at varying points of the session's start (store write, welcome, redelivery). The
+    # timing is not controlled, so this samples the windows rather than forcing each one.
+    for attempt in range(20):
+        async with grpc.aio.secure_channel(
+            f"localhost:{control_plane.port}", pki.channel_credentials("agent", "node-1")
+        ) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+            await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-1")))
+            if attempt % 2:
+                await call.read()  # the welcome
+            await asyncio.sleep(0.001 * (attempt % 5))
+            call.cancel()
+    await eventually(lambda: control_plane.registry.session_for("node-1") is None)
+    state = control_plane.registry.get("node-1")
+    assert state is not None and state.status is not AgentStatus.CONNECTED
