@@ -106,6 +106,7 @@ class ControlPlane:
             "controlplane", on_failure=lambda name: self.metrics.task_failures.labels(name).inc()
         )
         self._server: grpc.aio.Server | None = None
+        self._agent_service: AgentService | None = None
         self._metrics_http: object | None = None
         self._health = health.aio.HealthServicer()
         self.port = 0
@@ -135,9 +136,10 @@ class ControlPlane:
             interceptors=[AuthInterceptor(settings.trust_domain, self.metrics)],
             options=_server_options(settings),
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(settings, self.registry, self.hub, self.commands, self.metrics), server
+        self._agent_service = AgentService(
+            settings, self.registry, self.hub, self.commands, self.metrics
         )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agent_service, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryService(settings, self.hub), server
@@ -193,6 +195,8 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
             self._server = None
+        if self._agent_service is not None:
+            await self._agent_service.wait_sessions_closed(self.settings.shutdown_grace_s)
         await self._supervisor.stop()
         await self.hub.flush()
         await self.registry.persist_last_seen()

@@ -395,7 +395,13 @@ class NodeAgent:
     @staticmethod
     async def _write_loop(call: Any, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
         while True:
-            await call.write(await outgoing.get())
+            message = await outgoing.get()
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The stream ended under us; the reader sees why and the session is retried.
+                # Whatever was queued is re-sent from the spool or re-delivered by the server.
+                return
 
     async def _pump_telemetry(
         self, outgoing: asyncio.Queue[agent_pb2.ConnectRequest], acked: int, max_batch: int

@@ -82,6 +82,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._hub = hub
         self._ledger = ledger
         self._metrics = metrics
+        self._handlers: set[asyncio.Task[object]] = set()
+
+    async def wait_sessions_closed(self, timeout_s: float) -> None:
+        """Waits until every session handler has finished its cleanup (after the server has
+        cancelled them on stop), so their last writes reach the store before it closes."""
+        pending = {t for t in self._handlers if not t.done()}
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout_s)
+            if still:
+                log.warning("%d session(s) still closing at shutdown", len(still))
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str
@@ -135,6 +145,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def Connect(  # type: ignore[override]
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         hello = await self._read_hello(context)
         principal = current_principal()
         session, state = await self._registry.open_session(
