@@ -98,7 +98,9 @@ class ControlPlane:
             ack_interval_s=settings.telemetry_ack_interval_s,
             send_ack=self._send_telemetry_ack,
             on_stored=self.registry.record_telemetry,
+            on_flush=self.metrics.store_flush.observe,
         )
+        self.metrics.telemetry_subscribers.set_function(lambda: self.hub.subscriber_count)
         self.commands = CommandLedger(
             self.store, self.registry.session_for, on_finished=self._command_finished
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from dataclasses import dataclass, field
 
@@ -68,6 +67,3 @@ class ControlPlaneSettings:
     """What agents are told to wait before reconnecting after a graceful shutdown."""
     extra_grpc_options: tuple[tuple[str, int | str], ...] = field(default=())
     """Additional grpc server options, for experiments."""
-
-    def replace(self, **changes: object) -> ControlPlaneSettings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

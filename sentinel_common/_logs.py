@@ -25,11 +25,6 @@ _SECRET_FIELDS = frozenset({"password", "token", "private_key", "key_pem", "auth
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
-def bind_log_context(**fields: str) -> None:
-    """Adds fields to the current task's log context (inherited by tasks it starts)."""
-    _CONTEXT.set({**(_CONTEXT.get() or {}), **{k: v for k, v in fields.items() if v}})
-
-
 @contextlib.contextmanager
 def log_context(**fields: str) -> Iterator[None]:
     """Adds fields to the log context for the duration of a block."""

@@ -63,10 +63,6 @@ class Supervisor:
                     return
                 await asyncio.sleep(random.uniform(0, min(max_backoff, 0.1 * 2**attempt)))  # noqa: S311
 
-    def running(self, name: str) -> bool:
-        task = self._tasks.get(name)
-        return task is not None and not task.done()
-
     async def stop(self) -> None:
         """Cancels every task and waits for them to finish."""
         tasks = list(self._tasks.values())

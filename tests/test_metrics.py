@@ -40,7 +40,12 @@ async def test_metrics_show_agents_telemetry_commands_and_grpc_calls(
         values = await scrape(control_plane.metrics_port)
         return values.get(("sentinel_telemetry_samples_received_total", ()), 0.0)
 
+    async def flushed() -> float:
+        values = await scrape(control_plane.metrics_port)
+        return values.get(("sentinel_telemetry_flush_seconds_count", ()), 0.0)
+
     await eventually(received)
+    await eventually(flushed)
     values = await scrape(control_plane.metrics_port)
     assert values[("sentinel_agents", (("status", "connected"),))] == 1
     assert values[("sentinel_agents", (("status", "suspect"),))] == 0
@@ -51,3 +56,4 @@ async def test_metrics_show_agents_telemetry_commands_and_grpc_calls(
     latency = (("method", "/sentinel.v1.FleetService/ListAgents"),)
     assert values[("sentinel_grpc_request_duration_seconds_count", latency)] == 1
     assert values[("sentinel_agent_sessions_opened_total", ())] == 1
+    assert values[("sentinel_telemetry_subscribers", ())] == 0

@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from cryptography import x509
 
-from certs import IdentityError, parse_spiffe_id
+from certs import IdentityError, certificate_serial_hex, parse_spiffe_id
 from controlplane.api._errors import abort
 from controlplane.auth._principal import Principal, reset_principal, set_principal
 from controlplane.auth.roles import allowed
@@ -80,7 +79,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if serial is None:
             if len(self._serials) > 10_000:
                 self._serials.clear()
-            serial = format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+            serial = certificate_serial_hex(pem)
             self._serials[pem] = serial
         return serial
 

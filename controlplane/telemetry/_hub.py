@@ -89,12 +89,14 @@ class TelemetryHub:
         ack_interval_s: float,
         send_ack: Callable[[str, int], None],
         on_stored: Callable[[str, int, int], None] | None = None,
+        on_flush: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._ack_interval = ack_interval_s
         self._send_ack = send_ack
         self._on_stored = on_stored
+        self._on_flush = on_flush
         self._clock = clock
         self._nodes: dict[str, _Node] = {}
         self._dirty: set[str] = set()
@@ -163,6 +165,7 @@ class TelemetryHub:
             def write(db: Connection) -> None:
                 db.execute(_WATERMARK_UPDATE, values)
 
+            started = time.perf_counter()
             try:
                 await self._store.run_core(write)
             except Exception:
@@ -171,6 +174,8 @@ class TelemetryHub:
                     node.pending[:0] = samples
                     self._dirty.add(node_id)
                 raise
+            if self._on_flush is not None:
+                self._on_flush(time.perf_counter() - started)
             count = 0
             for node_id, node, samples in batch:
                 node.stored = max(node.stored, samples[-1].seq)
