@@ -79,3 +79,34 @@ class ControlPlaneMetrics:
         self.task_failures = Counter(
             "sentinel_task_failures", "Background task failures, by task.", ["task"], registry=r
         )
+        self.plans = Gauge(
+            "sentinel_plans", "Plans known to this control plane, by phase.", ["phase"], registry=r
+        )
+        self.plan_transitions = Counter(
+            "sentinel_plan_transitions",
+            "Plan phase transitions, by the phase entered.",
+            ["phase"],
+            registry=r,
+        )
+        self.plan_step_duration = Histogram(
+            "sentinel_plan_step_duration_seconds",
+            "Time to run one plan step on all its targets, by action and result.",
+            ["action", "result"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.policy_evaluation = Histogram(
+            "sentinel_policy_evaluation_seconds",
+            "Time to evaluate all policies against one plan.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r,
+        )
+        self.policy_rejections = Counter(
+            "sentinel_policy_violations",
+            "Policy rules violated by submitted plans, by rule and effect.",
+            ["rule", "effect"],
+            registry=r,
+        )
+        self.audit_events = Counter(
+            "sentinel_audit_events", "Audit events recorded, by outcome.", ["outcome"], registry=r
+        )

@@ -65,5 +65,25 @@ class ControlPlaneSettings:
     """How long in-flight calls get to finish on shutdown."""
     reconnect_after_shutdown_s: float = 2.0
     """What agents are told to wait before reconnecting after a graceful shutdown."""
+    policy_paths: str = ""
+    """Comma-separated YAML policy files or directories of them, loaded at start (read-only
+    through PolicyService); empty loads none."""
+    plan_rate_window_s: float = 3600.0
+    """Window over which per-target rate-limit rules count earlier plans (`history.recent`)."""
+    reconcile_interval_s: float = 1.0
+    """How often the pipeline controller re-reads stored plans (it also wakes on every change)."""
+    controller_lease_s: float = 10.0
+    """Leadership lease of the pipeline controller; a stopped leader is replaced after this."""
+    controller_id: str = ""
+    """This instance's name in the controller lease; empty derives host:pid:random."""
+    default_step_timeout_s: float = 300.0
+    """Deadline of a plan step that names none (agent commands included)."""
+    max_plan_steps: int = 100
+    """Most steps one plan may carry."""
+    max_plan_targets: int = 1000
+    """Most targets one plan step may carry."""
+    audit_flush_interval_s: float = 0.1
+    """How often audited calls are written to the store (plan transitions are written at once,
+    in the transaction that makes them)."""
     extra_grpc_options: tuple[tuple[str, int | str], ...] = field(default=())
     """Additional grpc server options, for experiments."""

@@ -48,6 +48,8 @@ class AgentRow(Base):
     inventory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     last_telemetry_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     telemetry_gap_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Cordoned in Sentinel's scheduling view (set by the cordon/uncordon node actions).
+    cordoned: Mapped[bool] = mapped_column(default=False)
 
 
 class CommandRow(Base):
@@ -76,3 +78,111 @@ class CommandRow(Base):
 # The tables themselves, for Core statements on hot paths (executemany batches).
 AGENTS = cast(Table, AgentRow.__table__)
 COMMANDS = cast(Table, CommandRow.__table__)
+
+
+class PlanRow(Base):
+    """One action plan: what was asked (the submitted body) and where it stands (phase)."""
+
+    __tablename__ = "plans"
+    __table_args__ = (
+        Index("ix_plans_phase", "phase"),
+        Index("ix_plans_source_created", "source", "created_at"),
+    )
+
+    plan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Idempotency key of SubmitPlan; the body's digest tells a replay from a conflicting reuse.
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(128))
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    confidence: Mapped[float] = mapped_column(default=0.0)
+    submitted_by: Mapped[str] = mapped_column(String(512))
+    phase: Mapped[str] = mapped_column(String(24))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    expire_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # Steps (with their state and per-node results), health gates and limits, as JSON.
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    violations: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    # Bumped on every change, so watchers polling the store notice any write.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class PlanTargetRow(Base):
+    """One target a plan touches ("node/<id>" or "k8s/<cluster>/<ns>/<kind>/<name>"); serves
+    the ListPlans target filter and per-target rate limits."""
+
+    __tablename__ = "plan_targets"
+    __table_args__ = (Index("ix_plan_targets_target_created", "target", "created_at"),)
+
+    plan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(String(512), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class PlanTransitionRow(Base):
+    """A phase change of a plan, in order: when, who, why."""
+
+    __tablename__ = "plan_transitions"
+    __table_args__ = (Index("ix_plan_transitions_plan", "plan_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    from_phase: Mapped[str] = mapped_column(String(24))
+    to_phase: Mapped[str] = mapped_column(String(24))
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(512))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class PolicyRow(Base):
+    """A policy: named rules in CEL. `origin` is "file:<path>" for policies loaded at start."""
+
+    __tablename__ = "policies"
+
+    policy_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    rules: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    origin: Mapped[str] = mapped_column(String(512), default="api")
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class AuditEventRow(Base):
+    """One audited event: a mutating call or a plan transition."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_time", "at"),
+        Index("ix_audit_principal_time", "principal", "at"),
+        Index("ix_audit_target_time", "target", "at"),
+    )
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    principal: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(256))
+    target: Mapped[str] = mapped_column(String(512), default="")
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class LeaseRow(Base):
+    """A named lease (the controller's leadership). `epoch` grows with every new holder and
+    fences writes: a holder whose epoch is no longer current may not write."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+PLANS = cast(Table, PlanRow.__table__)
+PLAN_TARGETS = cast(Table, PlanTargetRow.__table__)
+PLAN_TRANSITIONS = cast(Table, PlanTransitionRow.__table__)
+POLICIES = cast(Table, PolicyRow.__table__)
+AUDIT_EVENTS = cast(Table, AuditEventRow.__table__)
+LEASES = cast(Table, LeaseRow.__table__)

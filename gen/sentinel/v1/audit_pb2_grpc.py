@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
+    """AuditService lists what was done, by whom: every mutating call and every plan transition.
     """
 
     def __init__(self, channel):
@@ -44,8 +43,7 @@ class AuditServiceStub:
 
 
 class AuditServiceServicer:
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
+    """AuditService lists what was done, by whom: every mutating call and every plan transition.
     """
 
     def ListAuditEvents(self, request, context):
@@ -71,8 +69,7 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
+    """AuditService lists what was done, by whom: every mutating call and every plan transition.
     """
 
     @staticmethod

@@ -27,9 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditServiceStub:
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
-    """
+    """AuditService lists what was done, by whom: every mutating call and every plan transition."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -39,17 +37,13 @@ class AuditServiceStub:
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
-    """
+    """AuditService lists what was done, by whom: every mutating call and every plan transition."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListAuditEventsRequest, _audit_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AuditService lists what was done, by whom. (Implemented by the plans work; answers
-    UNIMPLEMENTED until then.)
-    """
+    """AuditService lists what was done, by whom: every mutating call and every plan transition."""
 
     @_abc_1.abstractmethod
     def ListAuditEvents(

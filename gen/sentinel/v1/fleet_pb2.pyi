@@ -61,6 +61,7 @@ class Agent(_message.Message):
     LAST_TELEMETRY_SEQ_FIELD_NUMBER: _builtins.int
     TELEMETRY_GAP_SAMPLES_FIELD_NUMBER: _builtins.int
     SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     status: Global___AgentStatus.ValueType
     agent_version: _builtins.str
@@ -72,6 +73,8 @@ class Agent(_message.Message):
     """Telemetry samples the node never delivered (gaps in seq), since registration."""
     spiffe_id: _builtins.str
     """The SPIFFE id of the certificate the session authenticated with."""
+    cordoned: _builtins.bool
+    """Cordoned in Sentinel's scheduling view: plans may not start new work on the node."""
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -97,10 +100,11 @@ class Agent(_message.Message):
         last_telemetry_seq: _builtins.int = ...,
         telemetry_gap_samples: _builtins.int = ...,
         spiffe_id: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen_time", b"first_seen_time", "host", b"host", "last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "host", b"host", "last_seen_time", b"last_seen_time", "last_telemetry_seq", b"last_telemetry_seq", "node_id", b"node_id", "session_id", b"session_id", "spiffe_id", b"spiffe_id", "status", b"status", "telemetry_gap_samples", b"telemetry_gap_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "cordoned", b"cordoned", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "host", b"host", "last_seen_time", b"last_seen_time", "last_telemetry_seq", b"last_telemetry_seq", "node_id", b"node_id", "session_id", b"session_id", "spiffe_id", b"spiffe_id", "status", b"status", "telemetry_gap_samples", b"telemetry_gap_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

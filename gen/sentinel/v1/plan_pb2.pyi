@@ -98,6 +98,8 @@ class Plan(_message.Message):
     VIOLATIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     request_id: _builtins.str
     source: _builtins.str
@@ -105,6 +107,9 @@ class Plan(_message.Message):
     confidence: _builtins.float
     phase: Global___PlanPhase.ValueType
     submitted_by: _builtins.str
+    """SPIFFE id (or user) of the principal that submitted the plan."""
+    status_message: _builtins.str
+    """Why the plan ended (failed step, gate, deadline, cancel), empty while it runs."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -119,6 +124,8 @@ class Plan(_message.Message):
     def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyViolation]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -136,10 +143,12 @@ class Plan(_message.Message):
         violations: _abc.Iterable[Global___PolicyViolation] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         submitted_by: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "limits", b"limits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "phase", b"phase", "plan_id", b"plan_id", "rationale", b"rationale", "request_id", b"request_id", "source", b"source", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "phase", b"phase", "plan_id", b"plan_id", "rationale", b"rationale", "request_id", b"request_id", "source", b"source", "status_message", b"status_message", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "update_time", b"update_time", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +165,7 @@ class PlanStep(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    NODE_RESULTS_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     action: _builtins.str
     """e.g. "scale", "rollout", "set_gpu_power_limit", "cordon", "run_diagnostic"."""
@@ -167,6 +177,10 @@ class PlanStep(_message.Message):
     def parameters(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def node_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepNodeResult]:
+        """Per node: what the agent did (and what rollback restored), in execution order."""
+
     def __init__(
         self,
         *,
@@ -177,14 +191,58 @@ class PlanStep(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         state: Global___StepState.ValueType = ...,
         message: _builtins.str = ...,
+        node_results: _abc.Iterable[Global___StepNodeResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "message", b"message", "parameters", b"parameters", "state", b"state", "step_id", b"step_id", "targets", b"targets", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "message", b"message", "node_results", b"node_results", "parameters", b"parameters", "state", b"state", "step_id", b"step_id", "targets", b"targets", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanStep: _TypeAlias = PlanStep  # noqa: Y015
+
+@_typing.final
+class StepNodeResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ROLLBACK_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_OUTCOME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    state: Global___StepState.ValueType
+    command_id: _builtins.str
+    outcome: _builtins.str
+    """The agent's outcome: SUCCEEDED, FAILED, UNSUPPORTED, INVALID_ARGUMENT, EXPIRED, ..."""
+    message: _builtins.str
+    rollback_command_id: _builtins.str
+    """Rollback command and its outcome, when this node's change was undone."""
+    rollback_outcome: _builtins.str
+    @_builtins.property
+    def output(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        state: Global___StepState.ValueType = ...,
+        command_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        message: _builtins.str = ...,
+        output: _struct_pb2.Struct | None = ...,
+        rollback_command_id: _builtins.str = ...,
+        rollback_outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "message", b"message", "node_id", b"node_id", "outcome", b"outcome", "output", b"output", "rollback_command_id", b"rollback_command_id", "rollback_outcome", b"rollback_outcome", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepNodeResult: _TypeAlias = StepNodeResult  # noqa: Y015
 
 @_typing.final
 class Target(_message.Message):
@@ -248,9 +306,15 @@ class HealthGate(_message.Message):
     WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expression: _builtins.str
-    """CEL expression over the telemetry of the step's targets."""
+    """CEL expression over the latest telemetry sample of each node a step touched (`sample`, the
+    TelemetrySample as a map, and `node_id`); it must hold for every node.
+    """
     @_builtins.property
-    def window(self) -> _duration_pb2.Duration: ...
+    def window(self) -> _duration_pb2.Duration:
+        """How long to wait for fresh telemetry after the step; no data within it is inconclusive,
+        which fails the gate (never a pass).
+        """
+
     def __init__(
         self,
         *,
@@ -382,20 +446,66 @@ class SubmitPlanResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when request_id matched an earlier submission and that plan was returned."""
     @_builtins.property
     def plan(self) -> Global___Plan: ...
+    @_builtins.property
+    def preview(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedCommand]:
+        """What executing the plan would do, command by command, in order (set for validate_only and
+        for accepted plans).
+        """
+
     def __init__(
         self,
         *,
         plan: Global___Plan | None = ...,
+        preview: _abc.Iterable[Global___PlannedCommand] | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "preview", b"preview", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitPlanResponse: _TypeAlias = SubmitPlanResponse  # noqa: Y015
+
+@_typing.final
+class PlannedCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    WAVE_FIELD_NUMBER: _builtins.int
+    step_index: _builtins.int
+    step_id: _builtins.str
+    action: _builtins.str
+    node_id: _builtins.str
+    wave: _builtins.int
+    """Nodes of a step run in waves of at most limits.max_nodes_in_parallel; waves are numbered
+    from 0 within a step.
+    """
+    def __init__(
+        self,
+        *,
+        step_index: _builtins.int = ...,
+        step_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        wave: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "node_id", b"node_id", "step_id", b"step_id", "step_index", b"step_index", "wave", b"wave"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannedCommand: _TypeAlias = PlannedCommand  # noqa: Y015
 
 @_typing.final
 class GetPlanRequest(_message.Message):

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class PlanServiceStub:
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     def __init__(self, channel):
@@ -70,7 +70,7 @@ class PlanServiceStub:
 
 class PlanServiceServicer:
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     def SubmitPlan(self, request, context):
@@ -153,7 +153,7 @@ def add_PlanServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PlanService:
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     @staticmethod

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class PlanServiceStub:
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     @_typing.overload
@@ -46,7 +46,7 @@ class PlanServiceStub:
 @_typing.type_check_only
 class PlanServiceAsyncStub(PlanServiceStub):
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,7 +60,7 @@ class PlanServiceAsyncStub(PlanServiceStub):
 
 class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
-    executes them. (Implemented by the plans work; answers UNIMPLEMENTED until then.)
+    executes them through the pipeline controller.
     """
 
     @_abc_1.abstractmethod

@@ -26,39 +26,41 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sentinel/v1/policy.proto\x12\x0bsentinel.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x01\n\x06Policy\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x05rules\x18\x03 \x03(\x0b\x32\x17.sentinel.v1.PolicyRule\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\nPolicyRule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12)\n\x06\x65\x66\x66\x65\x63t\x18\x05 \x01(\x0e\x32\x19.sentinel.v1.PolicyEffect\"<\n\x13ListPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListPoliciesResponse\x12%\n\x08policies\x18\x01 \x03(\x0b\x32\x13.sentinel.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetPolicyRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\"8\n\x11GetPolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"e\n\x13\x43reatePolicyRequest\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\";\n\x14\x43reatePolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"\x82\x01\n\x13UpdatePolicyRequest\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\";\n\x14UpdatePolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"?\n\x13\x44\x65letePolicyRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65letePolicyResponse*k\n\x0cPolicyEffect\x12\x1d\n\x19POLICY_EFFECT_UNSPECIFIED\x10\x00\x12\x18\n\x14POLICY_EFFECT_REJECT\x10\x01\x12\"\n\x1ePOLICY_EFFECT_REQUIRE_APPROVAL\x10\x02\x32\xaf\x03\n\rPolicyService\x12S\n\x0cListPolicies\x12 .sentinel.v1.ListPoliciesRequest\x1a!.sentinel.v1.ListPoliciesResponse\x12J\n\tGetPolicy\x12\x1d.sentinel.v1.GetPolicyRequest\x1a\x1e.sentinel.v1.GetPolicyResponse\x12S\n\x0c\x43reatePolicy\x12 .sentinel.v1.CreatePolicyRequest\x1a!.sentinel.v1.CreatePolicyResponse\x12S\n\x0cUpdatePolicy\x12 .sentinel.v1.UpdatePolicyRequest\x1a!.sentinel.v1.UpdatePolicyResponse\x12S\n\x0c\x44\x65letePolicy\x12 .sentinel.v1.DeletePolicyRequest\x1a!.sentinel.v1.DeletePolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sentinel/v1/policy.proto\x12\x0bsentinel.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x01\n\x06Policy\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x05rules\x18\x03 \x03(\x0b\x32\x17.sentinel.v1.PolicyRule\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06origin\x18\x06 \x01(\t\"\xa9\x01\n\nPolicyRule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12)\n\x06\x65\x66\x66\x65\x63t\x18\x05 \x01(\x0e\x32\x19.sentinel.v1.PolicyEffect\x12+\n\x05scope\x18\x06 \x01(\x0e\x32\x1c.sentinel.v1.PolicyRuleScope\"<\n\x13ListPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListPoliciesResponse\x12%\n\x08policies\x18\x01 \x03(\x0b\x32\x13.sentinel.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetPolicyRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\"8\n\x11GetPolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"e\n\x13\x43reatePolicyRequest\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\";\n\x14\x43reatePolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"\x82\x01\n\x13UpdatePolicyRequest\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\";\n\x14UpdatePolicyResponse\x12#\n\x06policy\x18\x01 \x01(\x0b\x32\x13.sentinel.v1.Policy\"?\n\x13\x44\x65letePolicyRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65letePolicyResponse*l\n\x0fPolicyRuleScope\x12!\n\x1dPOLICY_RULE_SCOPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16POLICY_RULE_SCOPE_PLAN\x10\x01\x12\x1a\n\x16POLICY_RULE_SCOPE_STEP\x10\x02*k\n\x0cPolicyEffect\x12\x1d\n\x19POLICY_EFFECT_UNSPECIFIED\x10\x00\x12\x18\n\x14POLICY_EFFECT_REJECT\x10\x01\x12\"\n\x1ePOLICY_EFFECT_REQUIRE_APPROVAL\x10\x02\x32\xaf\x03\n\rPolicyService\x12S\n\x0cListPolicies\x12 .sentinel.v1.ListPoliciesRequest\x1a!.sentinel.v1.ListPoliciesResponse\x12J\n\tGetPolicy\x12\x1d.sentinel.v1.GetPolicyRequest\x1a\x1e.sentinel.v1.GetPolicyResponse\x12S\n\x0c\x43reatePolicy\x12 .sentinel.v1.CreatePolicyRequest\x1a!.sentinel.v1.CreatePolicyResponse\x12S\n\x0cUpdatePolicy\x12 .sentinel.v1.UpdatePolicyRequest\x1a!.sentinel.v1.UpdatePolicyResponse\x12S\n\x0c\x44\x65letePolicy\x12 .sentinel.v1.DeletePolicyRequest\x1a!.sentinel.v1.DeletePolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sentinel.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICYEFFECT']._serialized_start=1085
-  _globals['_POLICYEFFECT']._serialized_end=1192
+  _globals['_POLICYRULESCOPE']._serialized_start=1147
+  _globals['_POLICYRULESCOPE']._serialized_end=1255
+  _globals['_POLICYEFFECT']._serialized_start=1257
+  _globals['_POLICYEFFECT']._serialized_end=1364
   _globals['_POLICY']._serialized_start=109
-  _globals['_POLICY']._serialized_end=263
-  _globals['_POLICYRULE']._serialized_start=265
-  _globals['_POLICYRULE']._serialized_end=389
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=391
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=451
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=453
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=539
-  _globals['_GETPOLICYREQUEST']._serialized_start=541
-  _globals['_GETPOLICYREQUEST']._serialized_end=578
-  _globals['_GETPOLICYRESPONSE']._serialized_start=580
-  _globals['_GETPOLICYRESPONSE']._serialized_end=636
-  _globals['_CREATEPOLICYREQUEST']._serialized_start=638
-  _globals['_CREATEPOLICYREQUEST']._serialized_end=739
-  _globals['_CREATEPOLICYRESPONSE']._serialized_start=741
-  _globals['_CREATEPOLICYRESPONSE']._serialized_end=800
-  _globals['_UPDATEPOLICYREQUEST']._serialized_start=803
-  _globals['_UPDATEPOLICYREQUEST']._serialized_end=933
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=935
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=994
-  _globals['_DELETEPOLICYREQUEST']._serialized_start=996
-  _globals['_DELETEPOLICYREQUEST']._serialized_end=1059
-  _globals['_DELETEPOLICYRESPONSE']._serialized_start=1061
-  _globals['_DELETEPOLICYRESPONSE']._serialized_end=1083
-  _globals['_POLICYSERVICE']._serialized_start=1195
-  _globals['_POLICYSERVICE']._serialized_end=1626
+  _globals['_POLICY']._serialized_end=279
+  _globals['_POLICYRULE']._serialized_start=282
+  _globals['_POLICYRULE']._serialized_end=451
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=453
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=513
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=515
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=601
+  _globals['_GETPOLICYREQUEST']._serialized_start=603
+  _globals['_GETPOLICYREQUEST']._serialized_end=640
+  _globals['_GETPOLICYRESPONSE']._serialized_start=642
+  _globals['_GETPOLICYRESPONSE']._serialized_end=698
+  _globals['_CREATEPOLICYREQUEST']._serialized_start=700
+  _globals['_CREATEPOLICYREQUEST']._serialized_end=801
+  _globals['_CREATEPOLICYRESPONSE']._serialized_start=803
+  _globals['_CREATEPOLICYRESPONSE']._serialized_end=862
+  _globals['_UPDATEPOLICYREQUEST']._serialized_start=865
+  _globals['_UPDATEPOLICYREQUEST']._serialized_end=995
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=997
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=1056
+  _globals['_DELETEPOLICYREQUEST']._serialized_start=1058
+  _globals['_DELETEPOLICYREQUEST']._serialized_end=1121
+  _globals['_DELETEPOLICYRESPONSE']._serialized_start=1123
+  _globals['_DELETEPOLICYRESPONSE']._serialized_end=1145
+  _globals['_POLICYSERVICE']._serialized_start=1367
+  _globals['_POLICYSERVICE']._serialized_end=1798
 # @@protoc_insertion_point(module_scope)

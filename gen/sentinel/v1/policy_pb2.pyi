@@ -21,6 +21,23 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _PolicyRuleScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PolicyRuleScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicyRuleScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POLICY_RULE_SCOPE_UNSPECIFIED: _PolicyRuleScope.ValueType  # 0
+    POLICY_RULE_SCOPE_PLAN: _PolicyRuleScope.ValueType  # 1
+    POLICY_RULE_SCOPE_STEP: _PolicyRuleScope.ValueType  # 2
+
+class PolicyRuleScope(_PolicyRuleScope, metaclass=_PolicyRuleScopeEnumTypeWrapper): ...
+
+POLICY_RULE_SCOPE_UNSPECIFIED: PolicyRuleScope.ValueType  # 0
+POLICY_RULE_SCOPE_PLAN: PolicyRuleScope.ValueType  # 1
+POLICY_RULE_SCOPE_STEP: PolicyRuleScope.ValueType  # 2
+Global___PolicyRuleScope: _TypeAlias = PolicyRuleScope  # noqa: Y015
+
 class _PolicyEffect:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -47,9 +64,12 @@ class Policy(_message.Message):
     RULES_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     description: _builtins.str
     enabled: _builtins.bool
+    origin: _builtins.str
+    """Where the policy came from: "file:<path>" (loaded at start, read-only here) or "api"."""
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyRule]: ...
     @_builtins.property
@@ -62,10 +82,11 @@ class Policy(_message.Message):
         rules: _abc.Iterable[Global___PolicyRule] | None = ...,
         enabled: _builtins.bool = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "policy_id", b"policy_id", "rules", b"rules", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "origin", b"origin", "policy_id", b"policy_id", "rules", b"rules", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -80,6 +101,7 @@ class PolicyRule(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     EFFECT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     expression: _builtins.str
     """CEL expression that must hold for a plan to pass."""
@@ -87,6 +109,10 @@ class PolicyRule(_message.Message):
     field: _builtins.str
     """The plan field the rule concerns, reported with a violation."""
     effect: Global___PolicyEffect.ValueType
+    scope: Global___PolicyRuleScope.ValueType
+    """PLAN rules see `plan`; STEP rules are evaluated once per step with `step` and `index`, and
+    "{index}" in `field` becomes the step's index.
+    """
     def __init__(
         self,
         *,
@@ -95,10 +121,11 @@ class PolicyRule(_message.Message):
         message: _builtins.str = ...,
         field: _builtins.str = ...,
         effect: Global___PolicyEffect.ValueType = ...,
+        scope: Global___PolicyRuleScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effect", b"effect", "expression", b"expression", "field", b"field", "message", b"message", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effect", b"effect", "expression", b"expression", "field", b"field", "message", b"message", "rule_id", b"rule_id", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

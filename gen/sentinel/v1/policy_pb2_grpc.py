@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
+    """PolicyService manages the policies plans are checked against.
     """
 
     def __init__(self, channel):
@@ -64,8 +63,7 @@ class PolicyServiceStub:
 
 
 class PolicyServiceServicer:
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
+    """PolicyService manages the policies plans are checked against.
     """
 
     def ListPolicies(self, request, context):
@@ -135,8 +133,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
+    """PolicyService manages the policies plans are checked against.
     """
 
     @staticmethod

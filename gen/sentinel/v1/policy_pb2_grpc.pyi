@@ -27,9 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PolicyServiceStub:
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
-    """
+    """PolicyService manages the policies plans are checked against."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -43,9 +41,7 @@ class PolicyServiceStub:
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
-    """
+    """PolicyService manages the policies plans are checked against."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListPolicies: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListPoliciesRequest, _policy_pb2.ListPoliciesResponse]  # type: ignore[assignment]
@@ -55,9 +51,7 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     DeletePolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.DeletePolicyRequest, _policy_pb2.DeletePolicyResponse]  # type: ignore[assignment]
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """PolicyService manages the policies plans are checked against. (Implemented by the plans work;
-    answers UNIMPLEMENTED until then.)
-    """
+    """PolicyService manages the policies plans are checked against."""
 
     @_abc_1.abstractmethod
     def ListPolicies(
