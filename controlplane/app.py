@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,12 +18,15 @@ from sentinel.v1 import (
     agent_pb2,
     agent_pb2_grpc,
     audit_pb2,
+    audit_pb2_grpc,
     auth_pb2,
     enrollment_pb2,
     fleet_pb2,
     fleet_pb2_grpc,
     plan_pb2,
+    plan_pb2_grpc,
     policy_pb2,
+    policy_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -28,11 +35,17 @@ from controlplane._tls import ReloadingServerCredentials
 from controlplane.api import (
     PENDING_SERVICES,
     AgentService,
+    AuditService,
     FleetService,
+    PolicyService,
     TelemetryService,
     pending_servicer,
 )
+from controlplane.api._convert import message_to_plain
+from controlplane.api._plan_service import PlanService
+from controlplane.audit import AuditLog
 from controlplane.auth.interceptor import AuthInterceptor
+from controlplane.executors import AgentExecutor
 from controlplane.fleet import (
     AgentRegistry,
     AgentStatus,
@@ -41,6 +54,25 @@ from controlplane.fleet import (
     TelemetryAckOut,
 )
 from controlplane.metrics import ControlPlaneMetrics
+from controlplane.plans import (
+    FleetView,
+    HealthGates,
+    Lease,
+    Phase,
+    PipelineController,
+    PlanChange,
+    PlanLimitsConfig,
+    PlanManager,
+)
+from controlplane.policy import (
+    REFRESH_INTERVAL_S,
+    ExpressionError,
+    PolicyBook,
+    PolicyEngine,
+    Verdict,
+    compile_expression,
+    load_policy_files,
+)
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Store
 from controlplane.telemetry import TelemetryHub
@@ -81,6 +113,18 @@ def _api_service_names() -> list[str]:
     )
 
 
+def _expression_problem(source: str) -> str | None:
+    try:
+        compile_expression(source)
+    except ExpressionError as exc:
+        return str(exc)
+    return None
+
+
+def _default_instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 class ControlPlane:
     def __init__(self, settings: ControlPlaneSettings) -> None:
         self.settings = settings
@@ -103,6 +147,45 @@ class ControlPlane:
         self.metrics.telemetry_subscribers.set_function(lambda: self.hub.subscriber_count)
         self.commands = CommandLedger(
             self.store, self.registry.session_for, on_finished=self._command_finished
+        )
+        self.audit = AuditLog(
+            self.store,
+            on_recorded=lambda event: self.metrics.audit_events.labels(event.outcome).inc(),
+            on_write_failure=lambda: self.metrics.task_failures.labels("audit-writer").inc(),
+        )
+        self.policy_engine = PolicyEngine(on_evaluated=self._policy_evaluated)
+        self.policies = PolicyBook(self.store, self.policy_engine)
+        self.plans = PlanManager(
+            self.store,
+            self.policy_engine,
+            FleetView(
+                node_known=self.registry.known,
+                fleet_size=self.registry.count,
+                connected_nodes=lambda: self.registry.count(AgentStatus.CONNECTED),
+                cordoned_nodes=self.registry.cordoned,
+            ),
+            limits=PlanLimitsConfig(settings.max_plan_steps, settings.max_plan_targets),
+            rate_window_s=settings.plan_rate_window_s,
+            check_expression=_expression_problem,
+            poll_interval_s=settings.reconcile_interval_s,
+            on_change=self._plan_changed,
+        )
+        self.controller = PipelineController(
+            self.plans.repository,
+            Lease(
+                self.store,
+                "pipeline-controller",
+                settings.controller_id or _default_instance_name(),
+                settings.controller_lease_s,
+            ),
+            AgentExecutor(self.commands, self.registry.set_cordoned),
+            HealthGates(self._latest_telemetry),
+            is_cordoned=self.registry.is_cordoned,
+            interval_s=settings.reconcile_interval_s,
+            on_step_finished=lambda action, result, seconds: self.metrics.plan_step_duration.labels(
+                action, result
+            ).observe(seconds),
+            on_phase_counts=self._publish_plan_counts,
         )
         self._supervisor = Supervisor(
             "controlplane", on_failure=lambda name: self.metrics.task_failures.labels(name).inc()
@@ -128,14 +211,37 @@ class ControlPlane:
         if round_trip_s >= 0:
             self.metrics.command_round_trip.labels(result.action).observe(round_trip_s)
 
+    def _policy_evaluated(self, seconds: float, verdict: Verdict) -> None:
+        self.metrics.policy_evaluation.observe(seconds)
+        for violation in (*verdict.rejections, *verdict.approvals_required):
+            self.metrics.policy_rejections.labels(violation.rule_id, violation.effect.value).inc()
+
+    def _plan_changed(self, change: PlanChange) -> None:
+        for transition in change.transitions:
+            self.metrics.plan_transitions.labels(transition.to_phase.value.lower()).inc()
+        if change.plan.phase == Phase.APPROVED or change.plan.cancel_requested:
+            self.controller.wake()
+
+    def _publish_plan_counts(self, counts: dict[str, int]) -> None:
+        for phase in Phase:
+            self.metrics.plans.labels(phase.value.lower()).set(counts.get(phase.value, 0))
+
+    def _latest_telemetry(self, node_id: str) -> tuple[int, dict[str, Any]] | None:
+        sample = self.hub.latest(node_id)
+        if sample is None:
+            return None
+        return sample.seq, message_to_plain(sample.payload)  # type: ignore[arg-type]
+
     async def start(self) -> None:
         settings = self.settings
         credentials = ReloadingServerCredentials(settings.tls).credentials()
+        file_policies = await asyncio.to_thread(load_policy_files, settings.policy_paths)
         await asyncio.to_thread(self.store.migrate)
+        await self.policies.install_files(file_policies)
         await self.registry.load()
 
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(settings.trust_domain, self.metrics)],
+            interceptors=[AuthInterceptor(settings.trust_domain, self.metrics, self.audit)],
             options=_server_options(settings),
         )
         self._agent_service = AgentService(
@@ -146,6 +252,11 @@ class ControlPlane:
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryService(settings, self.hub), server
         )
+        plan_pb2_grpc.add_PlanServiceServicer_to_server(
+            PlanService(self.plans, settings.default_step_timeout_s), server
+        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.audit), server)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(self.policies), server)
         for base, register, feature in PENDING_SERVICES:
             register(pending_servicer(base, feature), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -173,11 +284,18 @@ class ControlPlane:
             self.metrics_port = http_server.server_port
 
         self._supervisor.start(
+            "audit-flusher", lambda: self.audit.run_flusher(settings.audit_flush_interval_s)
+        )
+        self._supervisor.start(
             "telemetry-flusher", lambda: self.hub.run_flusher(settings.telemetry_flush_interval_s)
         )
         self._supervisor.start(
             "liveness-sweeper",
             lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
+        )
+        self._supervisor.start("pipeline-controller", self.controller.run)
+        self._supervisor.start(
+            "policy-refresher", lambda: self.policies.run_refresher(REFRESH_INTERVAL_S)
         )
         tune_gc_for_long_lived_heap(settings.gc_gen0_threshold)
         for service in ("", *names):
@@ -187,6 +305,14 @@ class ControlPlane:
             self.port,
             self.metrics_port or "off",
         )
+
+    async def _flush_audit(self) -> None:
+        """Writes the calls audited up to the server's stop; a failure is logged, not raised,
+        so the rest of the shutdown still persists what it must."""
+        try:
+            await self.audit.flush()
+        except Exception:
+            log.exception("%d audit event(s) could not be written at shutdown", self.audit.pending)
 
     async def stop(self) -> None:
         """Tells agents to reconnect later, lets calls finish, then persists what is pending."""
@@ -200,6 +326,7 @@ class ControlPlane:
         if self._agent_service is not None:
             await self._agent_service.wait_sessions_closed(self.settings.shutdown_grace_s)
         await self._supervisor.stop()
+        await self._flush_audit()
         await self.hub.flush()
         await self.registry.persist_last_seen()
         if self._metrics_http is not None:

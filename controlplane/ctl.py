@@ -4,6 +4,8 @@ sentinelctl agents                  list agents and their liveness
 sentinelctl agent NODE              one agent in full (JSON)
 sentinelctl telemetry [--node N]    latest sample per node, one line each
 sentinelctl telemetry --follow      live samples as they arrive
+sentinelctl audit [--principal P] [--method M] [--target T] [--limit N]
+                                    recent audit events, newest first
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import sys
 
 import grpc
 from google.protobuf import json_format
-from sentinel.v1 import fleet_pb2, fleet_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from sentinel.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
 
 _STATUS = {
     fleet_pb2.AGENT_STATUS_CONNECTED: "Connected",
@@ -112,6 +121,52 @@ async def _telemetry(args: argparse.Namespace) -> None:
             print(_sample_line(response.sample), flush=True)
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _full_method(method: str) -> str:
+    """Accepts "PlanService/CancelPlan" for "/sentinel.v1.PlanService/CancelPlan"."""
+    if "/" in method and not method.startswith("/"):
+        return f"/sentinel.v1.{method}"
+    return method
+
+
+def _audit_line(event: audit_pb2.AuditEvent) -> str:
+    when = event.time.ToDatetime(dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    method = event.method.removeprefix("/sentinel.v1.")
+    line = f"{when}  {event.outcome:<18} {method:<30} {event.target:<24} {event.principal}"
+    if event.detail:
+        line += f"\n{'':<21}{event.detail.splitlines()[0][:160]}"
+    return line
+
+
+async def _audit(args: argparse.Namespace) -> None:
+    request = audit_pb2.ListAuditEventsRequest(
+        principal=args.principal or "",
+        method=_full_method(args.method or ""),
+        target=args.target or "",
+        page_size=min(args.limit, 1000),
+    )
+    events: list[audit_pb2.AuditEvent] = []
+    async with _channel(args) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        while len(events) < args.limit:
+            response = await stub.ListAuditEvents(request, timeout=10)
+            events.extend(response.events)
+            request.page_token = response.next_page_token
+            if not request.page_token:
+                break
+    print(f"{'TIME':<19}  {'OUTCOME':<18} {'METHOD':<30} {'TARGET':<24} PRINCIPAL")
+    for event in events[: args.limit]:
+        print(_audit_line(event))
+    if not events:
+        print("(no audit events match)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sentinelctl",
@@ -134,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.add_argument("--node")
     telemetry.add_argument("--follow", "-f", action="store_true")
     telemetry.set_defaults(func=_telemetry)
+    audit = sub.add_parser("audit", help="recent audit events, newest first")
+    audit.add_argument("--principal", help="exact SPIFFE id of the caller")
+    audit.add_argument("--method", help="e.g. PlanService/CancelPlan or plan.transition")
+    audit.add_argument("--target", help="exact resource, e.g. plan/<id>")
+    audit.add_argument("--limit", type=_positive, default=50, help="most events shown (default 50)")
+    audit.set_defaults(func=_audit)
     args = parser.parse_args(argv)
     try:
         asyncio.run(args.func(args))

@@ -1,6 +1,6 @@
 """The agent's durable state in one SQLite file: the telemetry spool (bounded), the telemetry
-sequence counter, the boot counter, and the commands it executed (so each runs at most once,
-across its own restarts, and its result can be re-sent).
+sequence counter, the boot counter, the cordon mark, and the commands it executed (so each runs
+at most once, across its own restarts, and its result can be re-sent).
 
 All methods block; the agent calls them from a worker thread.
 """
@@ -80,6 +80,18 @@ class AgentStateStore:
     def put_setting(self, key: str, value: int) -> None:
         with self._lock:
             self._set(f"setting:{key}", value)
+
+    def is_cordoned(self) -> bool:
+        """Whether the node is cordoned in Sentinel's scheduling view (False when never set)."""
+        with self._lock:
+            return bool(self._get("cordoned"))
+
+    def set_cordoned(self, cordoned: bool) -> bool:
+        """Stores the cordon mark; returns the previous one (read and write under one lock)."""
+        with self._lock:
+            previous = bool(self._get("cordoned"))
+            self._set("cordoned", int(cordoned))
+            return previous
 
     # -- spool ------------------------------------------------------------------------------
 

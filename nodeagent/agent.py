@@ -104,6 +104,9 @@ class NodeAgent:
                 pinned_ms = await asyncio.to_thread(self._state.get_setting, _INTERVAL_SETTING)
                 if pinned_ms:
                     self._interval_s, self._interval_pinned = pinned_ms / 1000, True
+                if await asyncio.to_thread(self._state.is_cordoned):
+                    # The hello has no field for it; the control plane keeps its own record.
+                    log.info("this node is cordoned in Sentinel's scheduling view")
                 await self._start_collectors()
                 self._supervisor.start("collector", self._collect_loop)
                 self._supervisor.start("commands", self._command_loop)
@@ -510,7 +513,13 @@ class NodeAgent:
                 f"action {command.action!r} is not supported by this agent",
             )
         else:
-            controls = AgentControls(self._interval, self._set_interval)
+            controls = AgentControls(
+                self._interval,
+                self._set_interval,
+                state=state,
+                state_dir=self.settings.state_dir,
+                gpu=self._gpu,
+            )
             parameters = json_format.MessageToDict(command.parameters)
             try:
                 output = await asyncio.wait_for(

@@ -1,15 +1,19 @@
 """The gRPC transport: servicers that translate between protobuf and the domain."""
 
 from controlplane.api._agent_service import AgentService
+from controlplane.api._audit_service import AuditService
 from controlplane.api._fleet_service import FleetService
+from controlplane.api._policy_service import PolicyService
 from controlplane.api._telemetry_service import MetricFilter, TelemetryService
 from controlplane.api._unimplemented import PENDING_SERVICES, pending_servicer
 
 __all__ = [
     "PENDING_SERVICES",
     "AgentService",
+    "AuditService",
     "FleetService",
     "MetricFilter",
+    "PolicyService",
     "TelemetryService",
     "pending_servicer",
 ]

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from sentinel.v1 import agent_pb2, fleet_pb2
 
 from controlplane.fleet import AgentState, AgentStatus, CommandResult, HelloInfo
@@ -67,6 +68,7 @@ def agent_message(state: AgentState) -> fleet_pb2.Agent:
         last_telemetry_seq=state.last_telemetry_seq,
         telemetry_gap_samples=state.telemetry_gap_samples,
         spiffe_id=state.spiffe_id,
+        cordoned=state.cordoned,
     )
     host = state.inventory.get("host")
     if host:
@@ -85,3 +87,36 @@ def command_result(node_id: str, action: str, result: agent_pb2.CommandResult) -
         message=result.message,
         output=struct_to_dict(result.output),
     )
+
+
+def message_to_plain(message: Message) -> dict[str, Any]:
+    """A message as plain data with its real types (64-bit integers stay integers, which the
+    JSON mapping would turn into strings; timestamps become datetimes, enums their names).
+    Scalar fields are always present; sub-messages only when set. Health-gate expressions
+    (CEL) are evaluated over this."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None:
+            if field.message_type.full_name == "google.protobuf.Timestamp":
+                if message.HasField(field.name):
+                    out[field.name] = value.ToDatetime(tzinfo=dt.UTC)
+            elif _is_repeated(field):
+                out[field.name] = [message_to_plain(item) for item in value]
+            elif message.HasField(field.name):
+                out[field.name] = message_to_plain(value)
+        elif field.enum_type is not None:
+            names = field.enum_type.values_by_number
+            if _is_repeated(field):
+                out[field.name] = [names[v].name if v in names else v for v in value]
+            else:
+                out[field.name] = names[value].name if value in names else value
+        elif _is_repeated(field):
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
+
+
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)

@@ -7,26 +7,12 @@ from typing import Any
 
 import grpc
 from sentinel.v1 import (
-    audit_pb2_grpc,
     auth_pb2_grpc,
     enrollment_pb2_grpc,
-    plan_pb2_grpc,
-    policy_pb2_grpc,
 )
 
 # (servicer base, registration function, what is missing)
 PENDING_SERVICES: list[tuple[type, Any, str]] = [
-    (plan_pb2_grpc.PlanServiceServicer, plan_pb2_grpc.add_PlanServiceServicer_to_server, "plans"),
-    (
-        policy_pb2_grpc.PolicyServiceServicer,
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server,
-        "policies",
-    ),
-    (
-        audit_pb2_grpc.AuditServiceServicer,
-        audit_pb2_grpc.add_AuditServiceServicer_to_server,
-        "the audit log",
-    ),
     (auth_pb2_grpc.AuthServiceServicer, auth_pb2_grpc.add_AuthServiceServicer_to_server, "login"),
     (
         enrollment_pb2_grpc.EnrollmentServiceServicer,

@@ -48,6 +48,23 @@ METHOD_ROLES: Final[dict[str, frozenset[str]]] = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _EVERYONE,
 }
 
+# Calls that change something: each one is written to the audit log whatever its outcome.
+# AgentService/Connect is the agent's session, not one change; the fleet registry logs it.
+MUTATING_METHODS: Final[frozenset[str]] = frozenset(
+    {
+        f"{_V1}PlanService/SubmitPlan",
+        f"{_V1}PlanService/ApprovePlan",
+        f"{_V1}PlanService/CancelPlan",
+        f"{_V1}PolicyService/CreatePolicy",
+        f"{_V1}PolicyService/UpdatePolicy",
+        f"{_V1}PolicyService/DeletePolicy",
+        f"{_V1}EnrollmentService/CreateBootstrapToken",
+        f"{_V1}AgentService/RenewCertificate",
+        f"{_V1}AuthService/Login",
+        f"{_V1}AuthService/Refresh",
+    }
+)
+
 
 def allowed(method: str, role: str) -> bool:
     return role in METHOD_ROLES.get(method, frozenset())

@@ -88,35 +88,111 @@ class CommandLedger:
         plan_id: str = "",
         command_id: str | None = None,
     ) -> CommandResult:
-        """Stores a command, delivers it when the node has a session, awaits its result."""
-        command = CommandOut(
+        """Stores a command, delivers it when the node has a session, awaits its result;
+        raises `CommandTimeout` when none came before the deadline."""
+        result = await self.execute(
+            node_id,
+            action,
+            parameters,
             command_id=command_id or new_command_id(),
-            plan_id=plan_id,
-            action=action,
-            parameters=dict(parameters or {}),
             deadline=_utcnow() + dt.timedelta(seconds=timeout),
+            plan_id=plan_id,
         )
+        if result.outcome == "EXPIRED":
+            raise CommandTimeout(f"{action} on {node_id}: no result within {timeout:g} s")
+        return result
+
+    async def execute(
+        self,
+        node_id: str,
+        action: str,
+        parameters: dict[str, Any] | None,
+        *,
+        command_id: str,
+        deadline: dt.datetime,
+        plan_id: str = "",
+    ) -> CommandResult:
+        """Idempotent by `command_id`: the first call stores and sends the command; a later call
+        (after a control plane restart, say) attaches to it and returns its stored result, or
+        waits for it. A command without a result by `deadline` ends EXPIRED."""
+        command = CommandOut(command_id, plan_id, action, dict(parameters or {}), deadline)
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._waiters[command.command_id] = future
+        self._waiters[command_id] = future
         try:
             session = self._session_for(node_id)
-            # One transaction stores the command, already marked SENT when a session is open;
-            # it goes on the wire only after that commit (the ledger never loses a command).
-            await self._store.run_core(
-                lambda db: self._insert(db, node_id, command, session is not None)
+            # One transaction stores the command (or finds it), marked SENT when a session is
+            # open; it goes on the wire only after that commit (the ledger never loses one).
+            stored = await self._store.run_core(
+                lambda db: self._insert_or_find(db, node_id, command, session is not None)
             )
-            if session is not None:
-                self._sent_at[command.command_id] = time.monotonic()
-                session.send(command)
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            if isinstance(stored, CommandResult):
+                return stored
+            send_now, deadline = stored
+            if send_now and session is not None:
+                self._sent_at.setdefault(command_id, time.monotonic())
+                session.send(CommandOut(command_id, plan_id, action, command.parameters, deadline))
+            remaining = (deadline - _utcnow()).total_seconds()
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
-            await self._expire(command.command_id)
+            await self._expire(command_id)
             if future.done():  # the result raced the deadline; it wins
                 return future.result()
-            raise CommandTimeout(f"{action} on {node_id}: no result within {timeout:g} s") from None
+            return CommandResult(
+                command_id, node_id, action, "EXPIRED", "no result before the command's deadline"
+            )
         finally:
-            self._waiters.pop(command.command_id, None)
-            self._sent_at.pop(command.command_id, None)
+            self._waiters.pop(command_id, None)
+            self._sent_at.pop(command_id, None)
+
+    def _insert_or_find(
+        self, db: Connection, node_id: str, command: CommandOut, sending: bool
+    ) -> tuple[bool, dt.datetime] | CommandResult:
+        """(send it now?, its deadline) while open — the stored deadline wins over a new one,
+        so re-attaching never extends it — or its result once it has finished."""
+        row = db.execute(
+            select(
+                COMMANDS.c.deadline,
+                COMMANDS.c.node_id,
+                COMMANDS.c.action,
+                COMMANDS.c.state,
+                COMMANDS.c.outcome,
+                COMMANDS.c.message,
+                COMMANDS.c.output,
+            ).where(COMMANDS.c.command_id == command.command_id)
+        ).first()
+        if row is None:
+            self._insert(db, node_id, command, sending)
+            return True, command.deadline
+        if row.node_id != node_id:
+            raise ValueError(f"command id {command.command_id} belongs to node {row.node_id}")
+        if row.state == CommandState.FINISHED.value:
+            return CommandResult(
+                command.command_id, node_id, row.action, row.outcome, row.message, row.output
+            )
+        if row.state == CommandState.EXPIRED.value:
+            return CommandResult(
+                command.command_id,
+                node_id,
+                row.action,
+                "EXPIRED",
+                "no result before the command's deadline",
+            )
+        if row.state == CommandState.PENDING.value and sending:
+            # Stored while the node was away and the node is back: the agent drops a duplicate
+            # by id, so sending it again costs nothing and closes any race with redelivery.
+            db.execute(
+                update(COMMANDS)
+                .where(COMMANDS.c.command_id == command.command_id)
+                .values(
+                    state=CommandState.SENT.value,
+                    sent_at=_utcnow(),
+                    deliveries=COMMANDS.c.deliveries + 1,
+                )
+            )
+            return True, row.deadline
+        return False, row.deadline
 
     @staticmethod
     def _insert(db: Connection, node_id: str, command: CommandOut, sending: bool) -> None:

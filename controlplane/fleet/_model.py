@@ -31,6 +31,7 @@ class AgentState:
     last_telemetry_seq: int
     telemetry_gap_samples: int
     session_id: str = ""
+    cordoned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

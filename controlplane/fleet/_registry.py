@@ -105,6 +105,7 @@ class AgentRegistry:
                 inventory=row.inventory,
                 last_telemetry_seq=row.last_telemetry_seq,
                 telemetry_gap_samples=row.telemetry_gap_samples,
+                cordoned=row.cordoned,
             )
             self._agents[row.node_id] = _Agent(
                 state,
@@ -125,6 +126,37 @@ class AgentRegistry:
             (a.snapshot() for a in self._agents.values() if status in (None, a.state.status)),
             key=lambda s: s.node_id,
         )
+
+    def known(self, node_id: str) -> bool:
+        return node_id in self._agents
+
+    def count(self, status: AgentStatus | None = None) -> int:
+        if status is None:
+            return len(self._agents)
+        return self._counts[status]
+
+    def cordoned(self) -> frozenset[str]:
+        return frozenset(n for n, a in self._agents.items() if a.state.cordoned)
+
+    def is_cordoned(self, node_id: str) -> bool:
+        agent = self._agents.get(node_id)
+        return agent is not None and agent.state.cordoned
+
+    async def set_cordoned(self, node_id: str, cordoned: bool) -> None:
+        """Records the node's place in Sentinel's scheduling view (after its agent acted)."""
+        agent = self._agents.get(node_id)
+        if agent is None:
+            return
+        self._set_state(agent, replace(agent.state, cordoned=cordoned))
+        log.info("node %s", "cordoned" if cordoned else "uncordoned", extra={"node_id": node_id})
+        self._notify(agent.snapshot())
+
+        def write(db: Session) -> None:
+            db.execute(
+                update(AgentRow).where(AgentRow.node_id == node_id).values(cordoned=cordoned)
+            )
+
+        await self._store.run(write)
 
     def session_for(self, node_id: str) -> AgentSession | None:
         agent = self._agents.get(node_id)
@@ -164,6 +196,7 @@ class AgentRegistry:
             last_telemetry_seq=seq,
             telemetry_gap_samples=agent.gaps if agent else 0,
             session_id=session.session_id,
+            cordoned=agent.state.cordoned if agent else False,
         )
 
         def upsert(db: Session) -> None:

@@ -1,4 +1,5 @@
-"""GPU inventory, telemetry and XID events from NVML (the `pynvml` module of nvidia-ml-py).
+"""GPU inventory, telemetry, XID events, diagnostics and power limits from NVML (the `pynvml`
+module of nvidia-ml-py).
 
 `GpuCollector` blocks and must stay on one thread; `AsyncGpuCollector` drives it through a
 `DeadlineRunner`, so a hung driver call yields a TIMEOUT reading instead of a stalled agent.
@@ -6,13 +7,15 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import ctypes
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 import pynvml
 from sentinel.v1 import agent_pb2, fleet_pb2, telemetry_pb2
@@ -21,6 +24,9 @@ from nodeagent.collectors._deadline import CollectorTimeout, DeadlineRunner
 
 _log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
 _OK = telemetry_pb2.GPU_COLLECTION_STATE_OK
 _NO_GPU = telemetry_pb2.GPU_COLLECTION_STATE_NO_GPU
 _ERROR = telemetry_pb2.GPU_COLLECTION_STATE_ERROR
@@ -28,6 +34,23 @@ _TIMEOUT = telemetry_pb2.GPU_COLLECTION_STATE_TIMEOUT
 
 # An XID storm must not keep one collect() draining forever; the rest waits for the next call.
 _MAX_EVENTS_PER_COLLECT = 256
+
+# How many recent XID events a diagnostic report can show; older ones were already sent as
+# events, so the ring only has to answer "what happened lately".
+RECENT_XID_EVENTS = 64
+
+# Clock-event ("throttle") reason bits in the order nvidia-smi lists them, with stable names.
+_THROTTLE_REASONS: tuple[tuple[str, str], ...] = (
+    ("gpu_idle", "nvmlClocksEventReasonGpuIdle"),
+    ("applications_clocks_setting", "nvmlClocksEventReasonApplicationsClocksSetting"),
+    ("sw_power_cap", "nvmlClocksEventReasonSwPowerCap"),
+    ("hw_slowdown", "nvmlClocksEventReasonHwSlowdown"),
+    ("sync_boost", "nvmlClocksEventReasonSyncBoost"),
+    ("sw_thermal_slowdown", "nvmlClocksEventReasonSwThermalSlowdown"),
+    ("hw_thermal_slowdown", "nvmlClocksEventReasonHwThermalSlowdown"),
+    ("hw_power_brake_slowdown", "nvmlClocksEventReasonHwPowerBrakeSlowdown"),
+    ("display_clock_setting", "nvmlClocksEventReasonDisplayClockSetting"),
+)
 
 _UTILIZATION_FIELDS = ("utilization_gpu_percent", "utilization_memory_percent")
 _MEMORY_FIELDS = (
@@ -81,6 +104,48 @@ class GpuReading:
     """XID, GPU-lost and ECC events seen since the previous reading, each reported once."""
 
 
+class GpuUnavailable(Exception):
+    """NVML is not running: no driver, no GPU, or NVML refused to start (see `status`)."""
+
+    def __init__(self, status: telemetry_pb2.GpuCollectionStatus) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    @property
+    def no_gpu(self) -> bool:
+        """True when the node has no driver or no board, as opposed to a broken NVML."""
+        return self.status.state == _NO_GPU
+
+
+class UnknownGpu(Exception):
+    """A GPU index this node does not have."""
+
+    def __init__(self, index: int, count: int) -> None:
+        have = f"GPUs 0-{count - 1}" if count > 1 else "GPU 0" if count == 1 else "no GPU"
+        super().__init__(f"no GPU {index} on this node (it has {have})")
+        self.index = index
+        self.count = count
+
+
+class GpuCallFailed(Exception):
+    """An NVML call on one GPU failed, or the GPU is lost; the message names both."""
+
+    def __init__(self, message: str, error: pynvml.NVMLError | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PowerLimit:
+    """One GPU's power management limit and the range NVML accepts for it, in milliwatts."""
+
+    index: int
+    uuid: str
+    milliwatts: int
+    min_milliwatts: int
+    max_milliwatts: int
+
+
 class _GpuLost(Exception):
     def __init__(self, error: pynvml.NVMLError) -> None:
         super().__init__(str(error))
@@ -120,6 +185,20 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return str(value)
+
+
+def _enabled(state: Any) -> str:
+    return "Enabled" if int(state) == pynvml.NVML_FEATURE_ENABLED else "Disabled"
+
+
+def _throttle_reason_names(bits: int) -> list[str]:
+    names = [name for name, constant in _THROTTLE_REASONS if bits & getattr(pynvml, constant, 0)]
+    known = 0
+    for _name, constant in _THROTTLE_REASONS:
+        known |= getattr(pynvml, constant, 0)
+    if bits & ~known:
+        names.append(f"other:{bits & ~known:#x}")
+    return names
 
 
 def _now_event(kind: agent_pb2.AgentEventKind.ValueType, message: str) -> agent_pb2.AgentEvent:
@@ -213,6 +292,11 @@ class GpuCollector:
         self._devices: list[_Device] = []
         self._event_set: Any = None
         self._pending_events: list[agent_pb2.AgentEvent] = []
+        # Read by diagnostics from other threads while a drain may be stuck, hence the lock.
+        self._recent_xids: collections.deque[agent_pb2.AgentEvent] = collections.deque(
+            maxlen=RECENT_XID_EVENTS
+        )
+        self._recent_xids_lock = threading.Lock()
         self._driver_version = ""
         self._nvml_version = ""
         # Replaced, never mutated, so that other threads may read it while a call is stuck.
@@ -317,6 +401,164 @@ class GpuCollector:
         self._devices = []
         self._next_start_attempt = float("-inf")
         self._set_status(telemetry_pb2.GpuCollectionStatus(message="GPU collection stopped"))
+
+    def recent_xid_events(self) -> list[agent_pb2.AgentEvent]:
+        """The last `RECENT_XID_EVENTS` XID events seen, oldest first; safe from any thread."""
+        with self._recent_xids_lock:
+            return list(self._recent_xids)
+
+    def power_limits(self, indices: Sequence[int] | None = None) -> list[PowerLimit]:
+        """Current power limit and accepted range of the given GPUs (all when None).
+
+        Raises `GpuUnavailable`, `UnknownGpu`, or `GpuCallFailed` (lost GPU, NVML error).
+        """
+        limits: list[PowerLimit] = []
+        for device in self._usable_devices(indices):
+            milliwatts = self._device_call(device, "nvmlDeviceGetPowerManagementLimit")
+            low, high = self._device_call(device, "nvmlDeviceGetPowerManagementLimitConstraints")
+            limits.append(
+                PowerLimit(device.index, device.uuid, int(milliwatts), int(low), int(high))
+            )
+        return limits
+
+    def set_power_limit(self, index: int, milliwatts: int) -> None:
+        """Sets one GPU's power management limit; raises like `power_limits`."""
+        [device] = self._usable_devices([index])
+        self._device_call(device, "nvmlDeviceSetPowerManagementLimit", milliwatts)
+        _log.info("%s: power limit set to %d mW", device.label, milliwatts)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """A JSON-ready health report of every GPU, for a person diagnosing the node."""
+        if not self._initialized:
+            return {
+                "available": False,
+                "reason": self._status.message,
+                "driver_version": self._driver_version or "no driver",
+                "nvml_version": self._nvml_version,
+            }
+        gpus: list[dict[str, Any]] = []
+        for device in self._devices:
+            if device.failure is None:
+                try:
+                    gpus.append(self._diagnostics_of(device))
+                    continue
+                except _GpuLost as lost:
+                    self._mark_lost(device, lost.error)
+            gpus.append({"index": device.index, "uuid": device.uuid, "error": device.failure})
+        self._refresh_status()
+        return {
+            "available": True,
+            "status": self._status.message,
+            "driver_version": self._driver_version,
+            "nvml_version": self._nvml_version,
+            "gpus": gpus,
+        }
+
+    def _usable_devices(self, indices: Sequence[int] | None) -> list[_Device]:
+        if not self._initialized:
+            raise GpuUnavailable(self.status)
+        if indices is None:
+            chosen = list(self._devices)
+        else:
+            chosen = []
+            for index in indices:
+                if not 0 <= index < len(self._devices):
+                    raise UnknownGpu(index, len(self._devices))
+                chosen.append(self._devices[index])
+        for device in chosen:
+            if device.failure is not None:
+                raise GpuCallFailed(device.failure)
+        return chosen
+
+    def _device_call(self, device: _Device, function: str, *args: Any) -> Any:
+        try:
+            return getattr(pynvml, function)(device.handle, *args)
+        except pynvml.NVMLError_GpuIsLost as error:
+            self._mark_lost(device, error)
+            self._refresh_status()
+            raise GpuCallFailed(str(device.failure), error) from error
+        except pynvml.NVMLError as error:
+            raise GpuCallFailed(f"{device.label}: {function} failed: {error}", error) from error
+
+    def _diagnostics_of(self, device: _Device) -> dict[str, Any]:
+        reader = _DeviceReader(device)
+        report: dict[str, Any] = {"index": device.index, "uuid": device.uuid}
+        name = reader.read("name", "nvmlDeviceGetName")
+        if name is not None:
+            report["name"] = _text(name)
+        pci = reader.read("pci_bus_id", "nvmlDeviceGetPciInfo")
+        if pci is not None:
+            report["pci_bus_id"] = _text(pci.busId)
+        temperature = reader.read(
+            "temperature_celsius", "nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU
+        )
+        if temperature is not None:
+            report["temperature_celsius"] = int(temperature)
+        for field, function in (
+            ("power_usage_watts", "nvmlDeviceGetPowerUsage"),
+            ("power_limit_watts", "nvmlDeviceGetEnforcedPowerLimit"),
+        ):
+            milliwatts = reader.read(field, function)
+            if milliwatts is not None:
+                report[field] = int(milliwatts) / 1000
+        persistence = reader.read("persistence_mode", "nvmlDeviceGetPersistenceMode")
+        if persistence is not None:
+            report["persistence_mode"] = _enabled(persistence)
+        ecc_mode = reader.read("ecc_mode", "nvmlDeviceGetEccMode")
+        if ecc_mode is not None:
+            report["ecc_mode"] = {
+                "current": _enabled(ecc_mode[0]),
+                "pending": _enabled(ecc_mode[1]),
+            }
+        ecc_errors: dict[str, int] = {}
+        for kind, error_type in (
+            ("corrected", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+            ("uncorrected", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+        ):
+            for scope, counter in (
+                ("volatile", pynvml.NVML_VOLATILE_ECC),
+                ("aggregate", pynvml.NVML_AGGREGATE_ECC),
+            ):
+                field = f"ecc_errors.{kind}_{scope}"
+                count = reader.read(field, "nvmlDeviceGetTotalEccErrors", error_type, counter)
+                if count is not None:
+                    ecc_errors[f"{kind}_{scope}"] = int(count)
+        if ecc_errors:
+            report["ecc_errors"] = ecc_errors
+        retired: dict[str, Any] = {}
+        for kind, cause in (
+            ("single_bit_ecc", pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
+            ("double_bit_ecc", pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+        ):
+            pages = reader.read(f"retired_pages.{kind}", "nvmlDeviceGetRetiredPages", cause)
+            if pages is not None:
+                retired[kind] = len(pages)
+        pending_retirement = reader.read(
+            "retired_pages.pending", "nvmlDeviceGetRetiredPagesPendingStatus"
+        )
+        if pending_retirement is not None:
+            retired["pending"] = bool(pending_retirement)
+        if retired:
+            report["retired_pages"] = retired
+        rows = reader.read("remapped_rows", "nvmlDeviceGetRemappedRows")
+        if rows is not None:
+            correctable, uncorrectable, pending, failure = rows
+            report["remapped_rows"] = {
+                "correctable": int(correctable),
+                "uncorrectable": int(uncorrectable),
+                "pending": bool(pending),
+                "failed": bool(failure),
+            }
+        reasons = reader.read(
+            "throttle_reasons",
+            "nvmlDeviceGetCurrentClocksEventReasons",
+            fallback="nvmlDeviceGetCurrentClocksThrottleReasons",
+        )
+        if reasons is not None:
+            report["throttle_reasons"] = _throttle_reason_names(int(reasons))
+        report["last_xid"] = device.last_xid
+        report["unsupported"] = reader.unsupported
+        return report
 
     def _shutdown(self) -> None:
         if self._initialized:
@@ -434,6 +676,9 @@ class GpuCollector:
                 event.gpu_uuid = device.uuid
             _log.warning("XID %d on %s", xid, label)
             events.append(event)
+        if events:
+            with self._recent_xids_lock:
+                self._recent_xids.extend(events)
         return events
 
     def _telemetry_of(self, device: _Device) -> telemetry_pb2.GpuTelemetry:
@@ -586,6 +831,35 @@ class AsyncGpuCollector:
             status.message = f"GPU collection failed: {error!r}"
             return GpuReading(status=status)
         return self._with_late_events(reading)
+
+    @property
+    def status(self) -> telemetry_pb2.GpuCollectionStatus:
+        """The collector's last known status; never waits for NVML."""
+        return self._collector.status
+
+    def recent_xid_events(self) -> list[agent_pb2.AgentEvent]:
+        """Recent XID events, oldest first; never waits for NVML, so it answers while stuck."""
+        return self._collector.recent_xid_events()
+
+    async def call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
+        """Runs `fn(*args)` on the NVML thread under the per-call deadline.
+
+        For anything that touches NVML outside this class; raises `CollectorTimeout` when the
+        call overruns or an earlier one is still stuck, and whatever `fn` raises.
+        """
+        return await self._runner.call(fn, *args, timeout=self._call_timeout)
+
+    async def power_limits(self, indices: Sequence[int] | None = None) -> list[PowerLimit]:
+        """See `GpuCollector.power_limits`; also raises `CollectorTimeout`."""
+        return await self.call(self._collector.power_limits, indices)
+
+    async def set_power_limit(self, index: int, milliwatts: int) -> None:
+        """See `GpuCollector.set_power_limit`; also raises `CollectorTimeout`."""
+        await self.call(self._collector.set_power_limit, index, milliwatts)
+
+    async def diagnostics(self) -> dict[str, Any]:
+        """See `GpuCollector.diagnostics`; also raises `CollectorTimeout`."""
+        return await self.call(self._collector.diagnostics)
 
     async def stop(self) -> None:
         """Shuts NVML down (unless a call is stuck) and ends the worker thread."""

@@ -1,0 +1,328 @@
+"""PlanService: translates plans between protobuf and the domain and maps domain errors to
+status codes. Every bad field of a submitted plan is reported at once, with its path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from sentinel.v1 import plan_pb2, plan_pb2_grpc
+
+from controlplane.api._errors import abort
+from controlplane.api._paging import PageError, decode_token, encode_token, page_size
+from controlplane.auth._principal import current_principal
+from controlplane.plans import (
+    HealthGate,
+    KubernetesObject,
+    Limits,
+    Phase,
+    Plan,
+    PlanConflict,
+    PlanFilter,
+    PlanInvalid,
+    PlanManager,
+    PlanNotFound,
+    PlanStateError,
+    RequestIdReused,
+    SelfApproval,
+    Step,
+    StepState,
+    Target,
+    Transition,
+)
+
+_PHASE_PREFIX = "PLAN_PHASE_"
+_STEP_PREFIX = "STEP_STATE_"
+
+
+def _timestamp(value: dt.datetime | None, into: Any) -> None:
+    if value is not None:
+        into.FromDatetime(value)
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def plan_to_proto(plan: Plan) -> plan_pb2.Plan:
+    message = plan_pb2.Plan(
+        plan_id=plan.plan_id,
+        request_id=plan.request_id,
+        source=plan.source,
+        rationale=plan.rationale,
+        confidence=plan.confidence,
+        phase=plan_pb2.PlanPhase.Value(_PHASE_PREFIX + plan.phase.value),
+        submitted_by=plan.submitted_by,
+        status_message=plan.status_message,
+    )
+    _timestamp(plan.expire_at, message.expire_time)
+    _timestamp(plan.created_at, message.create_time)
+    _timestamp(plan.updated_at, message.update_time)
+    for step in plan.steps:
+        out = message.steps.add(
+            step_id=step.step_id,
+            action=step.action,
+            state=plan_pb2.StepState.Value(_STEP_PREFIX + step.state.value),
+            message=step.message,
+        )
+        for target in step.targets:
+            if target.kubernetes is not None:
+                k = target.kubernetes
+                out.targets.add().kubernetes.CopyFrom(
+                    plan_pb2.KubernetesObject(
+                        cluster=k.cluster, namespace=k.namespace, kind=k.kind, name=k.name
+                    )
+                )
+            else:
+                out.targets.add(node_id=target.node_id)
+        out.parameters.CopyFrom(_struct(step.parameters))
+        out.timeout.FromTimedelta(dt.timedelta(seconds=step.timeout_s))
+        for result in step.node_results:
+            node = out.node_results.add(
+                node_id=result.node_id,
+                state=plan_pb2.StepState.Value(_STEP_PREFIX + result.state.value),
+                command_id=result.command_id,
+                outcome=result.outcome,
+                message=result.message,
+                rollback_command_id=result.rollback_command_id,
+                rollback_outcome=result.rollback_outcome,
+            )
+            node.output.CopyFrom(_struct(result.output))
+    for gate in plan.health_gates:
+        out_gate = message.health_gates.add(name=gate.name, expression=gate.expression)
+        out_gate.window.FromTimedelta(dt.timedelta(seconds=gate.window_s))
+    message.limits.max_nodes_in_parallel = plan.limits.max_nodes_in_parallel
+    message.limits.max_replicas_in_parallel = plan.limits.max_replicas_in_parallel
+    if plan.limits.deadline_s:
+        message.limits.deadline.FromTimedelta(dt.timedelta(seconds=plan.limits.deadline_s))
+    for transition in plan.transitions:
+        message.transitions.append(transition_to_proto(transition))
+    for violation in plan.violations:
+        message.violations.add(
+            rule_id=violation.rule_id, message=violation.message, field=violation.field
+        )
+    return message
+
+
+def transition_to_proto(transition: Transition) -> plan_pb2.PlanTransition:
+    message = plan_pb2.PlanTransition(
+        from_phase=plan_pb2.PlanPhase.Value(_PHASE_PREFIX + transition.from_phase.value),
+        to_phase=plan_pb2.PlanPhase.Value(_PHASE_PREFIX + transition.to_phase.value),
+        actor=transition.actor,
+        reason=transition.reason,
+    )
+    message.time.FromDatetime(transition.at)
+    return message
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds + duration.nanos / 1e9)
+
+
+def plan_from_proto(
+    request: plan_pb2.SubmitPlanRequest, default_timeout_s: float
+) -> tuple[Plan, list[tuple[str, str]]]:
+    """The domain plan a request describes, and the problems found translating it.
+
+    Output-only fields (plan_id, phase, transitions, violations, times, submitted_by, step
+    state and results) are ignored, as the API design guide asks.
+    """
+    problems: list[tuple[str, str]] = []
+    source = request.plan
+    request_id = request.request_id or source.request_id
+    if request.request_id and source.request_id and request.request_id != source.request_id:
+        problems.append(
+            ("plan.request_id", "differs from request_id; set one of them, or both the same")
+        )
+    expire_at = None
+    if source.HasField("expire_time"):
+        try:
+            expire_at = source.expire_time.ToDatetime(tzinfo=dt.UTC)
+        except (ValueError, OverflowError) as exc:
+            problems.append(("plan.expire_time", f"not a valid time: {exc}"))
+    steps = []
+    for i, step in enumerate(source.steps):
+        targets = []
+        for j, target in enumerate(step.targets):
+            kind = target.WhichOneof("kind")
+            if kind == "kubernetes":
+                k = target.kubernetes
+                targets.append(
+                    Target(kubernetes=KubernetesObject(k.cluster, k.namespace, k.kind, k.name))
+                )
+            elif kind == "node_id":
+                targets.append(Target(node_id=target.node_id))
+            else:
+                problems.append((f"plan.steps[{i}].targets[{j}]", "set node_id or kubernetes"))
+        timeout_s = default_timeout_s
+        if step.HasField("timeout"):
+            timeout_s = _seconds(step.timeout)
+        parameters = json_format.MessageToDict(step.parameters)
+        steps.append(
+            Step(
+                index=i,
+                step_id=step.step_id or f"step-{i}",
+                action=step.action,
+                targets=tuple(targets),
+                parameters=parameters,
+                timeout_s=timeout_s,
+            )
+        )
+    gates = []
+    for gate in source.health_gates:
+        window_s = _seconds(gate.window) if gate.HasField("window") else 30.0
+        gates.append(HealthGate(gate.name, gate.expression, window_s))
+    limits = Limits(
+        max_nodes_in_parallel=source.limits.max_nodes_in_parallel or 1,
+        max_replicas_in_parallel=source.limits.max_replicas_in_parallel,
+        deadline_s=_seconds(source.limits.deadline) if source.limits.HasField("deadline") else 0.0,
+    )
+    confidence = source.confidence
+    if math.isnan(confidence):
+        problems.append(("plan.confidence", "must be a number within [0, 1], got NaN"))
+        confidence = 0.0
+    plan = Plan(
+        plan_id="",
+        request_id=request_id or f"auto-{uuid.uuid4().hex}",
+        source=source.source,
+        rationale=source.rationale,
+        confidence=confidence,
+        expire_at=expire_at,
+        steps=steps,
+        health_gates=tuple(gates),
+        limits=limits,
+    )
+    return plan, problems
+
+
+def _invalid_message(problems: list[tuple[str, str]]) -> str:
+    shown = problems[:50]
+    more = f"; and {len(problems) - 50} more" if len(problems) > 50 else ""
+    return "; ".join(f"{path}: {message}" for path, message in shown) + more
+
+
+def _phase_filter(value: int) -> Phase | None:
+    if value == plan_pb2.PLAN_PHASE_UNSPECIFIED:
+        return None
+    name = plan_pb2.PlanPhase.Name(plan_pb2.PlanPhase.ValueType(value))
+    return Phase(name.removeprefix(_PHASE_PREFIX))
+
+
+class PlanService(plan_pb2_grpc.PlanServiceServicer):
+    def __init__(self, plans: PlanManager, default_step_timeout_s: float) -> None:
+        self._plans = plans
+        self._default_timeout_s = default_step_timeout_s
+
+    async def SubmitPlan(
+        self, request: plan_pb2.SubmitPlanRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.SubmitPlanResponse:
+        if not request.HasField("plan"):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "plan: required")
+        draft, problems = plan_from_proto(request, self._default_timeout_s)
+        if problems:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, _invalid_message(problems))
+        principal = current_principal().spiffe_id
+        try:
+            submission = await self._plans.submit(
+                draft, principal, validate_only=request.validate_only
+            )
+        except PlanInvalid as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, _invalid_message(exc.problems))
+        except RequestIdReused as exc:
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        response = plan_pb2.SubmitPlanResponse(
+            plan=plan_to_proto(submission.plan), replayed=submission.replayed
+        )
+        for command in submission.preview:
+            response.preview.add(
+                step_index=command.step_index,
+                step_id=command.step_id,
+                action=command.action,
+                node_id=command.node_id,
+                wave=command.wave,
+            )
+        return response
+
+    async def _get(self, plan_id: str, context: grpc.aio.ServicerContext) -> Plan:
+        if not plan_id:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "plan_id: required")
+        try:
+            return await self._plans.get(plan_id)
+        except PlanNotFound:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"plan_id: no plan {plan_id!r}")
+
+    async def GetPlan(
+        self, request: plan_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.GetPlanResponse:
+        plan = await self._get(request.plan_id, context)
+        return plan_pb2.GetPlanResponse(plan=plan_to_proto(plan))
+
+    async def ListPlans(
+        self, request: plan_pb2.ListPlansRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.ListPlansResponse:
+        try:
+            size = page_size(request.page_size)
+            after = decode_token(request.page_token)
+        except PageError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.phase not in plan_pb2.PlanPhase.values():
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"phase: unknown value {request.phase}"
+            )
+        target = request.target
+        if target and "/" not in target:
+            target = f"node/{target}"  # a bare name is a node id
+        where = PlanFilter(_phase_filter(request.phase), request.source, target)
+        plans = await self._plans.list(where, after, size + 1)
+        token = encode_token(plans[size - 1].plan_id) if len(plans) > size else ""
+        return plan_pb2.ListPlansResponse(
+            plans=[plan_to_proto(p) for p in plans[:size]], next_page_token=token
+        )
+
+    async def WatchPlan(
+        self, request: plan_pb2.WatchPlanRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[plan_pb2.WatchPlanResponse]:
+        await self._get(request.plan_id, context)  # NOT_FOUND before the stream starts
+        async for plan, transition in self._plans.watch(request.plan_id):
+            response = plan_pb2.WatchPlanResponse(plan=plan_to_proto(plan))
+            if transition is not None:
+                response.transition.CopyFrom(transition_to_proto(transition))
+            yield response
+
+    async def ApprovePlan(
+        self, request: plan_pb2.ApprovePlanRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.ApprovePlanResponse:
+        await self._get(request.plan_id, context)
+        principal = current_principal().spiffe_id
+        try:
+            plan = await self._plans.approve(request.plan_id, principal, request.reason)
+        except SelfApproval as exc:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except PlanStateError as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except PlanConflict as exc:
+            await abort(context, grpc.StatusCode.ABORTED, str(exc))
+        return plan_pb2.ApprovePlanResponse(plan=plan_to_proto(plan))
+
+    async def CancelPlan(
+        self, request: plan_pb2.CancelPlanRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.CancelPlanResponse:
+        await self._get(request.plan_id, context)
+        principal = current_principal().spiffe_id
+        try:
+            plan = await self._plans.cancel(request.plan_id, principal, request.reason)
+        except PlanStateError as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except PlanConflict as exc:
+            await abort(context, grpc.StatusCode.ABORTED, str(exc))
+        return plan_pb2.CancelPlanResponse(plan=plan_to_proto(plan))
+
+
+__all__ = ["PlanService", "StepState", "plan_from_proto", "plan_to_proto"]

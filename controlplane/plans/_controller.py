@@ -1,0 +1,363 @@
+"""The pipeline controller: a level-triggered reconcile loop over stored plans.
+
+Each pass reads what the store says (not what memory remembers) and moves every active plan
+forward by idempotent steps: node commands have ids derived from (plan, step, node), so a
+controller killed at any point and started again attaches to the commands already sent and
+never sends one twice. Only the holder of the controller lease acts, and each of its writes is
+fenced by the lease epoch. Failures (a node, a health gate, the deadline, a cancel) roll back
+the changes already made, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from controlplane.executors import NODE_ACTIONS, AgentExecutor
+from controlplane.plans._lease import Lease, LeaseLost
+from controlplane.plans._model import HealthGate, NodeResult, Phase, Plan, Step, StepState
+from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
+from controlplane.policy import ExpressionError, compile_expression
+from sentinel_common import log_context
+
+log = logging.getLogger(__name__)
+
+ACTOR = "pipeline-controller"
+
+# (seq, sample as plain data) of a node's newest telemetry, or None when there is none.
+LatestTelemetry = Callable[[str], tuple[int, Mapping[str, Any]] | None]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class HealthGates:
+    """Judges health gates on fresh telemetry: only samples newer than the moment the check
+    starts count, and a node that sends none within the window makes the gate inconclusive,
+    which fails it — no data is never a pass."""
+
+    def __init__(self, latest: LatestTelemetry, poll_interval_s: float = 0.1) -> None:
+        self._latest = latest
+        self._poll_interval_s = poll_interval_s
+
+    async def check(self, gates: Sequence[HealthGate], nodes: Sequence[str]) -> str | None:
+        """None when every gate holds on every node, else why not."""
+        if not gates or not nodes:
+            return None
+        baseline = {node: (self._latest(node) or (0, {}))[0] for node in nodes}
+        for gate in gates:
+            try:
+                expression = compile_expression(gate.expression)
+            except ExpressionError as exc:
+                return f"health gate {gate.name!r} does not compile: {exc}"
+            waiting = set(nodes)
+            give_up = time.monotonic() + gate.window_s
+            while waiting:
+                for node in sorted(waiting):
+                    latest = self._latest(node)
+                    if latest is None or latest[0] <= baseline[node]:
+                        continue
+                    waiting.discard(node)
+                    try:
+                        value = expression.evaluate({"sample": latest[1], "node_id": node})
+                    except ExpressionError as exc:
+                        return f"health gate {gate.name!r} inconclusive on {node}: {exc}"
+                    if value is not True:
+                        return f"health gate {gate.name!r} failed on {node}"
+                if waiting:
+                    if time.monotonic() >= give_up:
+                        return (
+                            f"health gate {gate.name!r} inconclusive: no fresh telemetry from "
+                            f"{', '.join(sorted(waiting))} within {gate.window_s:g} s"
+                        )
+                    await asyncio.sleep(self._poll_interval_s)
+        return None
+
+
+class PipelineController:
+    def __init__(
+        self,
+        repository: PlanRepository,
+        lease: Lease,
+        executor: AgentExecutor,
+        gates: HealthGates,
+        *,
+        is_cordoned: Callable[[str], bool],
+        interval_s: float = 1.0,
+        on_step_finished: Callable[[str, str, float], None] | None = None,
+        on_phase_counts: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        self._repository = repository
+        self._lease = lease
+        self._executor = executor
+        self._gates = gates
+        self._is_cordoned = is_cordoned
+        self._interval_s = interval_s
+        self._on_step_finished = on_step_finished
+        self._on_phase_counts = on_phase_counts
+        self._wake = asyncio.Event()
+        self._driving: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def leader(self) -> bool:
+        return self._lease.fence is not None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Runs until cancelled: holds (or waits for) the lease and reconciles."""
+        try:
+            while True:
+                fence = await self._lease.acquire_or_renew()
+                if fence is None:
+                    self._stop_driving()
+                else:
+                    await self.reconcile()
+                if self._on_phase_counts is not None:
+                    self._on_phase_counts(await self._repository.count_by_phase())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                self._wake.clear()
+        finally:
+            self._stop_driving()
+            if self._driving:
+                await asyncio.gather(*self._driving.values(), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._lease.release()
+
+    def _stop_driving(self) -> None:
+        for task in self._driving.values():
+            task.cancel()
+
+    async def reconcile(self) -> None:
+        """One pass: expire plans that never started, drive every active plan."""
+        now = _utcnow()
+        for plan_id in await self._repository.expiring_plan_ids(now):
+            await self._expire(plan_id, now)
+        for plan_id in await self._repository.active_plan_ids():
+            task = self._driving.get(plan_id)
+            if task is None or task.done():
+                self._driving[plan_id] = asyncio.create_task(
+                    self._drive_logged(plan_id), name=f"plan:{plan_id}"
+                )
+        for plan_id, task in list(self._driving.items()):
+            if task.done():
+                del self._driving[plan_id]
+
+    async def _expire(self, plan_id: str, now: dt.datetime) -> None:
+        try:
+            plan = await self._repository.get(plan_id)
+            if plan.phase.terminal or plan.phase == Phase.EXECUTING:
+                return
+            expired = plan.expire_at.isoformat() if plan.expire_at else "?"
+            plan.status_message = f"expired at {expired} before it started"
+            await self._repository.save(
+                plan,
+                to_phase=Phase.CANCELLED,
+                actor=ACTOR,
+                reason=plan.status_message,
+                fence=self._lease.fence,
+            )
+        except (PlanConflict, PlanNotFound, LeaseLost) as exc:
+            log.info("expiring plan %s: %s", plan_id, exc)
+
+    async def _drive_logged(self, plan_id: str) -> None:
+        with log_context(plan_id=plan_id):
+            try:
+                await self._drive(plan_id)
+            except (LeaseLost, PlanConflict) as exc:
+                log.info("plan %s: stopped driving (%s); the next pass resumes it", plan_id, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("plan %s: reconcile failed; retrying on the next pass", plan_id)
+
+    async def _save(self, plan: Plan, to: Phase | None = None, reason: str = "") -> Plan:
+        fence = self._lease.fence
+        if fence is None:
+            raise LeaseLost("no lease")
+        saved = await self._repository.save(
+            plan, to_phase=to, actor=ACTOR, reason=reason, fence=fence
+        )
+        # Keep working on the same object: the loops below hold references into its steps.
+        plan.phase, plan.version = saved.phase, saved.version
+        plan.updated_at, plan.transitions = saved.updated_at, saved.transitions
+        return plan
+
+    async def _drive(self, plan_id: str) -> None:
+        plan = await self._repository.get(plan_id)
+        while not plan.phase.terminal:
+            if plan.phase == Phase.APPROVED:
+                if plan.expire_at is not None and plan.expire_at <= _utcnow():
+                    await self._expire(plan_id, _utcnow())
+                    return
+                plan.started_at = _utcnow()
+                plan = await self._save(plan, Phase.EXECUTING, "execution started")
+            elif plan.phase == Phase.EXECUTING:
+                plan = await self._execute(plan)
+            elif plan.phase == Phase.ROLLING_BACK:
+                plan = await self._roll_back(plan)
+            else:
+                return
+
+    # --- execution --------------------------------------------------------------------------
+
+    def _deadline_passed(self, plan: Plan) -> bool:
+        if not plan.limits.deadline_s or plan.started_at is None:
+            return False
+        return _utcnow() > plan.started_at + dt.timedelta(seconds=plan.limits.deadline_s)
+
+    def _command_deadline(self, plan: Plan, step: Step) -> dt.datetime:
+        deadline = _utcnow() + dt.timedelta(seconds=step.timeout_s)
+        if plan.limits.deadline_s and plan.started_at is not None:
+            deadline = min(deadline, plan.started_at + dt.timedelta(seconds=plan.limits.deadline_s))
+        return deadline
+
+    async def _execute(self, plan: Plan) -> Plan:
+        for step in plan.steps:
+            if step.state == StepState.SUCCEEDED:
+                continue
+            if plan.cancel_requested:
+                return await self._fail(plan, step, plan.cancel_requested)
+            if self._deadline_passed(plan):
+                return await self._fail(plan, step, "the plan's deadline passed")
+            started = time.monotonic()
+            if step.state != StepState.RUNNING:
+                step.state = StepState.RUNNING
+                await self._save(plan)
+            size = max(plan.limits.max_nodes_in_parallel, 1)
+            nodes = step.node_ids
+            for first in range(0, len(nodes), size):
+                wave = nodes[first : first + size]
+                todo = [
+                    n
+                    for n in wave
+                    if (r := step.result_for(n)) is None
+                    or r.state in (StepState.PENDING, StepState.RUNNING)
+                ]
+                if todo:
+                    results = await asyncio.gather(*(self._do(plan, step, n) for n in todo))
+                    for result in results:
+                        existing = step.result_for(result.node_id)
+                        if existing is None:
+                            step.node_results.append(result)
+                        else:
+                            step.node_results[step.node_results.index(existing)] = result
+                    await self._save(plan)
+                failed = [
+                    r for n in wave if (r := step.result_for(n)) and r.state == StepState.FAILED
+                ]
+                if failed:
+                    why = "; ".join(f"{r.node_id}: {r.outcome} {r.message}".strip() for r in failed)
+                    self._step_finished(step, "failed", started)
+                    return await self._fail(plan, step, f"step {step.step_id} failed on {why}")
+                gate_problem = await self._gates.check(plan.health_gates, wave)
+                if gate_problem is not None:
+                    self._step_finished(step, "gate_failed", started)
+                    return await self._fail(plan, step, f"step {step.step_id}: {gate_problem}")
+                if plan.cancel_requested:
+                    return await self._fail(plan, step, plan.cancel_requested)
+                if self._deadline_passed(plan):
+                    return await self._fail(plan, step, "the plan's deadline passed")
+            step.state = StepState.SUCCEEDED
+            step.message = f"done on {len(nodes)} node(s)"
+            self._step_finished(step, "succeeded", started)
+            plan = await self._save(plan)
+        plan.status_message = "all steps succeeded"
+        return await self._save(plan, Phase.COMPLETED, "all steps succeeded")
+
+    def _step_finished(self, step: Step, result: str, started: float) -> None:
+        if self._on_step_finished is not None:
+            self._on_step_finished(step.action, result, time.monotonic() - started)
+
+    async def _do(self, plan: Plan, step: Step, node_id: str) -> NodeResult:
+        action = NODE_ACTIONS[step.action]
+        if not action.allowed_on_cordoned and self._is_cordoned(node_id):
+            return NodeResult(
+                node_id,
+                StepState.FAILED,
+                outcome="CORDONED",
+                message="the node is cordoned; uncordon it before new work",
+            )
+        result = await self._executor.run(
+            plan_id=plan.plan_id,
+            step_index=step.index,
+            node_id=node_id,
+            action=step.action,
+            parameters=step.parameters,
+            deadline=self._command_deadline(plan, step),
+        )
+        return NodeResult(
+            node_id,
+            StepState.SUCCEEDED if result.succeeded else StepState.FAILED,
+            command_id=result.command_id,
+            outcome=result.outcome,
+            message=result.message,
+            output=dict(result.output),
+        )
+
+    async def _fail(self, plan: Plan, step: Step, reason: str) -> Plan:
+        step.state = StepState.FAILED
+        step.message = reason
+        plan.status_message = reason
+        log.warning("plan %s: %s", plan.plan_id, reason)
+        if any(self._undoable(s, r) for s in plan.steps for r in s.node_results):
+            return await self._save(plan, Phase.ROLLING_BACK, reason)
+        return await self._save(plan, Phase.FAILED, f"{reason}; nothing to roll back")
+
+    @staticmethod
+    def _undoable(step: Step, result: NodeResult) -> bool:
+        return result.state == StepState.SUCCEEDED
+
+    # --- rollback ---------------------------------------------------------------------------
+
+    async def _roll_back(self, plan: Plan) -> Plan:
+        failures: list[str] = []
+        for step in reversed(plan.steps):
+            touched = False
+            for result in reversed(step.node_results):
+                if result.state != StepState.SUCCEEDED:
+                    if result.rollback_outcome and result.rollback_outcome != "SUCCEEDED":
+                        failures.append(f"{result.node_id}: {result.rollback_outcome}")
+                    continue
+                touched = True
+                inverse = NODE_ACTIONS[step.action].inverse(step.parameters, result.output)
+                if inverse is None:
+                    result.state = StepState.ROLLED_BACK
+                    result.rollback_outcome = "NOTHING_TO_UNDO"
+                else:
+                    action, parameters = inverse
+                    undone = await self._executor.run(
+                        plan_id=plan.plan_id,
+                        step_index=step.index,
+                        node_id=result.node_id,
+                        action=action,
+                        parameters=parameters,
+                        deadline=_utcnow() + dt.timedelta(seconds=step.timeout_s),
+                        undo=True,
+                    )
+                    result.rollback_command_id = undone.command_id
+                    result.rollback_outcome = undone.outcome
+                    if undone.succeeded:
+                        result.state = StepState.ROLLED_BACK
+                    else:
+                        # Left SUCCEEDED would retry forever; the failure is recorded instead.
+                        result.state = StepState.FAILED
+                        result.message = f"rollback {action} failed: {undone.message}"
+                        failures.append(f"{result.node_id}: {undone.outcome} {undone.message}")
+                await self._save(plan)
+            if touched and step.state != StepState.FAILED:
+                step.state = StepState.ROLLED_BACK
+                plan = await self._save(plan)
+        if failures:
+            reason = "rollback incomplete: " + "; ".join(failures)
+            plan.status_message = f"{plan.status_message}; {reason}"
+            return await self._save(plan, Phase.FAILED, reason)
+        return await self._save(plan, Phase.ROLLED_BACK, f"rolled back: {plan.status_message}")

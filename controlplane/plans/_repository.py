@@ -1,0 +1,374 @@
+"""Plans in the store: creation with their first transitions, reads, and fenced updates.
+
+Every write bumps the plan's `version` and is conditional on the version it read (optimistic
+concurrency between the API and the controller, and between control planes); writes by the
+controller also carry its lease epoch, so a deposed leader cannot change anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from controlplane.audit import audit_row
+from controlplane.plans._lease import Fence
+from controlplane.plans._model import (
+    Phase,
+    Plan,
+    Transition,
+    Violation,
+    apply_body,
+    body_of,
+    check_transition,
+)
+from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLANS, Store
+
+TRANSITION_METHOD = "plan.transition"
+
+
+class PlanNotFound(LookupError):
+    pass
+
+
+class PlanConflict(Exception):
+    """The plan changed since it was read (another writer won); re-read and decide again."""
+
+
+class RequestIdConflict(Exception):
+    """The request_id was already used, by the plan in `plan_id` (read it for a replay)."""
+
+    def __init__(self, plan_id: str) -> None:
+        super().__init__(plan_id)
+        self.plan_id = plan_id
+
+
+@dataclass(frozen=True, slots=True)
+class PlanFilter:
+    phase: Phase | None = None
+    source: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """What happened to a plan, for watchers and metrics."""
+
+    plan: Plan
+    transitions: tuple[Transition, ...]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _plan_from_row(row: Any) -> Plan:
+    plan = Plan(
+        plan_id=row.plan_id,
+        request_id=row.request_id,
+        source=row.source,
+        rationale=row.rationale,
+        confidence=row.confidence,
+        expire_at=row.expire_at,
+        steps=[],
+        health_gates=(),
+        limits=None,  # type: ignore[arg-type]  # filled by apply_body
+        submitted_by=row.submitted_by,
+        phase=Phase(row.phase),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        violations=tuple(Violation(**v) for v in row.violations),
+        status_message=row.status_message,
+        version=row.version,
+    )
+    apply_body(plan, row.body)
+    return plan
+
+
+def _transition_rows(
+    plan_id: str, transitions: Sequence[Transition]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = [
+        {
+            "plan_id": plan_id,
+            "from_phase": t.from_phase.value,
+            "to_phase": t.to_phase.value,
+            "at": t.at,
+            "actor": t.actor,
+            "reason": t.reason,
+        }
+        for t in transitions
+    ]
+    audits = [
+        audit_row(
+            t.actor,
+            TRANSITION_METHOD,
+            f"plan/{plan_id}",
+            t.to_phase.value,
+            f"{t.from_phase.value} → {t.to_phase.value}: {t.reason}",
+            at=t.at,
+        )
+        for t in transitions
+    ]
+    return rows, audits
+
+
+class PlanRepository:
+    def __init__(self, store: Store, on_change: Callable[[PlanChange], None]) -> None:
+        self._store = store
+        self._on_change = on_change
+
+    # --- reads ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(db: Connection, plan_id: str, with_transitions: bool = True) -> Plan | None:
+        row = db.execute(select(PLANS).where(PLANS.c.plan_id == plan_id)).first()
+        if row is None:
+            return None
+        plan = _plan_from_row(row)
+        if with_transitions:
+            plan.transitions = PlanRepository._transitions(db, plan_id)
+        return plan
+
+    @staticmethod
+    def _transitions(db: Connection, plan_id: str, after_id: int = 0) -> tuple[Transition, ...]:
+        rows = db.execute(
+            select(PLAN_TRANSITIONS)
+            .where(PLAN_TRANSITIONS.c.plan_id == plan_id, PLAN_TRANSITIONS.c.id > after_id)
+            .order_by(PLAN_TRANSITIONS.c.id)
+        )
+        return tuple(
+            Transition(Phase(r.from_phase), Phase(r.to_phase), r.at, r.actor, r.reason)
+            for r in rows
+        )
+
+    async def get(self, plan_id: str) -> Plan:
+        plan = await self._store.run_core(lambda db: self._read(db, plan_id))
+        if plan is None:
+            raise PlanNotFound(plan_id)
+        return plan
+
+    async def find_by_request_id(self, request_id: str) -> Plan | None:
+        def read(db: Connection) -> Plan | None:
+            plan_id = db.scalar(select(PLANS.c.plan_id).where(PLANS.c.request_id == request_id))
+            return None if plan_id is None else self._read(db, plan_id)
+
+        return await self._store.run_core(read)
+
+    async def request_lookup(
+        self, request_id: str, targets: Sequence[str], since: dt.datetime
+    ) -> tuple[Plan | None, dict[str, int]]:
+        """In one round trip: the plan already submitted under `request_id` (if any), and for
+        each target how many accepted plans touched it since `since` (for rate limits)."""
+
+        def read(db: Connection) -> tuple[Plan | None, dict[str, int]]:
+            plan_id = db.scalar(select(PLANS.c.plan_id).where(PLANS.c.request_id == request_id))
+            existing = None if plan_id is None else self._read(db, plan_id)
+            counts: dict[str, int] = {}
+            if targets:
+                rows = db.execute(
+                    select(PLAN_TARGETS.c.target, func.count())
+                    .join(PLANS, PLANS.c.plan_id == PLAN_TARGETS.c.plan_id)
+                    .where(
+                        PLAN_TARGETS.c.target.in_(list(targets)),
+                        PLAN_TARGETS.c.created_at >= since,
+                        PLANS.c.phase.not_in([Phase.REJECTED.value, Phase.CANCELLED.value]),
+                    )
+                    .group_by(PLAN_TARGETS.c.target)
+                )
+                counts = {target: int(count) for target, count in rows}
+            return existing, counts
+
+        return await self._store.run_core(read)
+
+    async def transitions_after(self, plan_id: str, after: int) -> tuple[Plan | None, list[int]]:
+        """The plan and the ids of its transitions after `after` (for WatchPlan)."""
+
+        def read(db: Connection) -> tuple[Plan | None, list[int]]:
+            plan = self._read(db, plan_id)
+            ids = list(
+                db.scalars(
+                    select(PLAN_TRANSITIONS.c.id)
+                    .where(PLAN_TRANSITIONS.c.plan_id == plan_id)
+                    .order_by(PLAN_TRANSITIONS.c.id)
+                )
+            )
+            return plan, ids
+
+        return await self._store.run_core(read)
+
+    async def query(self, where: PlanFilter, after_id: str, limit: int) -> list[Plan]:
+        def read(db: Connection) -> list[Plan]:
+            query = select(PLANS).where(PLANS.c.plan_id > after_id)
+            if where.phase is not None:
+                query = query.where(PLANS.c.phase == where.phase.value)
+            if where.source:
+                query = query.where(PLANS.c.source == where.source)
+            if where.target:
+                query = query.where(
+                    PLANS.c.plan_id.in_(
+                        select(PLAN_TARGETS.c.plan_id).where(PLAN_TARGETS.c.target == where.target)
+                    )
+                )
+            rows = db.execute(query.order_by(PLANS.c.plan_id).limit(limit)).all()
+            plans = [_plan_from_row(row) for row in rows]
+            for plan in plans:
+                plan.transitions = self._transitions(db, plan.plan_id)
+            return plans
+
+        return await self._store.run_core(read)
+
+    async def active_plan_ids(self) -> list[str]:
+        """Plans the controller has work on, oldest first."""
+        active = [Phase.APPROVED.value, Phase.EXECUTING.value, Phase.ROLLING_BACK.value]
+
+        def read(db: Connection) -> list[str]:
+            return list(
+                db.scalars(
+                    select(PLANS.c.plan_id)
+                    .where(PLANS.c.phase.in_(active))
+                    .order_by(PLANS.c.plan_id)
+                )
+            )
+
+        return await self._store.run_core(read)
+
+    async def expiring_plan_ids(self, now: dt.datetime) -> list[str]:
+        """Plans that have not started and whose expiry has passed."""
+        waiting = [Phase.AWAITING_APPROVAL.value, Phase.APPROVED.value, Phase.PENDING.value]
+
+        def read(db: Connection) -> list[str]:
+            return list(
+                db.scalars(
+                    select(PLANS.c.plan_id).where(
+                        PLANS.c.phase.in_(waiting),
+                        PLANS.c.expire_at.is_not(None),
+                        PLANS.c.expire_at <= now,
+                    )
+                )
+            )
+
+        return await self._store.run_core(read)
+
+    async def count_by_phase(self) -> dict[str, int]:
+        def read(db: Connection) -> dict[str, int]:
+            rows = db.execute(select(PLANS.c.phase, func.count()).group_by(PLANS.c.phase))
+            return {phase: int(count) for phase, count in rows}
+
+        return await self._store.run_core(read)
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def create(self, plan: Plan, digest: str, transitions: Sequence[Transition]) -> Plan:
+        """Stores a new plan with its targets, transitions and their audit events, all in one
+        transaction. Raises `RequestIdConflict` when its request_id is taken."""
+        now = plan.created_at or _utcnow()
+
+        def write(db: Connection) -> None:
+            db.execute(
+                insert(PLANS).values(
+                    plan_id=plan.plan_id,
+                    request_id=plan.request_id,
+                    request_digest=digest,
+                    source=plan.source,
+                    rationale=plan.rationale,
+                    confidence=plan.confidence,
+                    submitted_by=plan.submitted_by,
+                    phase=plan.phase.value,
+                    created_at=now,
+                    updated_at=now,
+                    expire_at=plan.expire_at,
+                    body=body_of(plan),
+                    violations=[
+                        {
+                            "rule_id": v.rule_id,
+                            "message": v.message,
+                            "field": v.field,
+                            "effect": v.effect,
+                        }
+                        for v in plan.violations
+                    ],
+                    status_message=plan.status_message,
+                    version=1,
+                )
+            )
+            db.execute(
+                insert(PLAN_TARGETS),
+                [
+                    {"plan_id": plan.plan_id, "target": key, "created_at": now}
+                    for key in plan.target_keys
+                ],
+            )
+            rows, audits = _transition_rows(plan.plan_id, transitions)
+            db.execute(insert(PLAN_TRANSITIONS), rows)
+            db.execute(insert(AUDIT_EVENTS), audits)
+
+        try:
+            await self._store.run_core(write)
+        except IntegrityError:
+            existing = await self.find_by_request_id(plan.request_id)
+            if existing is None:
+                raise
+            raise RequestIdConflict(existing.plan_id) from None
+        plan.version = 1
+        plan.created_at = plan.updated_at = now
+        plan.transitions = tuple(transitions)
+        self._on_change(PlanChange(plan, tuple(transitions)))
+        return plan
+
+    async def save(
+        self,
+        plan: Plan,
+        *,
+        to_phase: Phase | None = None,
+        actor: str = "",
+        reason: str = "",
+        fence: Fence | None = None,
+    ) -> Plan:
+        """Writes `plan`'s steps and bookkeeping, and moves it to `to_phase` when given.
+
+        Conditional on the version `plan` was read at (`PlanConflict` otherwise) and, with a
+        `fence`, on the controller still holding its lease (`LeaseLost` otherwise).
+        """
+        now = _utcnow()
+        transitions: tuple[Transition, ...] = ()
+        new_phase = plan.phase
+        if to_phase is not None and to_phase != plan.phase:
+            check_transition(plan.phase, to_phase)
+            transitions = (Transition(plan.phase, to_phase, now, actor, reason),)
+            new_phase = to_phase
+        values: dict[str, Any] = {
+            "phase": new_phase.value,
+            "updated_at": now,
+            "body": body_of(plan),
+            "status_message": plan.status_message,
+            "version": plan.version + 1,
+        }
+
+        def write(db: Connection) -> None:
+            if fence is not None:
+                fence.check(db)
+            result = db.execute(
+                update(PLANS)
+                .where(PLANS.c.plan_id == plan.plan_id, PLANS.c.version == plan.version)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise PlanConflict(f"plan {plan.plan_id} changed since version {plan.version}")
+            if transitions:
+                rows, audits = _transition_rows(plan.plan_id, transitions)
+                db.execute(insert(PLAN_TRANSITIONS), rows)
+                db.execute(insert(AUDIT_EVENTS), audits)
+
+        await self._store.run_core(write)
+        saved = plan.copy()
+        saved.phase = new_phase
+        saved.version = plan.version + 1
+        saved.updated_at = now
+        saved.transitions = plan.transitions + transitions
+        self._on_change(PlanChange(saved, transitions))
+        return saved

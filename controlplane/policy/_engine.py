@@ -1,0 +1,220 @@
+"""The policy engine: checks policies, compiles their rules once, and evaluates every enabled
+rule against a plan document, deterministically and failing closed."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cel
+
+from controlplane.policy._cel import (
+    ExpressionError,
+    compile_program,
+    describe_error,
+    free_variables,
+    to_context,
+)
+from controlplane.policy._model import (
+    Effect,
+    EvaluationContext,
+    Policy,
+    PolicyInvalid,
+    Rule,
+    Scope,
+    Verdict,
+    Violation,
+)
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,127}")
+MAX_EXPRESSION_LENGTH = 10_000
+PLAN_VARIABLES = frozenset({"plan", "fleet", "history", "now"})
+STEP_VARIABLES = PLAN_VARIABLES | {"step", "index"}
+
+
+def _check_id(value: str, what: str) -> str | None:
+    if not value:
+        return f"required: the {what} id"
+    if ID_PATTERN.fullmatch(value) is None:
+        return (
+            f"{value!r} is not a valid {what} id: lowercase letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return None
+
+
+def _step_program(expression: str) -> cel.Program:
+    # A STEP rule reads `step` out of the plan already converted for this evaluation, instead
+    # of converting each step to CEL values again: the comprehension binds `step` to
+    # plan.steps[index]. The newlines keep a trailing `// comment` from swallowing the wrapper.
+    return compile_program(f"[plan.steps[index]].map(step, (\n{expression}\n))[0]")
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    policy_id: str
+    rule: Rule
+    program: cel.Program
+
+
+def _compile_policy(policy: Policy) -> tuple[list[_CompiledRule], list[tuple[str, str]]]:
+    problems: list[tuple[str, str]] = []
+    compiled: list[_CompiledRule] = []
+    if problem := _check_id(policy.policy_id, "policy"):
+        problems.append(("policy_id", problem))
+    if not policy.rules:
+        problems.append(("rules", "a policy needs at least one rule"))
+    first_at: dict[str, int] = {}
+    for i, rule in enumerate(policy.rules):
+        at = f"rules[{i}]"
+        if problem := _check_id(rule.rule_id, "rule"):
+            problems.append((f"{at}.rule_id", problem))
+        elif rule.rule_id in first_at:
+            problems.append(
+                (
+                    f"{at}.rule_id",
+                    f"duplicate rule id {rule.rule_id!r} (also rules[{first_at[rule.rule_id]}])",
+                )
+            )
+        else:
+            first_at[rule.rule_id] = i
+        if rule.scope is Scope.PLAN and "{index}" in rule.field:
+            problems.append((f"{at}.field", "'{index}' is only replaced in STEP-scope rules"))
+        if len(rule.expression) > MAX_EXPRESSION_LENGTH:
+            problems.append((f"{at}.expression", f"at most {MAX_EXPRESSION_LENGTH} characters"))
+            continue
+        try:
+            program = compile_program(rule.expression)
+        except ExpressionError as exc:
+            problems.append(
+                (f"{at}.expression", str(exc) if rule.expression.strip() else "required")
+            )
+            continue
+        allowed = STEP_VARIABLES if rule.scope is Scope.STEP else PLAN_VARIABLES
+        unknown = sorted(free_variables(program, rule.expression) - allowed)
+        if unknown:
+            problems.append(
+                (
+                    f"{at}.expression",
+                    f"unknown variable(s) {', '.join(unknown)}; {rule.scope.value} rules may use "
+                    f"{', '.join(sorted(allowed))}",
+                )
+            )
+            continue
+        if rule.scope is Scope.STEP:
+            program = _step_program(rule.expression)
+        compiled.append(_CompiledRule(policy.policy_id, rule, program))
+    return compiled, problems
+
+
+def check_policy(policy: Policy) -> None:
+    """Raises PolicyInvalid listing every problem of `policy` (ids, duplicate rule ids, empty
+    expressions, syntax errors, unknown variables), each with its path in the policy."""
+    _, problems = _compile_policy(policy)
+    if problems:
+        raise PolicyInvalid(problems)
+
+
+def _variables(plan: Mapping[str, Any], context: EvaluationContext) -> dict[str, Any]:
+    return {
+        "plan": plan,
+        "fleet": {
+            "size": context.fleet_size,
+            "connected": context.connected_nodes,
+            "cordoned": sorted(context.cordoned_nodes),
+        },
+        "history": {
+            "recent": dict(context.recent_plans_by_target),
+            "window_seconds": float(context.rate_window_s),
+        },
+        "now": context.now,
+        "index": 0,
+    }
+
+
+def _violation(rule: _CompiledRule, field: str, why: str | None) -> Violation:
+    message = rule.rule.message or f"rule {rule.rule.rule_id} is violated"
+    if why is not None:
+        # Fail closed: a rule that cannot be judged counts as violated, with its own effect.
+        message = f"the rule could not be evaluated ({why}), so it counts as violated: {message}"
+    return Violation(rule.rule.rule_id, message, field, rule.rule.effect, rule.policy_id)
+
+
+def _run(rule: _CompiledRule, context: cel.Context, field: str) -> Violation | None:
+    try:
+        result = rule.program.execute(context)
+    except Exception as exc:
+        return _violation(rule, field, describe_error(exc))
+    if result is True:
+        return None
+    if result is False:
+        return _violation(rule, field, None)
+    return _violation(rule, field, f"it gave {type(result).__name__} {result!r}, not a bool")
+
+
+class PolicyEngine:
+    """Holds the compiled enabled policies and judges plans against them."""
+
+    def __init__(self, on_evaluated: Callable[[float, Verdict], None] | None = None) -> None:
+        self._on_evaluated = on_evaluated
+        # Replaced as a whole, so an evaluation sees either the old set or the new one.
+        self._state: tuple[list[Policy], list[_CompiledRule]] = ([], [])
+
+    def replace_policies(self, policies: Iterable[Policy]) -> None:
+        """Compiles all of `policies` and puts them in force at once; raises PolicyInvalid
+        (naming the policy) and keeps the previous set when any is invalid."""
+        ordered = sorted(policies, key=lambda p: p.policy_id)
+        rules: list[_CompiledRule] = []
+        for i, policy in enumerate(ordered):
+            if i and ordered[i - 1].policy_id == policy.policy_id:
+                raise PolicyInvalid(
+                    [("policy_id", "given twice")], where=f"policy {policy.policy_id!r}"
+                )
+            compiled, problems = _compile_policy(policy)
+            if problems:
+                raise PolicyInvalid(problems, where=f"policy {policy.policy_id!r}")
+            if policy.enabled:
+                rules.extend(compiled)
+        self._state = (ordered, rules)
+
+    def policies(self) -> list[Policy]:
+        """Every policy in force (disabled ones included), by policy id."""
+        return list(self._state[0])
+
+    def evaluate(self, plan: Mapping[str, Any], context: EvaluationContext) -> Verdict:
+        """Every violation of every enabled rule, in policy-id, rule and step order."""
+        started = time.perf_counter()
+        _, rules = self._state
+        violations: list[Violation] = []
+        try:
+            cel_context = to_context(_variables(plan, context))
+        except ExpressionError as exc:
+            violations = [_violation(r, r.rule.field, str(exc)) for r in rules]
+        else:
+            steps = plan.get("steps") or []
+            for rule in rules:
+                if rule.rule.scope is Scope.PLAN:
+                    if found := _run(rule, cel_context, rule.rule.field):
+                        violations.append(found)
+                    continue
+                for index in range(len(steps)):
+                    cel_context.add_variable("index", index)
+                    field = rule.rule.field.replace("{index}", str(index))
+                    if found := _run(rule, cel_context, field):
+                        violations.append(found)
+        verdict = Verdict(
+            rejections=tuple(v for v in violations if v.effect is Effect.REJECT),
+            approvals_required=tuple(v for v in violations if v.effect is Effect.REQUIRE_APPROVAL),
+        )
+        if self._on_evaluated is not None:
+            try:
+                self._on_evaluated(time.perf_counter() - started, verdict)
+            except Exception:
+                log.exception("policy evaluation hook failed")
+        return verdict
