@@ -83,10 +83,17 @@ async def ping(controls: AgentControls, parameters: dict[str, Any]) -> dict[str,
 async def set_telemetry_interval(
     controls: AgentControls, parameters: dict[str, Any]
 ) -> dict[str, Any]:
+    """Sets the telemetry interval. With `restore: true` (a rollback putting back the value the
+    agent had before) any positive interval up to the maximum is accepted: the agent may have
+    been started with a shorter interval than a plan may request."""
     seconds = parameters.get("seconds")
+    restore = parameters.get("restore", False)
+    if not isinstance(restore, bool):
+        raise ActionError("INVALID_ARGUMENT", "parameters.restore: must be true or false")
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         raise ActionError("INVALID_ARGUMENT", "parameters.seconds: required, a number of seconds")
-    if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
+    low = 0.0 if restore else MIN_INTERVAL_S
+    if not (low < seconds if restore else low <= seconds) or seconds > MAX_INTERVAL_S:
         raise ActionError(
             "INVALID_ARGUMENT",
             f"parameters.seconds: {seconds:g} is outside [{MIN_INTERVAL_S:g}, {MAX_INTERVAL_S:g}]",

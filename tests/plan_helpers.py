@@ -70,7 +70,9 @@ def plan(
         limits=plan_pb2.PlanLimits(max_nodes_in_parallel=parallel),
     )
     if expire_in_s is not None:
-        message.expire_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expire_in_s))
+        message.expire_time.FromDatetime(
+            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expire_in_s)
+        )
     for name, expression, window_s in gates:
         gate = message.health_gates.add(name=name, expression=expression)
         gate.window.FromTimedelta(dt.timedelta(seconds=window_s))

@@ -16,7 +16,6 @@ from .plan_helpers import (
     plan,
     plan_client,
     step,
-    wait_phase,
     wait_terminal,
     write_policy,
 )
@@ -362,9 +361,7 @@ async def test_an_expired_plan_never_starts(
 
         with pytest.raises(grpc.aio.AioRpcError) as past:
             await planner.SubmitPlan(
-                plan_pb2.SubmitPlanRequest(
-                    plan=plan(step("cordon", ["node-a"]), expire_in_s=-5.0)
-                )
+                plan_pb2.SubmitPlanRequest(plan=plan(step("cordon", ["node-a"]), expire_in_s=-5.0))
             )
         assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "plan.expire_time" in (past.value.details() or "")
@@ -377,7 +374,9 @@ async def test_a_health_gate_without_fresh_data_is_inconclusive_and_rolls_back(
     # Agents are told to send telemetry every 60 s: after the step, no fresh sample can reach
     # the gate within its 1 s window, and "no data" must not count as healthy.
     cp = await control_plane_factory(telemetry_interval_s=60.0)
-    await agent_factory("node-a", cp.port)
+    a = await agent_factory("node-a", cp.port)
+    await eventually(lambda: a.agent._interval() == 60.0)
+    await asyncio.sleep(0.5)  # the sample the agent had scheduled at its own 0.2 s goes first
     async with plan_client(pki, cp.port) as planner:
         submitted = await planner.SubmitPlan(
             plan_pb2.SubmitPlanRequest(

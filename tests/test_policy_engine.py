@@ -220,15 +220,11 @@ def test_cordoned_nodes_take_only_uncordon_and_diagnostics() -> None:
         assert fired(engine.evaluate(allowed, context(cordoned=cordoned))) == []
 
 
-def test_change_freeze_is_off_by_default_and_when_on_freezes_weekends_but_not_diagnostics() -> (
-    None
-):
+def test_change_freeze_is_off_by_default_and_when_on_freezes_weekends_but_not_diagnostics() -> None:
     saturday = dt.datetime(2026, 3, 7, 23, 30, tzinfo=dt.UTC)
     assert fired(guardrails().evaluate(SAFE_PLAN, context(now=saturday))) == []
     frozen = guardrails(with_freeze=True)
-    assert fired(frozen.evaluate(SAFE_PLAN, context(now=saturday))) == [
-        ("weekend-freeze", "steps")
-    ]
+    assert fired(frozen.evaluate(SAFE_PLAN, context(now=saturday))) == [("weekend-freeze", "steps")]
     diagnostic = plan(node_step("run_diagnostic", ["n1"]))
     assert fired(frozen.evaluate(diagnostic, context(now=saturday))) == []
     christmas_eve = dt.datetime(2026, 12, 24, 9, 0, tzinfo=dt.UTC)  # a Thursday

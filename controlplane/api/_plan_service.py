@@ -164,7 +164,13 @@ def plan_from_proto(
         timeout_s = default_timeout_s
         if step.HasField("timeout"):
             timeout_s = _seconds(step.timeout)
-        parameters = json_format.MessageToDict(step.parameters)
+        try:
+            parameters = json_format.MessageToDict(step.parameters)
+        except ValueError:
+            parameters = {}
+            problems.append(
+                (f"plan.steps[{i}].parameters", "numbers must be finite (no NaN or Infinity)")
+            )
         steps.append(
             Step(
                 index=i,

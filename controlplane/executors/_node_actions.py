@@ -66,10 +66,15 @@ def _undo_power_limit(parameters: dict[str, Any], output: dict[str, Any]) -> Inv
 
 def _check_interval(p: dict[str, Any]) -> Problems:
     problems: Problems = []
-    _no_unknown(p, {"seconds"}, problems)
+    _no_unknown(p, {"seconds", "restore"}, problems)
     seconds: Any = p.get("seconds")
+    restore = p.get("restore", False)
+    if not isinstance(restore, bool):
+        problems.append(("restore", "must be true or false"))
     if not _number(seconds):
         problems.append(("seconds", "required, a number of seconds"))
+    elif restore is True and 0 < float(seconds) <= 3600.0:
+        pass  # a rollback puts back whatever the agent ran with
     elif not 1.0 <= float(seconds) <= 3600.0:
         problems.append(("seconds", f"{float(seconds):g} is outside [1, 3600]"))
     return problems
@@ -77,7 +82,9 @@ def _check_interval(p: dict[str, Any]) -> Problems:
 
 def _undo_interval(parameters: dict[str, Any], output: dict[str, Any]) -> Inverse:
     previous = output.get("previous_seconds")
-    return ("set_telemetry_interval", {"seconds": previous}) if _number(previous) else None
+    if not _number(previous):
+        return None
+    return ("set_telemetry_interval", {"seconds": previous, "restore": True})
 
 
 _DIAGNOSTIC_SECTIONS = frozenset({"gpu", "xid", "system", "disk"})
