@@ -11,6 +11,7 @@ import pytest
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
 from .conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
+from .fakenvml import FakeNvml, h100
 from .plan_helpers import (
     phases,
     plan,
@@ -496,3 +497,40 @@ async def test_plan_transitions_are_in_the_audit_log(
         )
     outcomes = sorted(e.outcome for e in events.events if e.method == "plan.transition")
     assert outcomes == sorted(["VALIDATING", "APPROVED", "EXECUTING", "COMPLETED"])
+
+
+async def test_gpu_power_limit_plan_failing_on_one_node_restores_the_other_nodes_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    # Only the GPU is faked (NVML's functions in the real pynvml module); both in-process
+    # agents see the same two boards, which makes "restored" easy to observe.
+    nvml = FakeNvml([h100(0), h100(1)])
+    nvml.install(monkeypatch)
+    cp = await control_plane_factory()
+    await agent_factory("gpu-a", cp.port)
+    await agent_factory("gpu-b", cp.port)
+    async with plan_client(pki, cp.port) as planner:
+        submitted = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(
+                plan=plan(
+                    step("set_gpu_power_limit", ["gpu-a"], {"watts": 250}, step_id="cap-a"),
+                    # 900 W is beyond these boards' 700 W maximum: the agent refuses it.
+                    step("set_gpu_power_limit", ["gpu-b"], {"watts": 900}, step_id="cap-b"),
+                )
+            )
+        )
+        done = await wait_terminal(planner, submitted.plan.plan_id)
+
+    assert phases(done)[-2:] == ["ROLLING_BACK", "ROLLED_BACK"], done.status_message
+    first, second = done.steps
+    assert second.node_results[0].outcome == "INVALID_ARGUMENT"
+    assert "700" in second.node_results[0].message
+    assert first.state == plan_pb2.STEP_STATE_ROLLED_BACK
+    assert [g["previous_watts"] for g in first.node_results[0].output["gpus"]] == [700.0, 700.0]
+    assert first.node_results[0].rollback_outcome == "SUCCEEDED"
+    # Capped to 250 W, then put back to 700 W: what the GPUs ran with before the plan.
+    assert nvml.power_limit_sets == [(0, 250_000), (1, 250_000), (0, 700_000), (1, 700_000)]
+    assert [g.power_limit for g in nvml.gpus] == [700_000, 700_000]

@@ -56,7 +56,8 @@ def _rules_and_checks() -> list[tuple[Rule, Check]]:
             (
                 rule(
                     "rate",
-                    f"plan.targets.all(t, !(t in history.recent) || history.recent[t] < {cap})",
+                    f"[history.recent].all(recent, plan.targets.all(t, !(t in recent) || "
+                    f"recent[t] < {cap}))",
                 ),
                 lambda p, e, s, c=cap: all(
                     e["history"]["recent"].get(t, 0) < c for t in p["targets"]
@@ -104,7 +105,8 @@ def _rules_and_checks() -> list[tuple[Rule, Check]]:
             (
                 rule(
                     "step-cordoned",
-                    "step.action == 'uncordon' || !step.node_ids.exists(n, n in fleet.cordoned)",
+                    "step.action == 'uncordon' || "
+                    "[fleet.cordoned].all(c, !step.node_ids.exists(n, n in c))",
                     Scope.STEP,
                 ),
                 lambda p, e, s: (
@@ -211,12 +213,20 @@ def main() -> None:
     if engine_result != baseline_result:
         raise SystemExit(f"engine and baseline disagree:\n{engine_result}\n{baseline_result}")
 
+    # The rate rule written without binding the nested map once (see the README).
+    naive_rate = PolicyEngine()
+    naive_expression = "plan.targets.all(t, !(t in history.recent) || history.recent[t] < 9)"
+    naive_rate.replace_policies([Policy("naive", "", (Rule("rate", naive_expression, "m"),))])
+
     for _ in range(args.warmup):
         engine.evaluate(plan, context)
         _python_baseline(checks, plan, context)
     rows = {
         "engine (CEL)": _timed(lambda: engine.evaluate(plan, context), args.evaluations),
         "plain Python": _timed(lambda: _python_baseline(checks, plan, context), args.evaluations),
+        "naive rate rule, 1 of the 50": _timed(
+            lambda: naive_rate.evaluate(plan, context), args.evaluations
+        ),
         "of which: plan -> CEL values": _timed(
             lambda: to_context({"plan": plan, "now": context.now}), args.evaluations
         ),
