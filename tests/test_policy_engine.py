@@ -313,7 +313,7 @@ def test_step_rule_reports_each_failing_step_and_fails_closed_per_step() -> None
         ("watts", "steps[0].parameters.watts"),
         ("watts", "steps[1].parameters.watts"),
     ]
-    assert "too much" == verdict.rejections[0].message
+    assert verdict.rejections[0].message == "too much"
     assert "no such key 'watts'" in verdict.rejections[1].message
 
 
@@ -387,7 +387,7 @@ def test_macro_variables_are_not_mistaken_for_unknown_variables() -> None:
 
 def test_replacing_with_an_invalid_policy_names_it_and_keeps_the_old_set() -> None:
     engine = _engine(Rule("r", "false", "old"))
-    with pytest.raises(PolicyInvalid, match="policy 'broken'.*rules\\[0\\].expression"):
+    with pytest.raises(PolicyInvalid, match=r"policy 'broken'.*rules\[0\]\.expression"):
         engine.replace_policies([Policy("broken", "", (Rule("r", "(", "m"),))])
     assert [v.message for v in engine.evaluate(SAFE_PLAN, context()).violations] == ["old"]
 

@@ -31,7 +31,9 @@ def _policy(policy_id: str = "power-cap", watts: int = 400) -> policy_pb2.Policy
         rules=[
             policy_pb2.PolicyRule(
                 rule_id="watts",
-                expression=f"step.action != 'set_gpu_power_limit' || step.parameters.watts <= {watts}",
+                expression=(
+                    f"step.action != 'set_gpu_power_limit' || step.parameters.watts <= {watts}"
+                ),
                 message=f"at most {watts} W here",
                 field="steps[{index}].parameters.watts",
                 effect=policy_pb2.POLICY_EFFECT_REJECT,

@@ -156,13 +156,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         except PolicyInvalid as exc:
             await _invalid(context, exc)
         digest = hashlib.sha256(request.policy.SerializeToString(deterministic=True)).hexdigest()
-        if request.request_id:
-            if self._requests.get(request.request_id, digest) != digest:
-                await abort(
-                    context,
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"request_id: {request.request_id!r} was already used for a different policy",
-                )
+        if request.request_id and self._requests.get(request.request_id, digest) != digest:
+            await abort(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request_id: {request.request_id!r} was already used for a different policy",
+            )
         try:
             stored = await self._book.create(
                 policy, validate_only=request.validate_only, replay=bool(request.request_id)
