@@ -1,4 +1,4 @@
-"""The store: one SQLAlchemy engine, used from a dedicated worker thread.
+"""The store: one SQLAlchemy engine on SQLite or PostgreSQL, used from a dedicated worker thread.
 
 SQLAlchemy's synchronous API runs on its own thread so the event loop never blocks on the
 database; a single thread also serialises SQLite's writers, which SQLite wants anyway.
@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,28 @@ T = TypeVar("T")
 
 _MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 
+# The driver a bare `postgresql://` (or `postgres://`) URL gets: psycopg 3, the one we ship.
+_POSTGRES_DRIVER = "postgresql+psycopg"
+# Seconds to wait for a PostgreSQL server before giving up, unless the URL sets its own.
+_PG_CONNECT_TIMEOUT_S = 10
+
 
 class StoreError(RuntimeError):
     """The database could not be opened or migrated."""
+
+
+def database_url(url: str) -> URL:
+    """Parses a database URL; `postgresql://` and `postgres://` mean psycopg 3.
+
+    Raises StoreError (without echoing the URL, which may hold a password) when it is not one.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError("the database URL is not a valid SQLAlchemy URL") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=_POSTGRES_DRIVER)
+    return parsed
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -40,18 +60,60 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
+    # Timestamps come back in the session's time zone; UTC makes them read the same as on
+    # SQLite whatever the server's default. Committed, or the pool's reset would undo it.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET TIME ZONE 'UTC'")
+    cursor.close()
+    dbapi_connection.commit()
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = _PG_CONNECT_TIMEOUT_S
+    engine = create_engine(
+        url,
+        connect_args=connect_args,
+        # One store thread plus the odd blocking caller (startup, CLI) need two connections.
+        pool_size=2,
+        max_overflow=2,
+        # A server restart or an idle-killing proxy must cost a reconnect, not a failed write.
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+    if url.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _postgres_session)
+    return engine
+
+
 class Store:
     """Owns the engine and the thread that talks to it."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self._engine: Engine = create_engine(url, future=True)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_pragmas)
+        parsed = database_url(url)
+        self.url = parsed.render_as_string(hide_password=False)
+        try:
+            self._engine: Engine = _create_engine(parsed)
+        except Exception as exc:  # unknown dialect or driver, bad options
+            raise StoreError(
+                f"cannot open the database at {parsed.render_as_string(hide_password=True)}: "
+                f"{_without(exc, parsed.password)}"
+            ) from None
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sentinel-store"
         )
+
+    @property
+    def dialect(self) -> str:
+        """The backend's name: "sqlite" or "postgresql"."""
+        return self._engine.dialect.name
 
     def migrate(self) -> None:
         """Brings the schema to the newest migration (blocking; call before serving)."""
@@ -61,7 +123,10 @@ class Store:
         try:
             command.upgrade(config, "head")
         except Exception as exc:
-            raise StoreError(f"cannot migrate the database at {self._safe_url()}: {exc}") from exc
+            raise StoreError(
+                f"cannot migrate the database at {self._safe_url()}: "
+                f"{_without(exc, self._engine.url.password)}"
+            ) from exc
 
     def _safe_url(self) -> str:
         return self._engine.url.render_as_string(hide_password=True)
@@ -90,3 +155,11 @@ class Store:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._engine.dispose()
+
+
+def _without(exc: BaseException, password: str | None) -> str:
+    """The error's text with the password masked: drivers may quote the connection string."""
+    text = str(exc)
+    if password:
+        text = text.replace(password, "***")
+    return text
