@@ -113,11 +113,18 @@ def _api_service_names() -> list[str]:
     )
 
 
+_GATE_VARIABLES = frozenset({"sample", "node_id"})
+
+
 def _expression_problem(source: str) -> str | None:
+    """Why a health-gate expression cannot be used, or None."""
     try:
-        compile_expression(source)
+        expression = compile_expression(source)
     except ExpressionError as exc:
         return str(exc)
+    unknown = sorted(expression.variables - _GATE_VARIABLES)
+    if unknown:
+        return f"unknown variable(s) {', '.join(unknown)}; health gates may use node_id, sample"
     return None
 
 

@@ -6,6 +6,13 @@ sentinelctl telemetry [--node N]    latest sample per node, one line each
 sentinelctl telemetry --follow      live samples as they arrive
 sentinelctl audit [--principal P] [--method M] [--target T] [--limit N]
                                     recent audit events, newest first
+sentinelctl submit FILE [--validate-only]
+                                    submit a plan (JSON, the sentinel.v1.Plan message)
+sentinelctl plans [--phase P] [--target T]
+                                    list plans, oldest first
+sentinelctl plan ID                 one plan in full (JSON)
+sentinelctl watch ID                follow a plan's transitions until it ends
+sentinelctl approve ID [--reason R] / sentinelctl cancel ID [--reason R]
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from sentinel.v1 import (
     audit_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
+    plan_pb2,
+    plan_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -167,6 +176,98 @@ async def _audit(args: argparse.Namespace) -> None:
         print("(no audit events match)")
 
 
+def _phase_name(value: int) -> str:
+    return plan_pb2.PlanPhase.Name(value).removeprefix("PLAN_PHASE_")  # type: ignore[arg-type]
+
+
+def _plan_line(plan: plan_pb2.Plan) -> str:
+    when = plan.create_time.ToDatetime(dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    actions = ",".join(step.action for step in plan.steps)
+    return f"{plan.plan_id:<36} {_phase_name(plan.phase):<18} {when}  {plan.source:<12} {actions}"
+
+
+async def _submit(args: argparse.Namespace) -> None:
+    text = await asyncio.to_thread(pathlib.Path(args.file).read_text)
+    plan = json_format.Parse(text, plan_pb2.Plan())
+    async with _channel(args) as channel:
+        response = await plan_pb2_grpc.PlanServiceStub(channel).SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=plan, validate_only=args.validate_only), timeout=30
+        )
+    result = response.plan
+    label = "would be" if args.validate_only else "is"
+    print(f"plan {result.plan_id or '(not stored)'} {label} {_phase_name(result.phase)}")
+    for violation in result.violations:
+        print(f"  {violation.rule_id}: {violation.message} [{violation.field}]")
+    for command in response.preview:
+        print(
+            f"  step {command.step_index} wave {command.wave}: "
+            f"{command.action} on {command.node_id}"
+        )
+
+
+async def _plans(args: argparse.Namespace) -> None:
+    request = plan_pb2.ListPlansRequest(target=args.target or "", page_size=500)
+    if args.phase:
+        request.phase = plan_pb2.PlanPhase.Value(f"PLAN_PHASE_{args.phase.upper()}")
+    async with _channel(args) as channel:
+        stub = plan_pb2_grpc.PlanServiceStub(channel)
+        print(f"{'PLAN':<36} {'PHASE':<18} {'CREATED':<20} {'SOURCE':<12} STEPS")
+        while True:
+            response = await stub.ListPlans(request, timeout=10)
+            for plan in response.plans:
+                print(_plan_line(plan))
+            request.page_token = response.next_page_token
+            if not request.page_token:
+                break
+
+
+async def _plan(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        response = await plan_pb2_grpc.PlanServiceStub(channel).GetPlan(
+            plan_pb2.GetPlanRequest(plan_id=args.plan_id), timeout=10
+        )
+    print(json_format.MessageToJson(response.plan, preserving_proto_field_name=True))
+
+
+async def _watch(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        stub = plan_pb2_grpc.PlanServiceStub(channel)
+        async for event in stub.WatchPlan(plan_pb2.WatchPlanRequest(plan_id=args.plan_id)):
+            if event.HasField("transition"):
+                t = event.transition
+                when = t.time.ToDatetime(dt.UTC).astimezone().strftime("%H:%M:%S")
+                print(
+                    f"{when}  {_phase_name(t.from_phase)} -> {_phase_name(t.to_phase)}  "
+                    f"({t.actor}) {t.reason}",
+                    flush=True,
+                )
+            else:
+                plan = event.plan
+                for step in plan.steps:
+                    state = plan_pb2.StepState.Name(step.state).removeprefix("STEP_STATE_")
+                    print(
+                        f"  step {step.step_id} {step.action}: {state} {step.message}", flush=True
+                    )
+        print("plan finished")
+
+
+async def _approve(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        response = await plan_pb2_grpc.PlanServiceStub(channel).ApprovePlan(
+            plan_pb2.ApprovePlanRequest(plan_id=args.plan_id, reason=args.reason or ""), timeout=10
+        )
+    print(f"plan {response.plan.plan_id} is {_phase_name(response.plan.phase)}")
+
+
+async def _cancel(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        response = await plan_pb2_grpc.PlanServiceStub(channel).CancelPlan(
+            plan_pb2.CancelPlanRequest(plan_id=args.plan_id, reason=args.reason or ""), timeout=10
+        )
+    plan = response.plan
+    print(f"plan {plan.plan_id} is {_phase_name(plan.phase)} {plan.status_message}".rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sentinelctl",
@@ -195,12 +296,34 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--target", help="exact resource, e.g. plan/<id>")
     audit.add_argument("--limit", type=_positive, default=50, help="most events shown (default 50)")
     audit.set_defaults(func=_audit)
+    submit = sub.add_parser("submit", help="submit a plan from a JSON file")
+    submit.add_argument("file")
+    submit.add_argument("--validate-only", action="store_true", help="verdict only, store nothing")
+    submit.set_defaults(func=_submit)
+    plans = sub.add_parser("plans", help="list plans")
+    plans.add_argument("--phase", help="e.g. executing, awaiting_approval")
+    plans.add_argument("--target", help="node id or target key")
+    plans.set_defaults(func=_plans)
+    for name, func, text in (
+        ("plan", _plan, "one plan in full (JSON)"),
+        ("watch", _watch, "follow a plan until it ends"),
+        ("approve", _approve, "approve a plan awaiting approval"),
+        ("cancel", _cancel, "cancel a plan (a running one is rolled back)"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("plan_id")
+        if name in ("approve", "cancel"):
+            command.add_argument("--reason")
+        command.set_defaults(func=func)
     args = parser.parse_args(argv)
     try:
         asyncio.run(args.func(args))
     except grpc.aio.AioRpcError as exc:
         print(f"sentinelctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except json_format.ParseError as exc:
+        print(f"sentinelctl: {args.file}: not a sentinel.v1.Plan in JSON: {exc}", file=sys.stderr)
+        return 2
     except FileNotFoundError as exc:
         print(
             f"sentinelctl: {exc.filename}: no such file (see `sentinel-certs init`)",

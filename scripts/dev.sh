@@ -27,6 +27,7 @@ trap cleanup EXIT INT TERM
 
 sentinel-controlplane --certs-dir "$DEV/certs" --listen "127.0.0.1:$PORT" \
   --metrics-listen "127.0.0.1:$METRICS_PORT" --database-url "sqlite:///$DEV/sentinel.db" \
+  --policy-paths deploy/policies \
   >"$DEV/logs/controlplane.log" 2>&1 &
 pids+=($!)
 

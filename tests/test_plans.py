@@ -10,6 +10,8 @@ import grpc
 import pytest
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
+from controlplane.ctl import main as ctl_main
+
 from .conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
 from .fakenvml import FakeNvml, h100
 from .plan_helpers import (
@@ -534,3 +536,43 @@ async def test_gpu_power_limit_plan_failing_on_one_node_restores_the_other_nodes
     # Capped to 250 W, then put back to 700 W: what the GPUs ran with before the plan.
     assert nvml.power_limit_sets == [(0, 250_000), (1, 250_000), (0, 700_000), (1, 700_000)]
     assert [g.power_limit for g in nvml.gpus] == [700_000, 700_000]
+
+
+async def test_sentinelctl_submits_lists_watches_and_shows_a_plan(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cp = await control_plane_factory()
+    await agent_factory("node-1", cp.port)
+    pki.client("operator", "admin")
+    example = pathlib.Path(__file__).parent.parent / "deploy/examples/plan-telemetry-interval.json"
+    base = [
+        "--server", f"localhost:{cp.port}", "--certs-dir", str(pki.directory),
+        "--identity", "operator-admin",
+    ]  # fmt: skip
+
+    def ctl(*args: str) -> int:
+        return ctl_main([*base, *args])
+
+    assert await asyncio.to_thread(ctl, "submit", str(example), "--validate-only") == 0
+    out = capsys.readouterr().out
+    assert "(not stored) would be APPROVED" in out
+    assert "step 0 wave 0: set_telemetry_interval on node-1" in out
+
+    assert await asyncio.to_thread(ctl, "submit", str(example)) == 0
+    plan_id = capsys.readouterr().out.split()[1]
+    assert await asyncio.to_thread(ctl, "watch", plan_id) == 0
+    watched = capsys.readouterr().out
+    assert "EXECUTING -> COMPLETED" in watched and watched.rstrip().endswith("plan finished")
+    assert await asyncio.to_thread(ctl, "plans", "--phase", "completed") == 0
+    assert plan_id in capsys.readouterr().out
+    assert await asyncio.to_thread(ctl, "cancel", plan_id) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"steps": "not a list"}')
+    assert await asyncio.to_thread(ctl, "submit", str(broken)) == 2
+    assert "not a sentinel.v1.Plan" in capsys.readouterr().err
