@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.pool import NullPool
 
 from certs import CertificateAuthority, Identity, write_private_key
 from controlplane import ControlPlane, ControlPlaneSettings, TlsFiles
@@ -90,9 +94,60 @@ def fast_settings(pki: Pki, database_url: str, **overrides: Any) -> ControlPlane
     return dataclasses.replace(settings, **overrides)
 
 
+# The backend every test's database lives on: "sqlite" (a file per test) or "postgresql" (a
+# database per test on the server SENTINEL_TEST_PG_URL names; scripts/test.sh starts one).
+TEST_DB = os.environ.get("SENTINEL_TEST_DB", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Engine]:
+    """An autocommit engine on the test server's maintenance database, for CREATE/DROP."""
+    raw = os.environ.get("SENTINEL_TEST_PG_URL", "")
+    if not raw:
+        pytest.fail(
+            "SENTINEL_TEST_DB=postgresql needs SENTINEL_TEST_PG_URL, e.g. "
+            "postgresql+psycopg://sentinel@127.0.0.1:55432/postgres (scripts/test.sh sets both)"
+        )
+    url = make_url(raw)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    # No pool: a connection kept open to the maintenance database would block nothing, but one
+    # kept in a test database would block its DROP.
+    engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+def _drop_database(admin: Engine, name: str) -> None:
+    with admin.connect() as db:
+        # A store or engine a test did not close still holds connections; DROP would wait.
+        db.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+        db.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
 @pytest.fixture
-def database_url(tmp_path: pathlib.Path) -> str:
-    return f"sqlite:///{tmp_path / 'sentinel.db'}"
+def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[str]:
+    """A fresh, empty database for this test on the backend SENTINEL_TEST_DB selects."""
+    if TEST_DB == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sentinel.db'}"
+        return
+    if TEST_DB != "postgresql":
+        pytest.fail(f"SENTINEL_TEST_DB must be 'sqlite' or 'postgresql', not {TEST_DB!r}")
+    admin: Engine = request.getfixturevalue("postgres_admin")
+    name = f"sentinel_test_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as db:
+        # template0 is empty by definition, whatever someone added to template1.
+        db.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        _drop_database(admin, name)
 
 
 ControlPlaneFactory = Callable[..., Awaitable[ControlPlane]]

@@ -576,3 +576,46 @@ async def test_sentinelctl_submits_lists_watches_and_shows_a_plan(
     broken.write_text('{"steps": "not a list"}')
     assert await asyncio.to_thread(ctl, "submit", str(broken)) == 2
     assert "not a sentinel.v1.Plan" in capsys.readouterr().err
+
+
+async def test_cancelling_a_running_plan_withdraws_undelivered_commands_and_rolls_back(
+    pki: Pki, control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    cp = await control_plane_factory()
+    a = await agent_factory("node-a", cp.port)
+    b = await agent_factory("node-b", cp.port)
+    await b.stop()  # away: its command waits in the ledger
+    before = a.agent._interval()
+    async with (
+        plan_client(pki, cp.port) as planner,
+        plan_client(pki, cp.port, "operator", "alice") as alice,
+    ):
+        submitted = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(
+                plan=plan(
+                    step(
+                        "set_telemetry_interval", ["node-a", "node-b"], {"seconds": 8}, timeout_s=60
+                    ),
+                    parallel=2,
+                )
+            )
+        )
+        plan_id = submitted.plan.plan_id
+        await eventually(lambda: a.agent._interval() == 8.0)
+        requested = await alice.CancelPlan(
+            plan_pb2.CancelPlanRequest(plan_id=plan_id, reason="wrong rack")
+        )
+        assert requested.plan.phase == plan_pb2.PLAN_PHASE_EXECUTING
+        assert "cancel requested" in requested.plan.status_message
+        done = await wait_terminal(planner, plan_id, timeout=15)
+
+    assert phases(done)[-2:] == ["ROLLING_BACK", "ROLLED_BACK"], done.status_message
+    assert "wrong rack" in done.transitions[-2].reason
+    results = {r.node_id: r for r in done.steps[0].node_results}
+    assert results["node-b"].outcome == "CANCELLED"
+    assert results["node-a"].rollback_outcome == "SUCCEEDED"
+    assert a.agent._interval() == before
+    # node-b comes back later: the withdrawn command is never delivered to it.
+    b2 = await agent_factory("node-b", cp.port)
+    await asyncio.sleep(0.5)
+    assert b2.agent._interval() == before

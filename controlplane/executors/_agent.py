@@ -27,6 +27,10 @@ class AgentExecutor:
         self._ledger = ledger
         self._on_cordon_changed = on_cordon_changed
 
+    async def withdraw(self, *, plan_id: str, step_index: int, node_id: str) -> bool:
+        """Withdraws the step's command for `node_id` if no agent has received it yet."""
+        return await self._ledger.withdraw(command_id_for(plan_id, step_index, node_id, "do"))
+
     async def run(
         self,
         *,

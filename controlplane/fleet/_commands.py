@@ -172,6 +172,10 @@ class CommandLedger:
                 command.command_id, node_id, row.action, row.outcome, row.message, row.output
             )
         if row.state == CommandState.EXPIRED.value:
+            if row.outcome == "CANCELLED":
+                return CommandResult(
+                    command.command_id, node_id, row.action, "CANCELLED", row.message
+                )
             return CommandResult(
                 command.command_id,
                 node_id,
@@ -214,6 +218,35 @@ class CommandLedger:
                 output={},
             )
         )
+
+    async def withdraw(self, command_id: str) -> bool:
+        """Withdraws a command no agent has received yet (a cancelled plan): it will never be
+        delivered, and whoever waits for it gets a CANCELLED result. False when it was already
+        on its way (or done): then its result must be awaited as usual."""
+
+        def write(db: Connection) -> bool:
+            result = db.execute(
+                update(COMMANDS)
+                .where(
+                    COMMANDS.c.command_id == command_id,
+                    COMMANDS.c.state == CommandState.PENDING.value,
+                )
+                .values(
+                    state=CommandState.EXPIRED.value,
+                    finished_at=_utcnow(),
+                    outcome="CANCELLED",
+                    message="withdrawn before delivery",
+                )
+            )
+            return bool(result.rowcount == 1)
+
+        withdrawn = await self._store.run_core(write)
+        future = self._waiters.get(command_id)
+        if withdrawn and future is not None and not future.done():
+            future.set_result(
+                CommandResult(command_id, "", "", "CANCELLED", "withdrawn before delivery")
+            )
+        return withdrawn
 
     async def redeliver(self, session: AgentSession) -> int:
         """Re-sends, in creation order, every unfinished and unexpired command of the node."""

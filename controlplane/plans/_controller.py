@@ -243,7 +243,7 @@ class PipelineController:
                     or r.state in (StepState.PENDING, StepState.RUNNING)
                 ]
                 if todo:
-                    results = await asyncio.gather(*(self._do(plan, step, n) for n in todo))
+                    results = await self._run_wave(plan, step, todo)
                     for result in results:
                         existing = step.result_for(result.node_id)
                         if existing is None:
@@ -251,6 +251,8 @@ class PipelineController:
                         else:
                             step.node_results[step.node_results.index(existing)] = result
                     await self._save(plan)
+                if plan.cancel_requested:
+                    return await self._fail(plan, step, plan.cancel_requested)
                 failed = [
                     r for n in wave if (r := step.result_for(n)) and r.state == StepState.FAILED
                 ]
@@ -262,8 +264,6 @@ class PipelineController:
                 if gate_problem is not None:
                     self._step_finished(step, "gate_failed", started)
                     return await self._fail(plan, step, f"step {step.step_id}: {gate_problem}")
-                if plan.cancel_requested:
-                    return await self._fail(plan, step, plan.cancel_requested)
                 if self._deadline_passed(plan):
                     return await self._fail(plan, step, "the plan's deadline passed")
             step.state = StepState.SUCCEEDED
@@ -272,6 +272,34 @@ class PipelineController:
             plan = await self._save(plan)
         plan.status_message = "all steps succeeded"
         return await self._save(plan, Phase.COMPLETED, "all steps succeeded")
+
+    async def _run_wave(self, plan: Plan, step: Step, nodes: list[str]) -> list[NodeResult]:
+        """Runs one wave, watching the store for a cancel meanwhile: on a cancel, commands no
+        agent has received yet are withdrawn, and the ones already delivered are awaited (they
+        may be executing, and rollback must know what they did)."""
+        tasks = [asyncio.create_task(self._do(plan, step, n)) for n in nodes]
+        try:
+            pending: set[asyncio.Task[NodeResult]] = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=self._interval_s)
+                if not pending or plan.cancel_requested:
+                    continue
+                stored = await self._repository.get(plan.plan_id)
+                if not stored.cancel_requested:
+                    continue
+                # The cancel is the only change the API makes to a running plan: adopt it.
+                plan.cancel_requested = stored.cancel_requested
+                plan.status_message = stored.status_message
+                plan.version = stored.version
+                for node_id, task in zip(nodes, tasks, strict=True):
+                    if not task.done():
+                        await self._executor.withdraw(
+                            plan_id=plan.plan_id, step_index=step.index, node_id=node_id
+                        )
+            return [task.result() for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def _step_finished(self, step: Step, result: str, started: float) -> None:
         if self._on_step_finished is not None:

@@ -35,7 +35,7 @@ class StoreError(RuntimeError):
     """The database could not be opened or migrated."""
 
 
-def database_url(url: str) -> URL:
+def _parse_url(url: str) -> URL:
     """Parses a database URL; `postgresql://` and `postgres://` mean psycopg 3.
 
     Raises StoreError (without echoing the URL, which may hold a password) when it is not one.
@@ -96,8 +96,8 @@ class Store:
     """Owns the engine and the thread that talks to it."""
 
     def __init__(self, url: str) -> None:
-        parsed = database_url(url)
-        self.url = parsed.render_as_string(hide_password=False)
+        self.url = url
+        parsed = _parse_url(url)
         try:
             self._engine: Engine = _create_engine(parsed)
         except Exception as exc:  # unknown dialect or driver, bad options
