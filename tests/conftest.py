@@ -111,8 +111,8 @@ def postgres_admin() -> Iterator[Engine]:
     url = make_url(raw)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    # No pool: a connection kept open to the maintenance database would block nothing, but one
-    # kept in a test database would block its DROP.
+    # No pool: between tests nothing of ours stays connected to the server; the tests'
+    # control planes count against max_connections, not idle admin connections.
     engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     yield engine
     engine.dispose()

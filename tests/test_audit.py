@@ -20,7 +20,7 @@ from sentinel.v1 import (
     plan_pb2_grpc,
 )
 from sqlalchemy import Connection, insert, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from certs import Identity
@@ -409,7 +409,7 @@ async def test_a_full_queue_waits_for_a_flush_and_drops_only_past_its_hard_limit
         store.run_core_sync(lambda db: db.execute(text("DROP TABLE audit_events")))
         for i in range(2, 24):
             # The store's error reaches each caller that waited for a flush.
-            with contextlib.suppress(OperationalError):
+            with contextlib.suppress(DBAPIError):
                 await audit.record("p", "m", f"t/{i}", "OK")
         assert (audit.pending, audit.dropped) == (20, 2)
 

@@ -10,7 +10,8 @@ from sentinel.v1 import telemetry_pb2
 from controlplane import ControlPlane
 
 from .conftest import AgentFactory, eventually
-from .test_gpu_collector import FakeNvml, _h100
+from .fakenvml import FakeNvml
+from .fakenvml import h100 as _h100
 
 
 async def test_gpu_inventory_readings_and_xid_reach_the_control_plane(

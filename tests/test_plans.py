@@ -8,6 +8,7 @@ import pathlib
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
 from controlplane.ctl import main as ctl_main
@@ -531,7 +532,8 @@ async def test_gpu_power_limit_plan_failing_on_one_node_restores_the_other_nodes
     assert second.node_results[0].outcome == "INVALID_ARGUMENT"
     assert "700" in second.node_results[0].message
     assert first.state == plan_pb2.STEP_STATE_ROLLED_BACK
-    assert [g["previous_watts"] for g in first.node_results[0].output["gpus"]] == [700.0, 700.0]
+    output = json_format.MessageToDict(first.node_results[0].output)
+    assert [g["previous_watts"] for g in output["gpus"]] == [700.0, 700.0]
     assert first.node_results[0].rollback_outcome == "SUCCEEDED"
     # Capped to 250 W, then put back to 700 W: what the GPUs ran with before the plan.
     assert nvml.power_limit_sets == [(0, 250_000), (1, 250_000), (0, 700_000), (1, 700_000)]

@@ -47,7 +47,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def test_controlplane_and_agent_processes_log_json_serve_metrics_and_stop_cleanly(
-    pki: Pki, tmp_path: Path
+    pki: Pki, tmp_path: Path, database_url: str
 ) -> None:
     pki.client("agent", "proc-node")
     port, cp_metrics, agent_metrics = _free_port(), _free_port(), _free_port()
@@ -64,7 +64,7 @@ def test_controlplane_and_agent_processes_log_json_serve_metrics_and_stop_cleanl
                 "--metrics-listen",
                 f"127.0.0.1:{cp_metrics}",
                 "--database-url",
-                f"sqlite:///{tmp_path / 'cp.db'}",
+                database_url,
                 "--log-format",
                 "json",
             ],

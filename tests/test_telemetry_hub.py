@@ -4,7 +4,6 @@ acks, and that nothing is acknowledged or published before it is stored."""
 from __future__ import annotations
 
 import asyncio
-import pathlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -23,8 +22,8 @@ class Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: pathlib.Path) -> AsyncIterator[Store]:
-    store = Store(f"sqlite:///{tmp_path / 'hub.db'}")
+async def store(database_url: str) -> AsyncIterator[Store]:
+    store = Store(database_url)
     store.migrate()
     registry = AgentRegistry(store, suspect_after_s=30, disconnect_after_s=90)
     await registry.open_session(

@@ -125,6 +125,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "bad_hello", f"hello.node_id: {exc}"
             )
+        if len(hello.agent_version) > 64 or "\x00" in hello.agent_version:
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_hello",
+                "hello.agent_version: at most 64 characters, no NUL",
+            )
         if hello.node_id != principal.name:
             await self._refuse(
                 context,

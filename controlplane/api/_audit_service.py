@@ -58,6 +58,14 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"end_time: {end.isoformat()} is before start_time {start.isoformat()}",
             )
+        for name in ("principal", "method", "target"):
+            value = getattr(request, name)
+            if "\x00" in value or len(value) > 512:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name}: at most 512 characters, no NUL",
+                )
         audit_filter = AuditFilter(
             principal=request.principal,
             method=request.method,

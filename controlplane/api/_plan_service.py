@@ -259,6 +259,12 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
     async def _get(self, plan_id: str, context: grpc.aio.ServicerContext) -> Plan:
         if not plan_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "plan_id: required")
+        if len(plan_id) > 64 or not plan_id.isprintable():
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "plan_id: not a plan id (at most 64 printable characters)",
+            )
         try:
             return await self._plans.get(plan_id)
         except PlanNotFound:
@@ -282,6 +288,14 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             await abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"phase: unknown value {request.phase}"
             )
+        for name in ("source", "target"):
+            value = getattr(request, name)
+            if len(value) > 512 or "\x00" in value:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name}: at most 512 characters, no NUL",
+                )
         target = request.target
         if target and "/" not in target:
             target = f"node/{target}"  # a bare name is a node id

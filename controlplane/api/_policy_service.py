@@ -23,6 +23,7 @@ from controlplane.policy import (
     Rule,
     Scope,
 )
+from controlplane.policy._engine import ID_PATTERN
 
 _EFFECT_FROM_PB = {
     policy_pb2.POLICY_EFFECT_UNSPECIFIED: Effect.REJECT,
@@ -104,6 +105,13 @@ async def _invalid(context: grpc.aio.ServicerContext, exc: PolicyInvalid) -> NoR
     await abort(context, grpc.StatusCode.INVALID_ARGUMENT, text)
 
 
+async def _known_shape(policy_id: str, path: str, context: grpc.aio.ServicerContext) -> None:
+    """No stored policy can have an id outside the id pattern; saying so early also keeps
+    such ids (NUL bytes, any length) away from the database."""
+    if ID_PATTERN.fullmatch(policy_id) is None:
+        await abort(context, grpc.StatusCode.NOT_FOUND, f"{path}: no policy {policy_id!r}")
+
+
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, book: PolicyBook) -> None:
         self._book = book
@@ -130,6 +138,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     ) -> policy_pb2.GetPolicyResponse:
         if not request.policy_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "policy_id: required")
+        await _known_shape(request.policy_id, "policy_id", context)
         try:
             policy = await self._book.get(request.policy_id)
         except PolicyNotFound as exc:
@@ -179,6 +188,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     ) -> policy_pb2.UpdatePolicyResponse:
         if not request.policy.policy_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "policy.policy_id: required")
+        await _known_shape(request.policy.policy_id, "policy.policy_id", context)
         fields = list(request.update_mask.paths)
         unknown = [
             f"update_mask.paths[{i}]: cannot update {path!r}; updatable: description, rules, "
@@ -204,6 +214,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     ) -> policy_pb2.DeletePolicyResponse:
         if not request.policy_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "policy_id: required")
+        await _known_shape(request.policy_id, "policy_id", context)
         try:
             await self._book.delete(request.policy_id, validate_only=request.validate_only)
         except PolicyNotFound as exc:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, insert, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from controlplane.store import AUDIT_EVENTS, Store
+from controlplane.store import AUDIT_EVENTS, Store, fit
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,16 @@ def _new_event(
 
 
 def _row(event: AuditEvent) -> dict[str, Any]:
+    # What callers sent (a 600-character plan id, a NUL byte) is recorded as far as the
+    # columns allow, never refused: an audit write that cannot succeed would block the queue.
     return {
         "event_id": event.event_id,
         "at": event.at,
-        "principal": event.principal,
-        "method": event.method,
-        "target": event.target,
-        "outcome": event.outcome,
-        "detail": event.detail,
+        "principal": fit(event.principal, 512),
+        "method": fit(event.method, 256),
+        "target": fit(event.target, 512),
+        "outcome": fit(event.outcome, 32),
+        "detail": fit(event.detail),
     }
 
 

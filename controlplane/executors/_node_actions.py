@@ -99,7 +99,7 @@ def _check_diagnostic(p: dict[str, Any]) -> Problems:
             problems.append(("include", "must be a list of section names"))
         else:
             for i, name in enumerate(include):
-                if name not in _DIAGNOSTIC_SECTIONS:
+                if not isinstance(name, str) or name not in _DIAGNOSTIC_SECTIONS:
                     known = ", ".join(sorted(_DIAGNOSTIC_SECTIONS))
                     problems.append((f"include[{i}]", f"unknown section {name!r} ({known})"))
     return problems

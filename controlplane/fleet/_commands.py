@@ -21,7 +21,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, CommandOut
-from controlplane.store import COMMANDS, CommandRow, Store
+from controlplane.store import COMMANDS, CommandRow, Store, fit
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ class CommandLedger:
                 .values(
                     state=CommandState.FINISHED.value,
                     finished_at=_utcnow(),
-                    outcome=result.outcome,
-                    message=result.message,
+                    outcome=fit(result.outcome, 32),
+                    message=fit(result.message),
                     output=result.output,
                 )
             )

@@ -26,7 +26,7 @@ from controlplane.plans._model import (
     body_of,
     check_transition,
 )
-from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLANS, Store
+from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLANS, Store, fit
 
 TRANSITION_METHOD = "plan.transition"
 
@@ -99,7 +99,7 @@ def _transition_rows(
             "to_phase": t.to_phase.value,
             "at": t.at,
             "actor": t.actor,
-            "reason": t.reason,
+            "reason": fit(t.reason),
         }
         for t in transitions
     ]
@@ -292,7 +292,7 @@ class PlanRepository:
                         }
                         for v in plan.violations
                     ],
-                    status_message=plan.status_message,
+                    status_message=fit(plan.status_message),
                     version=1,
                 )
             )
@@ -345,7 +345,7 @@ class PlanRepository:
             "phase": new_phase.value,
             "updated_at": now,
             "body": body_of(plan),
-            "status_message": plan.status_message,
+            "status_message": fit(plan.status_message),
             "version": plan.version + 1,
         }
 

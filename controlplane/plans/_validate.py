@@ -64,6 +64,9 @@ def validate_plan(
         bad("confidence", f"must be within [0, 1], got {plan.confidence}")
     if len(plan.request_id) > 128:
         bad("request_id", "at most 128 characters")
+    for name in ("source", "rationale", "request_id"):
+        if "\x00" in getattr(plan, name):
+            bad(name, "must not contain NUL characters")
     if plan.expire_at is not None and plan.expire_at <= now:
         bad("expire_time", f"{plan.expire_at.isoformat()} has already passed")
 

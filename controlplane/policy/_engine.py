@@ -63,6 +63,8 @@ def _compile_policy(policy: Policy) -> tuple[list[_CompiledRule], list[tuple[str
         problems.append(("policy_id", problem))
     if not policy.rules:
         problems.append(("rules", "a policy needs at least one rule"))
+    if "\x00" in policy.description:
+        problems.append(("description", "must not contain NUL characters"))
     first_at: dict[str, int] = {}
     for i, rule in enumerate(policy.rules):
         at = f"rules[{i}]"
@@ -77,6 +79,9 @@ def _compile_policy(policy: Policy) -> tuple[list[_CompiledRule], list[tuple[str
             )
         else:
             first_at[rule.rule_id] = i
+        for name in ("message", "field"):
+            if "\x00" in getattr(rule, name):
+                problems.append((f"{at}.{name}", "must not contain NUL characters"))
         if rule.scope is Scope.PLAN and "{index}" in rule.field:
             problems.append((f"{at}.field", "'{index}' is only replaced in STEP-scope rules"))
         if len(rule.expression) > MAX_EXPRESSION_LENGTH:

@@ -20,6 +20,7 @@ from controlplane.store._models import (
     PolicyRow,
 )
 from controlplane.store._store import Store, StoreError
+from controlplane.store._text import fit, has_nul
 
 __all__ = [
     "AGENTS",
@@ -41,4 +42,6 @@ __all__ = [
     "PolicyRow",
     "Store",
     "StoreError",
+    "fit",
+    "has_nul",
 ]
