@@ -23,6 +23,7 @@ from sentinel.v1 import (
     enrollment_pb2,
     fleet_pb2,
     fleet_pb2_grpc,
+    identity_pb2,
     plan_pb2,
     plan_pb2_grpc,
     policy_pb2,
@@ -103,8 +104,8 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
 def _api_service_names() -> list[str]:
     """Full names of every service of the public API (all are registered, some as pending)."""
     modules = (
-        agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, fleet_pb2, plan_pb2, policy_pb2,
-        telemetry_pb2,
+        agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, fleet_pb2, identity_pb2, plan_pb2,
+        policy_pb2, telemetry_pb2,
     )  # fmt: skip
     return sorted(
         service.full_name

@@ -85,5 +85,28 @@ class ControlPlaneSettings:
     audit_flush_interval_s: float = 0.1
     """How often audited calls are written to the store (plan transitions are written at once,
     in the transaction that makes them)."""
+    enrollment_listen: str = "127.0.0.1:7444"
+    """Address of the enrollment port (TLS, no client certificate, only Enroll); empty
+    disables enrollment."""
+    ca_key: str = ""
+    """The CA's private key (PEM), to sign enrolled and renewed agent certificates; empty:
+    `ca.key` next to the CA bundle. Without it, enrollment and renewal are refused."""
+    agent_certificate_lifetime_s: float = 24 * 3600.0
+    """Lifetime of certificates issued at enrollment and renewal."""
+    bootstrap_token_ttl_s: float = 30 * 60.0
+    """Default lifetime of a bootstrap token."""
+    enroll_rate_per_minute: float = 10.0
+    """Enroll calls allowed per peer address per minute (bursts up to the same number)."""
+    jwt_secret_file: str = ""
+    """File with the secret that signs login tokens (HS256, at least 32 bytes); empty: a
+    random secret per process (tokens then die with a restart and differ per instance)."""
+    access_token_ttl_s: float = 15 * 60.0
+    """Lifetime of an access token from Login or Refresh."""
+    refresh_token_ttl_s: float = 12 * 3600.0
+    """Lifetime of a refresh token."""
+    login_rate_per_minute: float = 5.0
+    """Login attempts allowed per user and per peer address per minute."""
+    revocation_refresh_interval_s: float = 2.0
+    """How often revocations made by another control plane on the same store are picked up."""
     extra_grpc_options: tuple[tuple[str, int | str], ...] = field(default=())
     """Additional grpc server options, for experiments."""

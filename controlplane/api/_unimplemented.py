@@ -9,6 +9,7 @@ import grpc
 from sentinel.v1 import (
     auth_pb2_grpc,
     enrollment_pb2_grpc,
+    identity_pb2_grpc,
 )
 
 # (servicer base, registration function, what is missing)
@@ -18,6 +19,11 @@ PENDING_SERVICES: list[tuple[type, Any, str]] = [
         enrollment_pb2_grpc.EnrollmentServiceServicer,
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server,
         "enrollment",
+    ),
+    (
+        identity_pb2_grpc.IdentityServiceServicer,
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server,
+        "revocation and users",
     ),
 ]
 

@@ -41,6 +41,12 @@ METHOD_ROLES: Final[dict[str, frozenset[str]]] = {
     f"{_V1}AuthService/Login": frozenset({OPERATOR, VIEWER}),
     f"{_V1}AuthService/Refresh": frozenset({OPERATOR, VIEWER}),
     f"{_V1}EnrollmentService/CreateBootstrapToken": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/RevokeCertificate": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/RevokeNode": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/ListRevocations": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/CreateUser": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/DeleteUser": frozenset({OPERATOR}),
+    f"{_V1}IdentityService/ListUsers": frozenset({OPERATOR}),
     # Enroll is served on the enrollment port (no client certificate), never here.
     "/grpc.health.v1.Health/Check": _EVERYONE,
     "/grpc.health.v1.Health/Watch": _EVERYONE,
@@ -62,6 +68,11 @@ MUTATING_METHODS: Final[frozenset[str]] = frozenset(
         f"{_V1}AgentService/RenewCertificate",
         f"{_V1}AuthService/Login",
         f"{_V1}AuthService/Refresh",
+        f"{_V1}EnrollmentService/Enroll",
+        f"{_V1}IdentityService/RevokeCertificate",
+        f"{_V1}IdentityService/RevokeNode",
+        f"{_V1}IdentityService/CreateUser",
+        f"{_V1}IdentityService/DeleteUser",
     }
 )
 

@@ -186,3 +186,61 @@ PLAN_TRANSITIONS = cast(Table, PlanTransitionRow.__table__)
 POLICIES = cast(Table, PolicyRow.__table__)
 AUDIT_EVENTS = cast(Table, AuditEventRow.__table__)
 LEASES = cast(Table, LeaseRow.__table__)
+
+
+class BootstrapTokenRow(Base):
+    """A bootstrap token for enrollment: only a hash of its secret is kept."""
+
+    __tablename__ = "bootstrap_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    node_pattern: Mapped[str] = mapped_column(String(128))
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    created_by: Mapped[str] = mapped_column(String(512))
+
+
+class IssuedCertificateRow(Base):
+    """A client certificate the control plane issued (enrollment or renewal)."""
+
+    __tablename__ = "issued_certificates"
+    __table_args__ = (Index("ix_issued_certificates_node", "node_id", "issued_at"),)
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128))
+    spiffe_id: Mapped[str] = mapped_column(String(512))
+    issued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    not_after: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    via: Mapped[str] = mapped_column(String(16))  # "enroll" or "renew"
+
+
+class RevocationRow(Base):
+    """A revoked certificate serial, or a revoked node (every certificate issued before)."""
+
+    __tablename__ = "revocations"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # "serial" or "node"
+    value: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revoked_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    revoked_by: Mapped[str] = mapped_column(String(512))
+
+
+class UserRow(Base):
+    """A human operator who logs in with a password (stored as a slow hash)."""
+
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+BOOTSTRAP_TOKENS = cast(Table, BootstrapTokenRow.__table__)
+ISSUED_CERTIFICATES = cast(Table, IssuedCertificateRow.__table__)
+REVOCATIONS = cast(Table, RevocationRow.__table__)
+USERS = cast(Table, UserRow.__table__)

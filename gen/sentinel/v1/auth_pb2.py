@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sentinel/v1/auth.proto\x12\x0bsentinel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"z\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"|\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x93\x01\n\x0b\x41uthService\x12>\n\x05Login\x12\x19.sentinel.v1.LoginRequest\x1a\x1a.sentinel.v1.LoginResponse\x12\x44\n\x07Refresh\x12\x1b.sentinel.v1.RefreshRequest\x1a\x1c.sentinel.v1.RefreshResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sentinel/v1/auth.proto\x12\x0bsentinel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xb9\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x19refresh_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\xbb\x01\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x19refresh_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x93\x01\n\x0b\x41uthService\x12>\n\x05Login\x12\x19.sentinel.v1.LoginRequest\x1a\x1a.sentinel.v1.LoginResponse\x12\x44\n\x07Refresh\x12\x1b.sentinel.v1.RefreshRequest\x1a\x1c.sentinel.v1.RefreshResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOGINREQUEST']._serialized_start=72
   _globals['_LOGINREQUEST']._serialized_end=122
-  _globals['_LOGINRESPONSE']._serialized_start=124
-  _globals['_LOGINRESPONSE']._serialized_end=246
-  _globals['_REFRESHREQUEST']._serialized_start=248
-  _globals['_REFRESHREQUEST']._serialized_end=287
-  _globals['_REFRESHRESPONSE']._serialized_start=289
-  _globals['_REFRESHRESPONSE']._serialized_end=413
-  _globals['_AUTHSERVICE']._serialized_start=416
-  _globals['_AUTHSERVICE']._serialized_end=563
+  _globals['_LOGINRESPONSE']._serialized_start=125
+  _globals['_LOGINRESPONSE']._serialized_end=310
+  _globals['_REFRESHREQUEST']._serialized_start=312
+  _globals['_REFRESHREQUEST']._serialized_end=351
+  _globals['_REFRESHRESPONSE']._serialized_start=354
+  _globals['_REFRESHRESPONSE']._serialized_end=541
+  _globals['_AUTHSERVICE']._serialized_start=544
+  _globals['_AUTHSERVICE']._serialized_end=691
 # @@protoc_insertion_point(module_scope)

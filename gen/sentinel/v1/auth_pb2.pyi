@@ -46,20 +46,24 @@ class LoginResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     refresh_token: _builtins.str
     @_builtins.property
     def access_token_expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         access_token: _builtins.str = ...,
         refresh_token: _builtins.str = ...,
         access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "refresh_token_expire_time", b"refresh_token_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "refresh_token", b"refresh_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "refresh_token", b"refresh_token", "refresh_token_expire_time", b"refresh_token_expire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -91,20 +95,24 @@ class RefreshResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     ACCESS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     refresh_token: _builtins.str
     @_builtins.property
     def access_token_expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         access_token: _builtins.str = ...,
         refresh_token: _builtins.str = ...,
         access_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        refresh_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "refresh_token_expire_time", b"refresh_token_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "refresh_token", b"refresh_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "refresh_token", b"refresh_token", "refresh_token_expire_time", b"refresh_token_expire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

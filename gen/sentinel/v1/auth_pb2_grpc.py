@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class AuthServiceStub:
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     def __init__(self, channel):
@@ -49,8 +49,8 @@ class AuthServiceStub:
 
 
 class AuthServiceServicer:
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     def Login(self, request, context):
@@ -87,8 +87,8 @@ def add_AuthServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuthService:
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     @staticmethod

@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuthServiceStub:
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     @_typing.overload
@@ -40,8 +40,8 @@ class AuthServiceStub:
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -49,8 +49,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Refresh: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.RefreshResponse]  # type: ignore[assignment]
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AuthService logs human operators in. (Implemented by the identity work; answers UNIMPLEMENTED
-    until then.)
+    """AuthService logs human operators in: the access token is then sent as
+    `authorization: Bearer <token>` metadata (on an mTLS connection) and carries the user's role.
     """
 
     @_abc_1.abstractmethod

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csentinel/v1/enrollment.proto\x12\x0bsentinel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\"q\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x1b\x43reateBootstrapTokenRequest\x12\x14\n\x0cnode_pattern\x18\x01 \x01(\t\x12\x10\n\x08max_uses\x18\x02 \x01(\r\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"^\n\x1c\x43reateBootstrapTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xc3\x01\n\x11\x45nrollmentService\x12\x41\n\x06\x45nroll\x12\x1a.sentinel.v1.EnrollRequest\x1a\x1b.sentinel.v1.EnrollResponse\x12k\n\x14\x43reateBootstrapToken\x12(.sentinel.v1.CreateBootstrapTokenRequest\x1a).sentinel.v1.CreateBootstrapTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csentinel/v1/enrollment.proto\x12\x0bsentinel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\"q\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x1b\x43reateBootstrapTokenRequest\x12\x14\n\x0cnode_pattern\x18\x01 \x01(\t\x12\x10\n\x08max_uses\x18\x02 \x01(\r\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"p\n\x1c\x43reateBootstrapTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x03 \x01(\t2\xc3\x01\n\x11\x45nrollmentService\x12\x41\n\x06\x45nroll\x12\x1a.sentinel.v1.EnrollRequest\x1a\x1b.sentinel.v1.EnrollResponse\x12k\n\x14\x43reateBootstrapToken\x12(.sentinel.v1.CreateBootstrapTokenRequest\x1a).sentinel.v1.CreateBootstrapTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEBOOTSTRAPTOKENREQUEST']._serialized_start=291
   _globals['_CREATEBOOTSTRAPTOKENREQUEST']._serialized_end=400
   _globals['_CREATEBOOTSTRAPTOKENRESPONSE']._serialized_start=402
-  _globals['_CREATEBOOTSTRAPTOKENRESPONSE']._serialized_end=496
-  _globals['_ENROLLMENTSERVICE']._serialized_start=499
-  _globals['_ENROLLMENTSERVICE']._serialized_end=694
+  _globals['_CREATEBOOTSTRAPTOKENRESPONSE']._serialized_end=514
+  _globals['_ENROLLMENTSERVICE']._serialized_start=517
+  _globals['_ENROLLMENTSERVICE']._serialized_end=712
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class EnrollmentServiceStub:
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     def __init__(self, channel):
@@ -50,7 +51,8 @@ class EnrollmentServiceStub:
 
 class EnrollmentServiceServicer:
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     def Enroll(self, request, context):
@@ -89,7 +91,8 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class EnrollmentService:
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     @staticmethod

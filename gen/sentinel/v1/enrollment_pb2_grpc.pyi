@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class EnrollmentServiceStub:
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     @_typing.overload
@@ -42,7 +43,8 @@ class EnrollmentServiceStub:
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -52,7 +54,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """EnrollmentService turns a bootstrap token and a CSR into a short-lived client certificate.
-    (Implemented by the identity work; answers UNIMPLEMENTED until then.)
+    Enroll is served only on the enrollment port (TLS without a client certificate);
+    CreateBootstrapToken only on the main port, to operators.
     """
 
     @_abc_1.abstractmethod
