@@ -360,7 +360,10 @@ class NodeAgent:
                 done, _ = await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if stopping in done:
                     read.cancel()
-                    await call.done_writing()
+                    # The stream may have ended under us (the server went away at the same
+                    # moment); half-closing it then fails, and there is nothing left to close.
+                    with contextlib.suppress(Exception):
+                        await call.done_writing()
                     return 0.0
                 message = read.result()
                 if message is grpc.aio.EOF:
