@@ -11,11 +11,24 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs._csr import load_csr
 from certs._identity import Identity
 
 PrivateKey = ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCertificate:
+    """A certificate signed from a CSR (its key stays with the requester)."""
+
+    certificate_pem: bytes
+    serial_hex: str
+    """Lower-case hex, as `certificate_serial_hex` gives it."""
+    not_before: dt.datetime
+    not_after: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +53,12 @@ def _key_pem(key: PrivateKey) -> bytes:
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
+    )
+
+
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
@@ -103,11 +122,17 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, cert_path: pathlib.Path, key_path: pathlib.Path) -> CertificateAuthority:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        """The CA whose key is at `key_path`; `cert_path` may be a bundle (during a CA rotation
+        it holds the old and the new CA), and the certificate matching the key is used."""
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path}: expected an EC private key")
-        return cls(cert, key)
+        wanted = _spki(key.public_key())
+        for cert in certs:
+            if _spki(cert.public_key()) == wanted:
+                return cls(cert, key)
+        raise ValueError(f"{key_path}: no certificate in {cert_path} belongs to this key")
 
     @property
     def certificate_pem(self) -> bytes:
@@ -119,7 +144,7 @@ class CertificateAuthority:
 
     def _leaf(
         self,
-        key: PrivateKey,
+        public_key: CertificatePublicKeyTypes,
         common_name: str,
         san: list[x509.GeneralName],
         usage: x509.ObjectIdentifier,
@@ -130,7 +155,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -161,7 +186,7 @@ class CertificateAuthority:
         key = _new_key()
         now = dt.datetime.now(dt.UTC)
         pem = self._leaf(
-            key,
+            key.public_key(),
             hosts[0],
             san,
             ExtendedKeyUsageOID.SERVER_AUTH,
@@ -181,7 +206,7 @@ class CertificateAuthority:
         key = _new_key()
         start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         pem = self._leaf(
-            key,
+            key.public_key(),
             f"{identity.role}/{identity.name}",
             [x509.UniformResourceIdentifier(identity.spiffe_id)],
             ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -189,3 +214,26 @@ class CertificateAuthority:
             start + valid_for,
         )
         return IssuedCertificate(pem, _key_pem(key))
+
+    def sign_csr(
+        self, csr_pem: bytes, identity: Identity, *, valid_for: dt.timedelta
+    ) -> SignedCertificate:
+        """A client certificate for `identity` over the CSR's public key, valid from now.
+
+        Who the certificate is for comes from `identity` alone; the CSR may only repeat it.
+        Raises CsrError (malformed, bad signature, weak key) or CsrIdentityMismatch.
+        """
+        csr = load_csr(csr_pem, identity)
+        # Not backdated: the only verifier of agent certificates is the control plane that
+        # issues them, on the same clock; second precision, as X.509 stores it.
+        start = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        end = start + valid_for
+        pem = self._leaf(
+            csr.public_key(),
+            f"{identity.role}/{identity.name}",
+            [x509.UniformResourceIdentifier(identity.spiffe_id)],
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            start,
+            end,
+        )
+        return SignedCertificate(pem, certificate_serial_hex(pem), start, end)

@@ -74,7 +74,10 @@ class ReloadingServerCredentials:
         log.info("TLS certificate or CA changed on disk: reloaded")
         return config
 
-    def credentials(self) -> grpc.ServerCredentials:
+    def credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        """Server credentials that follow the files; `require_client_auth=False` serves the
+        enrollment port, whose callers have no certificate yet. Use one instance per server:
+        each notices a change on disk once."""
         return grpc.dynamic_ssl_server_credentials(
-            self._config, self._fetch, require_client_authentication=True
+            self._config, self._fetch, require_client_authentication=require_client_auth
         )

@@ -4,8 +4,10 @@ server and /metrics endpoint together, and starts and stops them in order."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
+import pathlib
 import socket
 import uuid
 from typing import Any
@@ -20,10 +22,13 @@ from sentinel.v1 import (
     audit_pb2,
     audit_pb2_grpc,
     auth_pb2,
+    auth_pb2_grpc,
     enrollment_pb2,
+    enrollment_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
     identity_pb2,
+    identity_pb2_grpc,
     plan_pb2,
     plan_pb2_grpc,
     policy_pb2,
@@ -37,7 +42,12 @@ from controlplane.api import (
     PENDING_SERVICES,
     AgentService,
     AuditService,
+    AuthService,
+    EnrollmentPortInterceptor,
+    EnrollmentPortService,
+    EnrollmentService,
     FleetService,
+    IdentityService,
     PolicyService,
     TelemetryService,
     pending_servicer,
@@ -46,6 +56,8 @@ from controlplane.api._convert import message_to_plain
 from controlplane.api._plan_service import PlanService
 from controlplane.audit import AuditLog
 from controlplane.auth.interceptor import AuthInterceptor
+from controlplane.auth.ratelimit import RateLimiter
+from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
 from controlplane.executors import AgentExecutor
 from controlplane.fleet import (
     AgentRegistry,
@@ -53,6 +65,13 @@ from controlplane.fleet import (
     CommandLedger,
     CommandResult,
     TelemetryAckOut,
+)
+from controlplane.identity import (
+    Revocations,
+    TokenIssuer,
+    Users,
+    close_revoked_sessions,
+    load_jwt_secret,
 )
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.plans import (
@@ -138,7 +157,7 @@ class ControlPlane:
         self.settings = settings
         self.metrics = ControlPlaneMetrics()
         self.metrics_registry = self.metrics.registry
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, threads=settings.store_threads)
         self.registry = AgentRegistry(
             self.store,
             suspect_after_s=settings.suspect_after_s,
@@ -195,6 +214,18 @@ class ControlPlane:
             ).observe(seconds),
             on_phase_counts=self._publish_plan_counts,
         )
+        # Identity (issue 4): revocations are checked in memory on every call; a refresh that
+        # learns another control plane's revocation closes the sessions it covers here too.
+        self.revocations = Revocations(
+            self.store, on_learned=lambda _revocation: self._close_revoked_sessions()
+        )
+        self.users = Users(self.store)
+        self.tokens = TokenIssuer(
+            load_jwt_secret(settings.jwt_secret_file),
+            issuer=f"spiffe://{settings.trust_domain}",
+            access_ttl_s=settings.access_token_ttl_s,
+            refresh_ttl_s=settings.refresh_token_ttl_s,
+        )
         self._supervisor = Supervisor(
             "controlplane", on_failure=lambda name: self.metrics.task_failures.labels(name).inc()
         )
@@ -204,6 +235,14 @@ class ControlPlane:
         self._health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        # Enrollment (issue 4): bootstrap tokens, the certificate issuer and its own TLS port.
+        self.bootstrap_tokens = BootstrapTokens(self.store)
+        self.issuer: CertificateIssuer | None = None
+        self._enrollment_server: grpc.aio.Server | None = None
+        self.enrollment_port = 0
+
+    def _close_revoked_sessions(self) -> int:
+        return close_revoked_sessions(self.registry.sessions(), self.revocations)
 
     def _publish_agent_counts(self, counts: dict[AgentStatus, int]) -> None:
         for status, count in counts.items():
@@ -247,13 +286,24 @@ class ControlPlane:
         await asyncio.to_thread(self.store.migrate)
         await self.policies.install_files(file_policies)
         await self.registry.load()
+        await self.revocations.load()
 
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(settings.trust_domain, self.metrics, self.audit)],
+            interceptors=[
+                AuthInterceptor(
+                    settings.trust_domain,
+                    self.metrics,
+                    self.audit,
+                    revocations=self.revocations,
+                    tokens=self.tokens,
+                    users=self.users,
+                )
+            ],
             options=_server_options(settings),
         )
+        self.issuer = await asyncio.to_thread(self._make_issuer)
         self._agent_service = AgentService(
-            settings, self.registry, self.hub, self.commands, self.metrics
+            settings, self.registry, self.hub, self.commands, self.metrics, issuer=self.issuer
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agent_service, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)
@@ -265,6 +315,15 @@ class ControlPlane:
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.audit), server)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(self.policies), server)
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+            IdentityService(self.revocations, self.users, self._close_revoked_sessions), server
+        )
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthService(self.users, self.tokens, settings.login_rate_per_minute), server
+        )
+        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+            EnrollmentService(self.bootstrap_tokens, settings.bootstrap_token_ttl_s), server
+        )
         for base, register, feature in PENDING_SERVICES:
             register(pending_servicer(base, feature), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -282,6 +341,7 @@ class ControlPlane:
             raise OSError(f"cannot listen on {settings.listen} (address in use?)")
         await server.start()
         self._server = server
+        await self._start_enrollment_server()
 
         if settings.metrics_listen:
             host, _, port = settings.metrics_listen.rpartition(":")
@@ -303,6 +363,10 @@ class ControlPlane:
         )
         self._supervisor.start("pipeline-controller", self.controller.run)
         self._supervisor.start(
+            "revocation-refresher",
+            lambda: self.revocations.run_refresher(settings.revocation_refresh_interval_s),
+        )
+        self._supervisor.start(
             "policy-refresher", lambda: self.policies.run_refresher(REFRESH_INTERVAL_S)
         )
         tune_gc_for_long_lived_heap(settings.gc_gen0_threshold)
@@ -313,6 +377,55 @@ class ControlPlane:
             self.port,
             self.metrics_port or "off",
         )
+
+    # -- enrollment port ------------------------------------------------------------------------
+
+    def _make_issuer(self) -> CertificateIssuer:
+        """The issuer of agent certificates; without a usable CA key it refuses with a message
+        saying what to configure (enrollment and renewal only, the rest still serves)."""
+        tls = self.settings.tls
+        key = (
+            pathlib.Path(self.settings.ca_key) if self.settings.ca_key else tls.ca.parent / "ca.key"
+        )
+        ca = load_ca(tls.ca, key)
+        if isinstance(ca, str):
+            log.warning("enrollment and certificate renewal are refused: %s", ca)
+        return CertificateIssuer(
+            self.store,
+            self.bootstrap_tokens,
+            ca=ca,
+            ca_bundle_pem=tls.ca.read_bytes(),
+            trust_domain=self.settings.trust_domain,
+            lifetime=dt.timedelta(seconds=self.settings.agent_certificate_lifetime_s),
+        )
+
+    async def _start_enrollment_server(self) -> None:
+        """A second server, TLS without client certificates, serving Enroll alone."""
+        settings = self.settings
+        if not settings.enrollment_listen or self.issuer is None:
+            return
+        server = grpc.aio.server(
+            interceptors=[EnrollmentPortInterceptor()], options=_server_options(settings)
+        )
+        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+            EnrollmentPortService(
+                self.issuer,
+                RateLimiter(settings.enroll_rate_per_minute),
+                self.audit,
+                self.metrics,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        credentials = ReloadingServerCredentials(settings.tls).credentials(
+            require_client_auth=False
+        )
+        self.enrollment_port = server.add_secure_port(settings.enrollment_listen, credentials)
+        if self.enrollment_port == 0:
+            raise OSError(f"cannot listen on {settings.enrollment_listen} (address in use?)")
+        await server.start()
+        self._enrollment_server = server
+        log.info("enrollment port %d serving Enroll", self.enrollment_port)
 
     async def _flush_audit(self) -> None:
         """Writes the calls audited up to the server's stop; a failure is logged, not raised,
@@ -331,6 +444,9 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
             self._server = None
+        if self._enrollment_server is not None:
+            await self._enrollment_server.stop(self.settings.shutdown_grace_s)
+            self._enrollment_server = None
         if self._agent_service is not None:
             await self._agent_service.wait_sessions_closed(self.settings.shutdown_grace_s)
         await self._supervisor.stop()

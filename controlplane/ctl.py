@@ -13,6 +13,15 @@ sentinelctl plans [--phase P] [--target T]
 sentinelctl plan ID                 one plan in full (JSON)
 sentinelctl watch ID                follow a plan's transitions until it ends
 sentinelctl approve ID [--reason R] / sentinelctl cancel ID [--reason R]
+sentinelctl token create --node PATTERN [--uses N] [--ttl 30m]
+                                    a bootstrap token for enrolling nodes (printed once)
+sentinelctl revoke --serial S | --node N [--reason R]
+                                    revoke a certificate or every certificate of a node
+sentinelctl revocations             list revocations
+sentinelctl user add NAME --role operator|viewer
+                                    create a password user (password from a prompt or
+                                    SENTINEL_PASSWORD)
+sentinelctl user delete NAME / sentinelctl users
 """
 
 from __future__ import annotations
@@ -20,17 +29,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import getpass
 import os
 import pathlib
 import sys
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from sentinel.v1 import (
     audit_pb2,
     audit_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     plan_pb2,
     plan_pb2_grpc,
     telemetry_pb2,
@@ -268,6 +282,117 @@ async def _cancel(args: argparse.Namespace) -> None:
     print(f"plan {plan.plan_id} is {_phase_name(plan.phase)} {plan.status_message}".rstrip())
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> duration_pb2.Duration:
+    """`90s`, `30m`, `2h`, `1d` (a bare number is seconds)."""
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _DURATION_UNITS else (value, "s")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a duration like 30m, 2h or 90s"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: the duration must be positive")
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+async def _token_create(args: argparse.Namespace) -> None:
+    request = enrollment_pb2.CreateBootstrapTokenRequest(node_pattern=args.node, max_uses=args.uses)
+    if args.ttl is not None:
+        request.ttl.CopyFrom(args.ttl)
+    async with _channel(args) as channel:
+        response = await enrollment_pb2_grpc.EnrollmentServiceStub(channel).CreateBootstrapToken(
+            request
+        )
+    expires = response.expire_time.ToDatetime(dt.UTC).isoformat(timespec="seconds")
+    # The token on stdout alone, so `TOKEN=$(sentinelctl token create ...)` works.
+    print(response.token)
+    print(
+        f"token {response.token_id} for nodes {args.node!r}, {args.uses} use(s), expires "
+        f"{expires}; it is shown only this once",
+        file=sys.stderr,
+    )
+
+
+def _when(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(dt.UTC).isoformat(timespec="seconds")
+
+
+async def _revoke(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        reason = args.reason or ""
+        response: identity_pb2.RevokeCertificateResponse | identity_pb2.RevokeNodeResponse
+        if args.serial:
+            response = await stub.RevokeCertificate(
+                identity_pb2.RevokeCertificateRequest(serial=args.serial, reason=reason), timeout=10
+            )
+        else:
+            response = await stub.RevokeNode(
+                identity_pb2.RevokeNodeRequest(node_id=args.node, reason=reason), timeout=10
+            )
+    revocation = response.revocation
+    print(
+        f"revoked {revocation.kind} {revocation.value} at {_when(revocation.revoke_time)}; "
+        f"{response.sessions_closed} open session(s) closed"
+    )
+
+
+async def _revocations(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        token = ""
+        print(f"{'KIND':<7} {'VALUE':<42} {'REVOKED':<26} {'BY':<40} REASON")
+        while True:
+            page = await stub.ListRevocations(
+                identity_pb2.ListRevocationsRequest(page_token=token), timeout=10
+            )
+            for r in page.revocations:
+                print(
+                    f"{r.kind:<7} {r.value:<42} {_when(r.revoke_time):<26} "
+                    f"{r.revoked_by:<40} {r.reason}"
+                )
+            token = page.next_page_token
+            if not token:
+                return
+
+
+async def _user_add(args: argparse.Namespace) -> None:
+    password = os.environ.get("SENTINEL_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
+    async with _channel(args) as channel:
+        response = await identity_pb2_grpc.IdentityServiceStub(channel).CreateUser(
+            identity_pb2.CreateUserRequest(username=args.name, role=args.role, password=password),
+            timeout=10,
+        )
+    print(f"user {response.user.username} created with role {response.user.role}")
+
+
+async def _user_delete(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        await identity_pb2_grpc.IdentityServiceStub(channel).DeleteUser(
+            identity_pb2.DeleteUserRequest(username=args.name), timeout=10
+        )
+    print(f"user {args.name} deleted")
+
+
+async def _users(args: argparse.Namespace) -> None:
+    async with _channel(args) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        token = ""
+        while True:
+            page = await stub.ListUsers(identity_pb2.ListUsersRequest(page_token=token), timeout=10)
+            for user in page.users:
+                print(f"{user.username:<40} {user.role:<9} created {_when(user.create_time)}")
+            token = page.next_page_token
+            if not token:
+                return
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sentinelctl",
@@ -315,6 +440,32 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("approve", "cancel"):
             command.add_argument("--reason")
         command.set_defaults(func=func)
+    token = sub.add_parser("token", help="bootstrap tokens for enrolling nodes")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a bootstrap token (printed once)")
+    create.add_argument("--node", required=True, help="node name or glob, e.g. gpu-node-*")
+    create.add_argument("--uses", type=_positive, default=1, help="enrollments allowed (1)")
+    create.add_argument(
+        "--ttl", type=_duration, default=None, help="lifetime, e.g. 30m (server default)"
+    )
+    create.set_defaults(func=_token_create)
+    revoke = sub.add_parser("revoke", help="revoke a certificate (by serial) or a node")
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--serial", help="certificate serial in hex, as openssl prints it")
+    what.add_argument("--node", help="node id: every certificate issued to it until now")
+    revoke.add_argument("--reason")
+    revoke.set_defaults(func=_revoke)
+    sub.add_parser("revocations", help="list revocations").set_defaults(func=_revocations)
+    user = sub.add_parser("user", help="users who log in with a password")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_sub.add_parser("add", help="create a user")
+    user_add.add_argument("name")
+    user_add.add_argument("--role", required=True, choices=("operator", "viewer"))
+    user_add.set_defaults(func=_user_add)
+    user_delete = user_sub.add_parser("delete", help="delete a user")
+    user_delete.add_argument("name")
+    user_delete.set_defaults(func=_user_delete)
+    sub.add_parser("users", help="list users").set_defaults(func=_users)
     args = parser.parse_args(argv)
     try:
         asyncio.run(args.func(args))

@@ -30,6 +30,8 @@ class ControlPlaneSettings:
     """Prometheus /metrics address; empty disables it."""
     database_url: str = "sqlite:///sentinel.db"
     """SQLAlchemy URL of the store."""
+    store_threads: int = 4
+    """Threads (and connections) talking to PostgreSQL at once; SQLite always uses one."""
     trust_domain: str = "sentinel.local"
     """SPIFFE trust domain whose identities are accepted."""
     telemetry_interval_s: float = 5.0

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sentinel.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, telemetry_pb2
 
+from nodeagent._certificates import CertificateKeeper
 from nodeagent._state import AgentStateStore
 from nodeagent.actions import ACTIONS, AGENT_VERSION, ActionError, AgentControls, capabilities
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
@@ -89,6 +90,12 @@ class NodeAgent:
         self.acked_seq = 0
         self.last_sample: telemetry_pb2.TelemetrySample | None = None
         self.on_sample: Callable[[telemetry_pb2.TelemetrySample], None] | None = None
+        self.certificates = CertificateKeeper(
+            settings,
+            mtls_credentials=self._credentials,
+            channel_options=self._channel_options,
+            rng=self._rng,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -110,6 +117,7 @@ class NodeAgent:
                 await self._start_collectors()
                 self._supervisor.start("collector", self._collect_loop)
                 self._supervisor.start("commands", self._command_loop)
+                self._supervisor.start("certificates", self.certificates.run)
                 await self._connection_loop()
             finally:
                 await self._supervisor.stop()
@@ -159,6 +167,21 @@ class NodeAgent:
                 )
                 acked.add_metric([], agent.acked_seq)
                 yield acked
+                keeper = agent.certificates
+                valid = GaugeMetricFamily(
+                    "sentinel_agent_certificate_valid",
+                    "1 while the agent holds an unexpired client certificate; 0 means it cannot "
+                    "connect until it gets new certificate files or a bootstrap token.",
+                )
+                valid.add_metric([], 1.0 if keeper.valid else 0.0)
+                yield valid
+                expiry = GaugeMetricFamily(
+                    "sentinel_agent_certificate_expiry_timestamp_seconds",
+                    "When the agent's client certificate expires (Unix time; 0 when none).",
+                )
+                current = keeper.current
+                expiry.add_metric([], current.not_after.timestamp() if current else 0.0)
+                yield expiry
 
         return _SessionMetrics()
 
@@ -228,6 +251,8 @@ class NodeAgent:
         s = self.settings
         attempt = 0
         while not self._stopping.is_set():
+            if not await self._certificate_ready():
+                return
             delay: float | None = None
             welcomed = False
             try:
@@ -261,6 +286,18 @@ class NodeAgent:
             log.info("reconnecting in %.2f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _certificate_ready(self) -> bool:
+        """Waits until there is a valid certificate to connect with; False when stopping."""
+        if self.certificates.ready.is_set():
+            return True
+        ready = asyncio.ensure_future(self.certificates.ready.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        await asyncio.gather(ready, stopping, return_exceptions=True)
+        return not self._stopping.is_set()
 
     def _credentials(self) -> grpc.ChannelCredentials:
         s = self.settings
@@ -311,7 +348,8 @@ class NodeAgent:
         s = self.settings
         hello = await self._hello()
         # Read on every attempt, so a renewed certificate on disk is used at the next connect.
-        credentials = await asyncio.to_thread(self._credentials)
+        async with self.certificates.files_lock:
+            credentials = await asyncio.to_thread(self._credentials)
         channel = grpc.aio.secure_channel(s.control_plane, credentials, self._channel_options())
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
         tasks = Supervisor("session")

@@ -16,6 +16,7 @@ import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from nodeagent._certificates import bootstrap_token
 from nodeagent.agent import NodeAgent
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.exporter import TelemetryExporter
@@ -99,10 +100,21 @@ async def run(settings: AgentSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings, args = parse_args(argv)
     configure_logging(args.log_format, args.log_level)
-    for path in (settings.ca, settings.cert, settings.key):
-        if not path.exists():
-            log.error("TLS file %s does not exist (see `sentinel-certs init`)", path)
-            return 2
+    if not settings.ca.exists():
+        log.error(
+            "CA file %s does not exist (it comes with the bootstrap token; for a development "
+            "PKI see `sentinel-certs init`)",
+            settings.ca,
+        )
+        return 2
+    missing = [path for path in (settings.cert, settings.key) if not path.exists()]
+    if missing and not bootstrap_token(settings):
+        log.error(
+            "TLS file %s does not exist and no bootstrap token is configured: enroll with "
+            "--bootstrap-token or --bootstrap-token-file, or issue one (`sentinel-certs init`)",
+            missing[0],
+        )
+        return 2
     try:
         asyncio.run(run(settings))
     except OSError as exc:

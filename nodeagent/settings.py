@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +46,13 @@ class AgentSettings:
     """Upper bound of one command's execution when its deadline is later."""
     server_name_override: str = ""
     """TLS name to verify instead of the host in `control_plane` (testing, IP-only setups)."""
+    bootstrap_token: str = field(default="", repr=False)
+    """Bootstrap token (`<id>.<secret>`) to enroll with when the certificate is missing or
+    expired; prefer bootstrap_token_file, which does not show in the process list."""
+    bootstrap_token_file: str = ""
+    """File holding a bootstrap token; read whenever the agent needs to enroll."""
+    enrollment_endpoint: str = ""
+    """host:port of the control plane's enrollment port; empty: the host of `control_plane`,
+    port 7444."""
+    trust_domain: str = "sentinel.local"
+    """SPIFFE trust domain of the identity requested at enrollment."""

@@ -71,6 +71,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     ca = CertificateAuthority.create()
     (directory / "ca.pem").write_bytes(ca.certificate_pem)
+    # Next to ca.pem, where the control plane looks for the key that signs enrolled agents.
+    write_private_key(directory / "ca.key", ca.private_key_pem)
     server = ca.issue_server()
     write_private_key(directory / "server.key", server.private_key_pem)
     (directory / "server.pem").write_bytes(server.certificate_pem)
@@ -83,6 +85,7 @@ def fast_settings(pki: Pki, database_url: str, **overrides: Any) -> ControlPlane
         tls=pki.server_files(),
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
+        enrollment_listen="127.0.0.1:0",
         database_url=database_url,
         telemetry_interval_s=0.2,
         heartbeat_interval_s=0.5,

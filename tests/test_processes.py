@@ -63,6 +63,8 @@ def test_controlplane_and_agent_processes_log_json_serve_metrics_and_stop_cleanl
                 f"127.0.0.1:{port}",
                 "--metrics-listen",
                 f"127.0.0.1:{cp_metrics}",
+                "--enrollment-listen",
+                "127.0.0.1:0",
                 "--database-url",
                 database_url,
                 "--log-format",

@@ -93,6 +93,8 @@ def _start_process(pki: Pki, port: int, database_url: str) -> subprocess.Popen[b
             f"127.0.0.1:{port}",
             "--metrics-listen",
             "",
+            "--enrollment-listen",
+            "127.0.0.1:0",
             "--database-url",
             database_url,
             "--telemetry-interval-s",

@@ -2,7 +2,14 @@
 
 from controlplane.api._agent_service import AgentService
 from controlplane.api._audit_service import AuditService
+from controlplane.api._auth_service import AuthService
+from controlplane.api._enrollment_service import (
+    EnrollmentPortInterceptor,
+    EnrollmentPortService,
+    EnrollmentService,
+)
 from controlplane.api._fleet_service import FleetService
+from controlplane.api._identity_service import IdentityService
 from controlplane.api._policy_service import PolicyService
 from controlplane.api._telemetry_service import MetricFilter, TelemetryService
 from controlplane.api._unimplemented import PENDING_SERVICES, pending_servicer
@@ -11,7 +18,12 @@ __all__ = [
     "PENDING_SERVICES",
     "AgentService",
     "AuditService",
+    "AuthService",
+    "EnrollmentPortInterceptor",
+    "EnrollmentPortService",
+    "EnrollmentService",
     "FleetService",
+    "IdentityService",
     "MetricFilter",
     "PolicyService",
     "TelemetryService",

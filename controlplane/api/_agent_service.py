@@ -15,8 +15,10 @@ from sentinel.v1 import agent_pb2, agent_pb2_grpc
 from certs import IdentityError
 from certs._identity import validate_name
 from controlplane.api import _convert
+from controlplane.api._enrollment_service import issuance_status
 from controlplane.api._errors import abort
 from controlplane.auth import current_principal
+from controlplane.enrollment import CertificateIssuer
 from controlplane.fleet import (
     AgentRegistry,
     AgentSession,
@@ -76,8 +78,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         hub: TelemetryHub,
         ledger: CommandLedger,
         metrics: ControlPlaneMetrics,
+        issuer: CertificateIssuer | None = None,
     ) -> None:
         self._settings = settings
+        self._issuer = issuer
         self._registry = registry
         self._hub = hub
         self._ledger = ledger
@@ -161,6 +165,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         session, state = await self._registry.open_session(
             _convert.hello_info(hello, principal.spiffe_id)
         )
+        # Revoking the certificate or the node finds and closes the session by these.
+        session.certificate_serial = principal.serial
+        session.certificate_not_before = principal.not_before
         writer: asyncio.Task[None] | None = None
         reason = "stream ended"
         with log_context(node_id=hello.node_id, session_id=session.session_id):
@@ -197,6 +204,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     writer.cancel()
                     await asyncio.gather(writer, return_exceptions=True)
                 log.info("agent session closed: %s", session.close_reason or reason)
+            if session.revoked:
+                await abort(context, grpc.StatusCode.UNAUTHENTICATED, session.close_reason)
 
     async def _write_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -319,10 +328,25 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def RenewCertificate(
         self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RenewCertificateResponse:
-        await abort(
-            context,
-            grpc.StatusCode.UNIMPLEMENTED,
-            "certificate renewal is not available yet (identity lifecycle work)",
+        if self._issuer is None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "certificate renewal is not configured on this control plane",
+            )
+        node_id = current_principal().name
+        try:
+            issued = await self._issuer.renew(node_id, request.csr_pem.encode())
+        except Exception as exc:
+            status = issuance_status(exc)
+            if status is None:
+                raise
+            log.warning("certificate renewal refused for node %s: %s", node_id, status[1])
+            await abort(context, *status)
+        return agent_pb2.RenewCertificateResponse(
+            certificate_pem=issued.certificate_pem.decode(),
+            ca_bundle_pem=issued.ca_bundle_pem.decode(),
+            expire_time=_convert.timestamp(issued.not_after),
         )
 
     @staticmethod

@@ -6,26 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from sentinel.v1 import (
-    auth_pb2_grpc,
-    enrollment_pb2_grpc,
-    identity_pb2_grpc,
-)
 
 # (servicer base, registration function, what is missing)
-PENDING_SERVICES: list[tuple[type, Any, str]] = [
-    (auth_pb2_grpc.AuthServiceServicer, auth_pb2_grpc.add_AuthServiceServicer_to_server, "login"),
-    (
-        enrollment_pb2_grpc.EnrollmentServiceServicer,
-        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server,
-        "enrollment",
-    ),
-    (
-        identity_pb2_grpc.IdentityServiceServicer,
-        identity_pb2_grpc.add_IdentityServiceServicer_to_server,
-        "revocation and users",
-    ),
-]
+PENDING_SERVICES: list[tuple[type, Any, str]] = []
 
 
 def _unimplemented(name: str, feature: str) -> Any:

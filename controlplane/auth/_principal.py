@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     spiffe_id: str
+    """The certificate's SPIFFE id, or `user:<name>` for a caller with a bearer token."""
     role: str
     name: str
     serial: str
+    """The serial (lower-case hex) of the connection's client certificate."""
+    not_before: dt.datetime | None = None
+    """The client certificate's notBefore (node revocations compare against it)."""
 
 
 _CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(

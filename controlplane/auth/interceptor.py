@@ -1,4 +1,5 @@
-"""The one server interceptor: maps the peer certificate to a principal, enforces the role
+"""The one server interceptor: maps the peer certificate (or, when the call carries one, the
+bearer token of a logged-in user) to a principal, refuses revoked certificates, enforces the role
 table, counts every call (method, status code, latency) for Prometheus, and writes mutating and
 refused calls to the audit log.
 
@@ -10,21 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import Message
 
-from certs import IdentityError, certificate_serial_hex, parse_spiffe_id
+from certs import Identity, IdentityError, parse_spiffe_id
 from controlplane.api._errors import abort
 from controlplane.audit import AuditLog
 from controlplane.auth._principal import Principal, reset_principal, set_principal
-from controlplane.auth.roles import MUTATING_METHODS, allowed
+from controlplane.auth.roles import AGENT, MUTATING_METHODS, allowed
+from controlplane.identity import Revocations, TokenInvalid, TokenIssuer, Users
 from controlplane.metrics import ControlPlaneMetrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,8 @@ _TARGET_HOLDERS = ("plan", "policy")
 _DRY_RUN_FIELD = "validate_only"
 _REFUSALS = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 _MAX_DETAIL_BYTES = 1024
+_AUTHORIZATION = "authorization"
+USER_PREFIX = "user:"
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:
@@ -85,12 +92,37 @@ def audit_detail(request: object, outcome: str, details: str | None) -> str:
     return ": ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class _CertificateFacts:
+    serial: str
+    not_before: dt.datetime
+
+
+def _certificate_facts(pem: bytes) -> _CertificateFacts:
+    certificate = x509.load_pem_x509_certificate(pem)
+    return _CertificateFacts(
+        format(certificate.serial_number, "x"), certificate.not_valid_before_utc
+    )
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, trust_domain: str, metrics: ControlPlaneMetrics, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        trust_domain: str,
+        metrics: ControlPlaneMetrics,
+        audit: AuditLog,
+        *,
+        revocations: Revocations,
+        tokens: TokenIssuer,
+        users: Users,
+    ) -> None:
         self._trust_domain = trust_domain
         self._metrics = metrics
         self._audit = audit
-        self._serials: dict[bytes, str] = {}
+        self._revocations = revocations
+        self._tokens = tokens
+        self._users = users
+        self._certificates: dict[bytes, _CertificateFacts] = {}
 
     async def intercept_service(
         self,
@@ -125,14 +157,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             handler.response_serializer,
         )
 
-    def _serial(self, pem: bytes) -> str:
-        serial = self._serials.get(pem)
-        if serial is None:
-            if len(self._serials) > 10_000:
-                self._serials.clear()
-            serial = certificate_serial_hex(pem)
-            self._serials[pem] = serial
-        return serial
+    def _certificate(self, pem: bytes) -> _CertificateFacts:
+        """Serial and notBefore of a peer certificate, parsed once per certificate."""
+        facts = self._certificates.get(pem)
+        if facts is None:
+            if len(self._certificates) > 10_000:
+                self._certificates.clear()
+            facts = _certificate_facts(pem)
+            self._certificates[pem] = facts
+        return facts
 
     @staticmethod
     def _claimed_identity(context: grpc.aio.ServicerContext) -> str:
@@ -142,29 +175,98 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return str(ids[0].decode(errors="replace"))
         return f"unidentified peer {context.peer()}"
 
-    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
-        auth = context.auth_context()
-        ids = auth.get("peer_spiffe_id") or []
-        if len(ids) != 1:
+    @staticmethod
+    def _bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+        """The token of `authorization: Bearer <token>` metadata; None when there is none."""
+        values = [
+            value
+            for key, value in context.invocation_metadata() or ()
+            if key.lower() == _AUTHORIZATION
+        ]
+        if not values:
+            return None
+        scheme, _, token = str(values[0]).strip().partition(" ")
+        if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
+            # Never fall back to the certificate's role when the caller meant to use a token.
+            return ""
+        return token.strip()
+
+    async def _user_principal(
+        self, token: str, certificate: _CertificateFacts, context: grpc.aio.ServicerContext
+    ) -> Principal:
+        if not token:
             await abort(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
-                "the client certificate carries no single SPIFFE id "
-                f"(expected spiffe://{self._trust_domain}/<role>/<name> as its URI SAN)",
+                "authorization metadata: expected one 'Bearer <access token>'",
             )
-        spiffe_id = ids[0].decode()
         try:
-            identity = parse_spiffe_id(spiffe_id, self._trust_domain)
-        except IdentityError as exc:
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"client identity refused: {exc}")
-        pems = auth.get("x509_pem_cert") or [b""]
-        principal = Principal(spiffe_id, identity.role, identity.name, self._serial(pems[0]))
-        if not allowed(method, identity.role):
-            log.warning("refused %s for %s", method, spiffe_id)
+            claims = self._tokens.verify_access(token)
+        except TokenInvalid as exc:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bearer token refused: {exc}")
+        user = await self._users.get(claims.username)
+        if user is None:
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"bearer token refused: user {claims.username!r} no longer exists",
+            )
+        return Principal(
+            f"{USER_PREFIX}{user.username}",
+            user.role,
+            user.username,
+            certificate.serial,
+            certificate.not_before,
+        )
+
+    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        auth = context.auth_context()
+        pems = auth.get("x509_pem_cert") or []
+        if len(pems) != 1:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        certificate = self._certificate(pems[0])
+        ids = auth.get("peer_spiffe_id") or []
+        spiffe_id = ids[0].decode(errors="replace") if len(ids) == 1 else ""
+        identity: Identity | None = None
+        identity_problem = (
+            "the client certificate carries no single SPIFFE id "
+            f"(expected spiffe://{self._trust_domain}/<role>/<name> as its URI SAN)"
+        )
+        if spiffe_id:
+            try:
+                identity = parse_spiffe_id(spiffe_id, self._trust_domain)
+            except IdentityError as exc:
+                identity_problem = f"client identity refused: {exc}"
+        node_id = identity.name if identity is not None and identity.role == AGENT else None
+        revocation = self._revocations.is_revoked(
+            certificate.serial, node_id, certificate.not_before
+        )
+        if revocation is not None:
+            log.warning("refused %s: %s", method, revocation.describe())
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"client certificate refused: {revocation.describe()}",
+            )
+        token = self._bearer_token(context)
+        if token is not None:
+            principal = await self._user_principal(token, certificate, context)
+        elif identity is None:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, identity_problem)
+        else:
+            principal = Principal(
+                spiffe_id,
+                identity.role,
+                identity.name,
+                certificate.serial,
+                certificate.not_before,
+            )
+        if not allowed(method, principal.role):
+            log.warning("refused %s for %s", method, principal.spiffe_id)
             await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"role {identity.role!r} ({spiffe_id}) may not call {method}",
+                f"role {principal.role!r} ({principal.spiffe_id}) may not call {method}",
             )
         return principal
 
@@ -176,8 +278,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         ends."""
         started = time.perf_counter()
         code: str | None = None
+        principal: Principal | None = None
         try:
-            token = set_principal(await self._authorize(method, context))
+            principal = await self._authorize(method, context)
+            token = set_principal(principal)
             try:
                 yield
             finally:
@@ -197,16 +301,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if timed:
                 self._metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
             if method in MUTATING_METHODS or outcome in _REFUSALS:
-                await self._record(method, request, context, outcome)
+                who = principal.spiffe_id if principal else self._claimed_identity(context)
+                await self._record(method, request, context, outcome, who)
 
     async def _record(
-        self, method: str, request: object, context: grpc.aio.ServicerContext, outcome: str
+        self,
+        method: str,
+        request: object,
+        context: grpc.aio.ServicerContext,
+        outcome: str,
+        who: str,
     ) -> None:
         # The call's own outcome stands whatever happens here: an audit failure is logged (and
         # counted by the audit log, which keeps the event queued) but never reaches the caller.
         try:
             await self._audit.record(
-                principal=self._claimed_identity(context),
+                principal=who,
                 method=method,
                 target=audit_target(request),
                 outcome=outcome,

@@ -29,9 +29,7 @@ class RateLimiter:
         self._burst = burst if burst is not None else max(per_minute, 1.0)
         self._max_keys = max_keys
         self._clock = clock
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = (
-            collections.OrderedDict()
-        )
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
     def acquire(self, key: str) -> float:
         """Takes one call for `key`: 0.0 when allowed, else the seconds until it would be."""

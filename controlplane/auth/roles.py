@@ -1,6 +1,9 @@
 """Which roles may call which RPC: one table, the single source of truth for authorization.
 
-A method missing from the table is refused for every role (deny by default).
+A method missing from the table is refused for every role (deny by default). The role is the
+certificate's (spiffe://<domain>/<role>/<name>) or, for a call with a bearer token, the logged-in
+user's (operator or viewer). A certificate without a valid SPIFFE id has no role ("none") and is
+refused UNAUTHENTICATED before this table is consulted.
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ METHOD_ROLES: Final[dict[str, frozenset[str]]] = {
     f"{_V1}PolicyService/UpdatePolicy": frozenset({OPERATOR}),
     f"{_V1}PolicyService/DeletePolicy": frozenset({OPERATOR}),
     f"{_V1}AuditService/ListAuditEvents": frozenset({OPERATOR}),
-    f"{_V1}AuthService/Login": frozenset({OPERATOR, VIEWER}),
-    f"{_V1}AuthService/Refresh": frozenset({OPERATOR, VIEWER}),
+    # Any certificate of ours may carry a human's login: the password or refresh token is what
+    # authenticates the user (whose role then applies to the calls made with the token), so the
+    # certificate's own role does not matter here; a certificate without a SPIFFE id may not.
+    f"{_V1}AuthService/Login": _EVERYONE,
+    f"{_V1}AuthService/Refresh": _EVERYONE,
     f"{_V1}EnrollmentService/CreateBootstrapToken": frozenset({OPERATOR}),
     f"{_V1}IdentityService/RevokeCertificate": frozenset({OPERATOR}),
     f"{_V1}IdentityService/RevokeNode": frozenset({OPERATOR}),

@@ -320,9 +320,13 @@ class CommandLedger:
                 )
             if row.state == CommandState.FINISHED.value:
                 return None  # a re-sent result after a reconnect: already recorded
-            db.execute(
+            # Conditional, so of two copies of a result written at once only one counts.
+            written = db.execute(
                 update(COMMANDS)
-                .where(COMMANDS.c.command_id == result.command_id)
+                .where(
+                    COMMANDS.c.command_id == result.command_id,
+                    COMMANDS.c.state != CommandState.FINISHED.value,
+                )
                 .values(
                     state=CommandState.FINISHED.value,
                     finished_at=_utcnow(),
@@ -331,6 +335,8 @@ class CommandLedger:
                     output=result.output,
                 )
             )
+            if written.rowcount != 1:
+                return None
             return CommandResult(
                 result.command_id,
                 node_id,

@@ -88,15 +88,21 @@ class AgentSession:
     close_reason: str = ""
     on_close: Callable[[], None] | None = None
     """Called once when the session is closed from the control plane's side."""
+    certificate_serial: str = ""
+    """Serial (lower-case hex) of the client certificate the session was opened with."""
+    certificate_not_before: dt.datetime | None = None
+    revoked: bool = False
+    """Closed because its certificate or node was revoked (the stream ends UNAUTHENTICATED)."""
 
     def send(self, message: Outbound) -> None:
         if not self.closed.is_set():
             self.outbound.put_nowait(message)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, revoked: bool = False) -> None:
         """Ends the session: the transport stops writing and finishes the stream."""
         if not self.closed.is_set():
             self.close_reason = reason
+            self.revoked = revoked
             self.closed.set()
             self.outbound.put_nowait(None)
             if self.on_close is not None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, AgentState, AgentStatus, HelloInfo
@@ -213,7 +214,12 @@ class AgentRegistry:
             row.last_telemetry_seq = state.last_telemetry_seq
             row.telemetry_gap_samples = state.telemetry_gap_samples
 
-        await self._store.run(upsert)
+        try:
+            await self._store.run(upsert)
+        except IntegrityError:
+            # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
+            # the row exists now, and the second attempt updates it.
+            await self._store.run(upsert)
         # Re-read after the await: another session for the node may have opened meanwhile.
         agent = self._agents.get(hello.node_id)
         if agent is not None and agent.session is not None:

@@ -1,7 +1,8 @@
-"""The store: one SQLAlchemy engine on SQLite or PostgreSQL, used from a dedicated worker thread.
+"""The store: one SQLAlchemy engine on SQLite or PostgreSQL, used from dedicated worker threads.
 
-SQLAlchemy's synchronous API runs on its own thread so the event loop never blocks on the
-database; a single thread also serialises SQLite's writers, which SQLite wants anyway.
+SQLAlchemy's synchronous API runs on its own threads so the event loop never blocks on the
+database: one thread on SQLite (which serialises writers anyway), a few on PostgreSQL, where
+transactions run side by side.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
-def _create_engine(url: URL) -> Engine:
+def _create_engine(url: URL, threads: int = 1) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -80,8 +81,8 @@ def _create_engine(url: URL) -> Engine:
     engine = create_engine(
         url,
         connect_args=connect_args,
-        # One store thread plus the odd blocking caller (startup, CLI) need two connections.
-        pool_size=2,
+        # One connection per store thread, plus the odd blocking caller (startup, CLI).
+        pool_size=threads + 1,
         max_overflow=2,
         # A server restart or an idle-killing proxy must cost a reconnect, not a failed write.
         pool_pre_ping=True,
@@ -95,11 +96,17 @@ def _create_engine(url: URL) -> Engine:
 class Store:
     """Owns the engine and the thread that talks to it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, threads: int = 4) -> None:
         self.url = url
         parsed = _parse_url(url)
+        # SQLite has one writer at a time: more threads would only queue on its lock. A
+        # PostgreSQL server runs transactions side by side, so several threads do more work:
+        # every write the control plane makes is a conditional update or an insert that is
+        # safe to run concurrently with any other (see docs/decisions.md).
+        sqlite = parsed.get_backend_name() == "sqlite"
+        self.threads = 1 if sqlite else max(threads, 1)
         try:
-            self._engine: Engine = _create_engine(parsed)
+            self._engine: Engine = _create_engine(parsed, self.threads)
         except Exception as exc:  # unknown dialect or driver, bad options
             raise StoreError(
                 f"cannot open the database at {parsed.render_as_string(hide_password=True)}: "
@@ -107,7 +114,7 @@ class Store:
             ) from None
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="sentinel-store"
+            max_workers=self.threads, thread_name_prefix="sentinel-store"
         )
 
     @property

@@ -188,6 +188,7 @@ class SentinelServer:
         settings = ControlPlaneSettings(
             listen="127.0.0.1:0",
             metrics_listen="127.0.0.1:0",
+            enrollment_listen="127.0.0.1:0",
             database_url=f"sqlite:///{self._config.database}",
             tls=TlsFiles(
                 ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"

@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"127.0.0.1:{port}",
                 "--metrics-listen",
                 "",
+                "--enrollment-listen",
+                "127.0.0.1:0",
                 "--database-url",
                 database_url,
                 "--policy-paths",

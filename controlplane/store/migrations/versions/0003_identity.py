@@ -36,9 +36,7 @@ def upgrade() -> None:
         sa.Column("not_after", UtcDateTime(), nullable=False),
         sa.Column("via", sa.String(16), nullable=False),
     )
-    op.create_index(
-        "ix_issued_certificates_node", "issued_certificates", ["node_id", "issued_at"]
-    )
+    op.create_index("ix_issued_certificates_node", "issued_certificates", ["node_id", "issued_at"])
     op.create_table(
         "revocations",
         sa.Column("kind", sa.String(16), primary_key=True),

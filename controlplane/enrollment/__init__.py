@@ -1,0 +1,31 @@
+"""Identity lifecycle of node agents: bootstrap tokens, enrollment and certificate renewal."""
+
+from controlplane.enrollment._issuer import (
+    CaUnavailable,
+    CertificateIssuer,
+    Issued,
+    NodeIdInvalid,
+    load_ca,
+)
+from controlplane.enrollment._tokens import (
+    MAX_TOKEN_TTL,
+    MAX_TOKEN_USES,
+    BootstrapTokens,
+    CreatedToken,
+    TokenRefused,
+    TokenRequestInvalid,
+)
+
+__all__ = [
+    "MAX_TOKEN_TTL",
+    "MAX_TOKEN_USES",
+    "BootstrapTokens",
+    "CaUnavailable",
+    "CertificateIssuer",
+    "CreatedToken",
+    "Issued",
+    "NodeIdInvalid",
+    "TokenRefused",
+    "TokenRequestInvalid",
+    "load_ca",
+]
