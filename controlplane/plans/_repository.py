@@ -31,6 +31,14 @@ from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLA
 from controlplane.store._models import UtcDateTime
 
 TRANSITION_METHOD = "plan.transition"
+# Statements of the submission path, built once: composing them per call cost more CPU than
+# the database spent running them.
+_INSERT_PLAN = insert(PLANS)
+_INSERT_TARGETS = insert(PLAN_TARGETS)
+_INSERT_TRANSITIONS = insert(PLAN_TRANSITIONS)
+_INSERT_AUDIT = insert(AUDIT_EVENTS)
+_PLAN_BY_REQUEST_ID = select(PLANS.c.plan_id).where(PLANS.c.request_id == bindparam("request_id"))
+
 # history.recent counts stop here: "this many or more" (see request_lookup).
 RATE_HISTORY_CAP = 100
 
@@ -56,6 +64,17 @@ class PlanFilter:
     phase: Phase | None = None
     source: str = ""
     target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a submission decided inside its transaction: the plan in its verdict's phase, the
+    transitions that led there, and whether to store it (not for validate_only)."""
+
+    plan: Plan
+    digest: str
+    transitions: tuple[Transition, ...]
+    store: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,24 +199,54 @@ class PlanRepository:
 
         return await self._store.run_core(read)
 
-    async def request_lookup(
-        self, request_id: str, targets: Sequence[str], since: dt.datetime
-    ) -> tuple[Plan | None, dict[str, int]]:
-        """In one round trip: the plan already submitted under `request_id` (if any), and for
-        each target how many accepted plans touched it since `since` (for rate limits)."""
+    @staticmethod
+    def _recent_counts(
+        db: Connection, targets: Sequence[str], since: dt.datetime
+    ) -> dict[str, int]:
+        """For each target, how many accepted plans touched it since `since` (capped)."""
+        if not targets:
+            return {}
+        params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(targets)}
+        values = db.execute(_recent_counts_query(len(targets)), {**params, "since": since}).one()
+        return {t: int(n) for t, n in zip(targets, values, strict=True) if n}
 
-        def read(db: Connection) -> tuple[Plan | None, dict[str, int]]:
-            plan_id = db.scalar(select(PLANS.c.plan_id).where(PLANS.c.request_id == request_id))
-            existing = None if plan_id is None else self._read(db, plan_id)
-            counts: dict[str, int] = {}
-            if targets:
-                params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(targets)}
-                row = db.execute(_recent_counts_query(len(targets)), {**params, "since": since})
-                values = row.one()
-                counts = {t: int(n) for t, n in zip(targets, values, strict=True) if n}
-            return existing, counts
+    async def submit_new(
+        self,
+        plan: Plan,
+        since: dt.datetime,
+        decide: Callable[[dict[str, int]], Decision],
+    ) -> Plan | Decision:
+        """Submission in ONE transaction: the plan already stored under its request_id (a
+        replay: returned as is); otherwise `decide` (the policy verdict, given the per-target
+        counts of plans since `since`) and, unless it says not to store, the plan with its
+        targets, transitions and their audit events. Raises `RequestIdConflict` when another
+        submission with the same request_id committed first."""
 
-        return await self._store.run_core(read)
+        def work(db: Connection) -> Plan | Decision:
+            plan_id = db.scalar(_PLAN_BY_REQUEST_ID, {"request_id": plan.request_id})
+            if plan_id is not None:
+                existing = self._read(db, plan_id)
+                if existing is not None:
+                    return existing
+            decision = decide(self._recent_counts(db, plan.target_keys, since))
+            if decision.store:
+                self._insert(db, decision.plan, decision.digest, decision.transitions)
+            return decision
+
+        try:
+            outcome = await self._store.run_core(work)
+        except IntegrityError:
+            existing = await self.find_by_request_id(plan.request_id)
+            if existing is None:
+                raise
+            raise RequestIdConflict(existing.plan_id) from None
+        if isinstance(outcome, Decision) and outcome.store:
+            stored = outcome.plan
+            stored.version = 1
+            stored.updated_at = stored.created_at
+            stored.transitions = tuple(outcome.transitions)
+            self._on_change(PlanChange(stored, stored.transitions))
+        return outcome
 
     async def transitions_after(self, plan_id: str, after: int) -> tuple[Plan | None, list[int]]:
         """The plan and the ids of its transitions after `after` (for WatchPlan)."""
@@ -277,59 +326,61 @@ class PlanRepository:
 
     # --- writes -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _insert(db: Connection, plan: Plan, digest: str, transitions: Sequence[Transition]) -> None:
+        now = plan.created_at or _utcnow()
+        plan.created_at = now
+        db.execute(
+            _INSERT_PLAN,
+            {
+                "plan_id": plan.plan_id,
+                "request_id": plan.request_id,
+                "request_digest": digest,
+                "source": plan.source,
+                "rationale": plan.rationale,
+                "confidence": plan.confidence,
+                "submitted_by": plan.submitted_by,
+                "phase": plan.phase.value,
+                "created_at": now,
+                "updated_at": now,
+                "expire_at": plan.expire_at,
+                "body": body_of(plan),
+                "violations": [
+                    {
+                        "rule_id": v.rule_id,
+                        "message": v.message,
+                        "field": v.field,
+                        "effect": v.effect,
+                    }
+                    for v in plan.violations
+                ],
+                "status_message": fit(plan.status_message),
+                "version": 1,
+            },
+        )
+        db.execute(
+            _INSERT_TARGETS,
+            [
+                {"plan_id": plan.plan_id, "target": key, "created_at": now}
+                for key in plan.target_keys
+            ],
+        )
+        rows, audits = _transition_rows(plan.plan_id, transitions)
+        db.execute(_INSERT_TRANSITIONS, rows)
+        db.execute(_INSERT_AUDIT, audits)
+
     async def create(self, plan: Plan, digest: str, transitions: Sequence[Transition]) -> Plan:
         """Stores a new plan with its targets, transitions and their audit events, all in one
         transaction. Raises `RequestIdConflict` when its request_id is taken."""
-        now = plan.created_at or _utcnow()
-
-        def write(db: Connection) -> None:
-            db.execute(
-                insert(PLANS).values(
-                    plan_id=plan.plan_id,
-                    request_id=plan.request_id,
-                    request_digest=digest,
-                    source=plan.source,
-                    rationale=plan.rationale,
-                    confidence=plan.confidence,
-                    submitted_by=plan.submitted_by,
-                    phase=plan.phase.value,
-                    created_at=now,
-                    updated_at=now,
-                    expire_at=plan.expire_at,
-                    body=body_of(plan),
-                    violations=[
-                        {
-                            "rule_id": v.rule_id,
-                            "message": v.message,
-                            "field": v.field,
-                            "effect": v.effect,
-                        }
-                        for v in plan.violations
-                    ],
-                    status_message=fit(plan.status_message),
-                    version=1,
-                )
-            )
-            db.execute(
-                insert(PLAN_TARGETS),
-                [
-                    {"plan_id": plan.plan_id, "target": key, "created_at": now}
-                    for key in plan.target_keys
-                ],
-            )
-            rows, audits = _transition_rows(plan.plan_id, transitions)
-            db.execute(insert(PLAN_TRANSITIONS), rows)
-            db.execute(insert(AUDIT_EVENTS), audits)
-
         try:
-            await self._store.run_core(write)
+            await self._store.run_core(lambda db: self._insert(db, plan, digest, transitions))
         except IntegrityError:
             existing = await self.find_by_request_id(plan.request_id)
             if existing is None:
                 raise
             raise RequestIdConflict(existing.plan_id) from None
         plan.version = 1
-        plan.created_at = plan.updated_at = now
+        plan.updated_at = plan.created_at
         plan.transitions = tuple(transitions)
         self._on_change(PlanChange(plan, tuple(transitions)))
         return plan

@@ -21,6 +21,7 @@ from controlplane.plans._model import (
     plan_document,
 )
 from controlplane.plans._repository import (
+    Decision,
     PlanChange,
     PlanConflict,
     PlanFilter,
@@ -135,38 +136,41 @@ class PlanManager:
         plan.created_at = now
         digest = digest_of(plan)
 
-        existing, recent = await self.repository.request_lookup(
-            plan.request_id, plan.target_keys, now - self._rate_window
-        )
-        if existing is not None:
-            return self._replay(existing, digest)
+        def decide(recent: dict[str, int]) -> Decision:
+            # Runs on the store thread, inside the submission's transaction: the verdict and
+            # the insert see the same history, in one round of the database.
+            verdict = self._evaluate(plan, now, recent)
+            plan.violations = tuple(
+                Violation(v.rule_id, v.message, v.field, v.effect.value)
+                for v in (*verdict.rejections, *verdict.approvals_required)
+            )
+            outcome = Phase(verdict.outcome)
+            plan.phase = outcome
+            transitions = (
+                Transition(Phase.PENDING, Phase.VALIDATING, now, principal, "submitted"),
+                Transition(
+                    Phase.VALIDATING, outcome, now, "policy-engine", _verdict_reason(verdict)
+                ),
+            )
+            return Decision(plan, digest, transitions, store=not validate_only)
 
-        verdict = self._evaluate(plan, now, recent)
-        plan.violations = tuple(
-            Violation(v.rule_id, v.message, v.field, v.effect.value)
-            for v in (*verdict.rejections, *verdict.approvals_required)
-        )
-        outcome = Phase(verdict.outcome)
-        actor = "policy-engine"
-        transitions = [
-            Transition(Phase.PENDING, Phase.VALIDATING, now, principal, "submitted"),
-            Transition(Phase.VALIDATING, outcome, now, actor, _verdict_reason(verdict)),
-        ]
-        plan.phase = outcome
-        preview = preview_of(plan) if outcome != Phase.REJECTED else ()
-        if validate_only:
-            plan.plan_id = ""
-            plan.transitions = tuple(transitions)
-            return Submission(plan, preview)
         try:
-            stored = await self.repository.create(plan, digest, transitions)
+            outcome = await self.repository.submit_new(plan, now - self._rate_window, decide)
         except RequestIdConflict as conflict:
             return self._replay(await self.repository.get(conflict.plan_id), digest)
+        if isinstance(outcome, Plan):
+            return self._replay(outcome, digest)
+        stored = outcome.plan
+        preview = preview_of(stored) if stored.phase != Phase.REJECTED else ()
+        if validate_only:
+            stored.plan_id = ""
+            stored.transitions = outcome.transitions
+            return Submission(stored, preview)
         log.info(
             "plan %s from %s: %s",
             stored.plan_id,
             stored.source,
-            outcome,
+            stored.phase,
             extra={"plan_id": stored.plan_id, "request_id": stored.request_id},
         )
         return Submission(stored, preview)

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--channels", type=int, default=2, help="client connections")
     parser.add_argument("--nodes", type=int, default=50, help="registered nodes")
+    parser.add_argument("--profile", default="", help="write the server's cProfile here")
     parser.add_argument("--rate", type=float, default=200, help="open-loop submissions/s")
     parser.add_argument("--repeats", type=int, default=3, help="measurements (medians shown)")
     args = parser.parse_args(argv)
@@ -237,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         nodes = _register_nodes(database_url, args.nodes)
         (directory / "policy.yaml").write_text(APPROVAL_POLICY)
         port = _free_port()
+        # --profile PATH runs the server's event loop thread under cProfile.
+        profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
         server = subprocess.Popen(
             [
                 sys.executable,
+                *profile,
                 "-m",
                 "controlplane.main",
                 "--certs-dir",
