@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ import grpc
 import pytest
 from sentinel.v1 import fleet_pb2, fleet_pb2_grpc
 
-from certs import CertificateAuthority, write_private_key
+from certs import CertificateAuthority, Identity, write_private_key
 from controlplane import TlsFiles
 
 from .conftest import AgentFactory, ControlPlaneFactory, Pki
@@ -66,3 +67,55 @@ async def test_server_certificate_rotates_on_disk_without_dropping_sessions(
     assert result.succeeded
     assert cp.metrics.sessions_opened._value.get() == sessions_before
     assert node.agent.sessions_opened == 1
+
+
+async def test_rotation_under_a_hundred_agents_loses_no_session(
+    pki: Pki,
+    tmp_path: Path,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key")
+    original = pki.server_files()
+    for source, target in (
+        (original.ca, files.ca),
+        (original.cert, files.cert),
+        (original.key, files.key),
+    ):
+        shutil.copy(source, target)
+    # Slow telemetry keeps a hundred in-process agents light; liveness is what matters here.
+    cp = await control_plane_factory(tls=files, telemetry_interval_s=30.0)
+    agents = await asyncio.gather(
+        *(agent_factory(f"fleet-{i:03d}", cp.port, telemetry_interval_s=30.0) for i in range(100))
+    )
+    sessions = {a.agent.settings.node_id: cp.registry.get(a.agent.settings.node_id).session_id
+                for a in agents}  # fmt: skip
+    assert len(set(sessions.values())) == 100
+
+    # Rotate both: a new serving certificate, and a CA bundle that adds a second client CA
+    # (old agents keep their certificates; new clients may come from the new CA).
+    next_ca = CertificateAuthority.create("Sentinel next client CA")
+    served = pki.ca.issue_server()
+    bundle = files.ca.read_bytes() + next_ca.certificate_pem
+    for path, data in ((files.ca, bundle), (files.cert, served.certificate_pem)):
+        path.write_bytes(data)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    write_private_key(files.key, served.private_key_pem)
+
+    # A client of the new CA is accepted now: the new bundle is in force.
+    newcomer = next_ca.issue_client(Identity("sentinel.local", "operator", "newcomer"))
+    trusts = grpc.ssl_channel_credentials(
+        pki.ca_path.read_bytes(), newcomer.private_key_pem, newcomer.certificate_pem
+    )
+    listed = await _list_agents(cp.port, trusts)
+    assert len(listed) == 100
+
+    # Every agent still has the session it opened before the rotation, and answers on it.
+    results = await asyncio.gather(
+        *(cp.commands.send(node, "ping", {}, timeout=10) for node in sessions)
+    )
+    assert all(r.succeeded for r in results)
+    after = {node: cp.registry.get(node).session_id for node in sessions}
+    assert after == sessions
+    assert all(a.agent.sessions_opened == 1 for a in agents)

@@ -76,6 +76,7 @@ class CommandLedger:
         self._session_for = session_for
         self._on_finished = on_finished
         self._waiters: dict[str, asyncio.Future[CommandResult]] = {}
+        self._node_locks: dict[str, asyncio.Lock] = {}
         self._sent_at: dict[str, float] = {}
 
     async def send(
@@ -119,18 +120,24 @@ class CommandLedger:
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._waiters[command_id] = future
         try:
-            session = self._session_for(node_id)
-            # One transaction stores the command (or finds it), marked SENT when a session is
-            # open; it goes on the wire only after that commit (the ledger never loses one).
-            stored = await self._store.run_core(
-                lambda db: self._insert_or_find(db, node_id, command, session is not None)
-            )
-            if isinstance(stored, CommandResult):
-                return stored
-            send_now, deadline = stored
-            if send_now and session is not None:
-                self._sent_at.setdefault(command_id, time.monotonic())
-                session.send(CommandOut(command_id, plan_id, action, command.parameters, deadline))
+            # Per node, commands reach the session in the order they were given: the store
+            # may run transactions side by side (PostgreSQL), so the insert-then-send section
+            # is taken in turn (asyncio locks are fair).
+            async with self._node_locks.setdefault(node_id, asyncio.Lock()):
+                session = self._session_for(node_id)
+                # One transaction stores the command (or finds it), marked SENT when a session
+                # is open; it goes on the wire only after that commit (never lost).
+                stored = await self._store.run_core(
+                    lambda db: self._insert_or_find(db, node_id, command, session is not None)
+                )
+                if isinstance(stored, CommandResult):
+                    return stored
+                send_now, deadline = stored
+                if send_now and session is not None:
+                    self._sent_at.setdefault(command_id, time.monotonic())
+                    session.send(
+                        CommandOut(command_id, plan_id, action, command.parameters, deadline)
+                    )
             remaining = (deadline - _utcnow()).total_seconds()
             if remaining <= 0:
                 raise TimeoutError
