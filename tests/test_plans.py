@@ -4,11 +4,14 @@ execution on nodes, rollback, idempotency and the event stream."""
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
+import urllib.request
 
 import grpc
 import pytest
 from google.protobuf import json_format
+from prometheus_client.parser import text_string_to_metric_families
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
 from controlplane.ctl import main as ctl_main
@@ -621,3 +624,44 @@ async def test_cancelling_a_running_plan_withdraws_undelivered_commands_and_roll
     b2 = await agent_factory("node-b", cp.port)
     await asyncio.sleep(0.5)
     assert b2.agent._interval() == before
+
+
+async def test_plan_metrics_are_exported(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    cp = await control_plane_factory(policy_paths=write_policy(tmp_path / "p.yaml", STRICT_POLICY))
+    await agent_factory("node-a", cp.port)
+    async with plan_client(pki, cp.port) as planner:
+        done = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=plan(step("run_diagnostic", ["node-a"])))
+        )
+        await wait_terminal(planner, done.plan.plan_id)
+        await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=plan(step("cordon", ["node-a"]), confidence=0.1))
+        )
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def completed_counted() -> dict[str, float] | None:
+        metrics = scrape()
+        return metrics if metrics.get('sentinel_plans{"phase": "completed"}') == 1 else None
+
+    metrics = await eventually(lambda: asyncio.to_thread(completed_counted))
+    assert metrics['sentinel_plans{"phase": "rejected"}'] == 1
+    assert metrics['sentinel_plan_transitions_total{"phase": "completed"}'] == 1
+    step_count = 'sentinel_plan_step_duration_seconds_count{"action": "run_diagnostic", '
+    assert metrics[step_count + '"result": "succeeded"}'] == 1
+    assert metrics["sentinel_policy_evaluation_seconds_count{}"] == 2
+    rule = 'sentinel_policy_violations_total{"effect": "REJECT", "rule": "minimum-confidence"}'
+    assert metrics[rule] == 1
