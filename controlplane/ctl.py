@@ -243,21 +243,26 @@ async def _plan(args: argparse.Namespace) -> None:
     print(json_format.MessageToJson(response.plan, preserving_proto_field_name=True))
 
 
+def _transition_line(t: plan_pb2.PlanTransition) -> str:
+    when = t.time.ToDatetime(dt.UTC).astimezone().strftime("%H:%M:%S")
+    moved = f"{_phase_name(t.from_phase)} -> {_phase_name(t.to_phase)}"
+    return f"{when}  {moved}  ({t.actor}) {t.reason}"
+
+
 async def _watch(args: argparse.Namespace) -> None:
     async with _channel(args) as channel:
         stub = plan_pb2_grpc.PlanServiceStub(channel)
+        first = True
         async for event in stub.WatchPlan(plan_pb2.WatchPlanRequest(plan_id=args.plan_id)):
+            if first:
+                # The stream opens with the plan as it is: show how it got there.
+                first = False
+                for transition in event.plan.transitions:
+                    print(_transition_line(transition), flush=True)
             if event.HasField("transition"):
-                t = event.transition
-                when = t.time.ToDatetime(dt.UTC).astimezone().strftime("%H:%M:%S")
-                print(
-                    f"{when}  {_phase_name(t.from_phase)} -> {_phase_name(t.to_phase)}  "
-                    f"({t.actor}) {t.reason}",
-                    flush=True,
-                )
+                print(_transition_line(event.transition), flush=True)
             else:
-                plan = event.plan
-                for step in plan.steps:
+                for step in event.plan.steps:
                     state = plan_pb2.StepState.Name(step.state).removeprefix("STEP_STATE_")
                     print(
                         f"  step {step.step_id} {step.action}: {state} {step.message}", flush=True
