@@ -503,6 +503,11 @@ async def test_plan_transitions_are_in_the_audit_log(
         )
     outcomes = sorted(e.outcome for e in events.events if e.method == "plan.transition")
     assert outcomes == sorted(["VALIDATING", "APPROVED", "EXECUTING", "COMPLETED"])
+    # The submission itself is filed under the plan it created.
+    submitted_events = [e for e in events.events if e.method.endswith("PlanService/SubmitPlan")]
+    assert [(e.outcome, e.principal) for e in submitted_events] == [
+        ("OK", "spiffe://sentinel.local/planner/inframind")
+    ]
 
 
 async def test_gpu_power_limit_plan_failing_on_one_node_restores_the_other_nodes_gpus(

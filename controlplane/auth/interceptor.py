@@ -61,8 +61,18 @@ def _string_field(message: Message, name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+class _Reply:
+    """The response of a unary call, for the audit record made when the call ends."""
+
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: object = None
+
+
 def audit_target(request: object) -> str:
-    """The resource a request names, e.g. "plan/<id>"; '' when it names none (or is a stream)."""
+    """The resource a request (or a response) names, e.g. "plan/<id>"; '' when it names none
+    (or is a stream)."""
     if not isinstance(request, Message):
         return ""
     holders = [request]
@@ -273,17 +283,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     @contextlib.asynccontextmanager
     async def _call(
         self, method: str, request: object, context: grpc.aio.ServicerContext, *, timed: bool
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[_Reply]:
         """Authorizes the call, exposes its principal, and counts and audits it however it
         ends."""
         started = time.perf_counter()
         code: str | None = None
         principal: Principal | None = None
+        reply = _Reply()
         try:
             principal = await self._authorize(method, context)
             token = set_principal(principal)
             try:
-                yield
+                yield reply
             finally:
                 reset_principal(token)
         except grpc.aio.AbortError:
@@ -302,12 +313,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
             if method in MUTATING_METHODS or outcome in _REFUSALS:
                 who = principal.spiffe_id if principal else self._claimed_identity(context)
-                await self._record(method, request, context, outcome, who)
+                await self._record(method, request, reply.response, context, outcome, who)
 
     async def _record(
         self,
         method: str,
         request: object,
+        response: object,
         context: grpc.aio.ServicerContext,
         outcome: str,
         who: str,
@@ -318,7 +330,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await self._audit.record(
                 principal=who,
                 method=method,
-                target=audit_target(request),
+                target=audit_target(response) or audit_target(request),
                 outcome=outcome,
                 detail=audit_detail(request, outcome, context.details()),
             )
@@ -328,8 +340,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(behavior)
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._call(method, request, context, timed=True):
-                return await behavior(request, context)
+            async with self._call(method, request, context, timed=True) as reply:
+                # The response names what the call created (SubmitPlan's new plan id).
+                reply.response = await behavior(request, context)
+                return reply.response
 
         return unary
 
