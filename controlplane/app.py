@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -133,6 +134,12 @@ def _api_service_names() -> list[str]:
     )
 
 
+def _sample_data(payload: object) -> dict[str, Any]:
+    """A stored sample (the agent's TelemetrySample message) as health gates see it."""
+    assert isinstance(payload, Message)
+    return message_to_plain(payload)
+
+
 _GATE_VARIABLES = frozenset({"sample", "node_id"})
 
 
@@ -206,7 +213,7 @@ class ControlPlane:
                 settings.controller_lease_s,
             ),
             AgentExecutor(self.commands, self.registry.set_cordoned),
-            HealthGates(self._latest_telemetry),
+            HealthGates(self._latest_telemetry, _sample_data),
             is_cordoned=self.registry.is_cordoned,
             interval_s=settings.reconcile_interval_s,
             on_step_finished=lambda action, result, seconds: self.metrics.plan_step_duration.labels(
@@ -273,11 +280,9 @@ class ControlPlane:
         for phase in Phase:
             self.metrics.plans.labels(phase.value.lower()).set(counts.get(phase.value, 0))
 
-    def _latest_telemetry(self, node_id: str) -> tuple[int, dict[str, Any]] | None:
+    def _latest_telemetry(self, node_id: str) -> tuple[int, object] | None:
         sample = self.hub.latest(node_id)
-        if sample is None:
-            return None
-        return sample.seq, message_to_plain(sample.payload)  # type: ignore[arg-type]
+        return None if sample is None else (sample.seq, sample.payload)
 
     async def start(self) -> None:
         settings = self.settings

@@ -24,6 +24,7 @@ from controlplane.plans import (
     Transition,
 )
 from controlplane.plans._model import check_transition
+from controlplane.plans._repository import Decision
 from controlplane.store import Store
 
 from .conftest import ControlPlaneFactory, eventually
@@ -56,11 +57,13 @@ async def test_a_replaced_leader_cannot_write(store: Store) -> None:
     changes: list[PlanChange] = []
     repository = PlanRepository(store, changes.append)
     now = dt.datetime.now(dt.UTC)
-    created = await repository.create(
-        _plan("plan-1"),
-        "digest",
-        [Transition(Phase.VALIDATING, Phase.APPROVED, now, "test", "ok")],
+    draft = _plan("plan-1")
+    transition = Transition(Phase.VALIDATING, Phase.APPROVED, now, "test", "ok")
+    decided = await repository.submit_new(
+        draft, now, lambda _counts: Decision(draft, "digest", (transition,), store=True)
     )
+    assert isinstance(decided, Decision)
+    created = decided.plan
     old = Lease(store, "pipeline-controller", "old-leader", duration_s=0.2)
     new = Lease(store, "pipeline-controller", "new-leader", duration_s=10)
     old_fence = await old.acquire_or_renew()

@@ -4,14 +4,11 @@ execution on nodes, rollback, idempotency and the event stream."""
 from __future__ import annotations
 
 import asyncio
-import json
 import pathlib
-import urllib.request
 
 import grpc
 import pytest
 from google.protobuf import json_format
-from prometheus_client.parser import text_string_to_metric_families
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
 from controlplane.ctl import main as ctl_main
@@ -26,6 +23,7 @@ from .plan_helpers import (
     wait_terminal,
     write_policy,
 )
+from .test_processes import _metrics as scrape_metrics
 
 APPROVAL_POLICY = """
 policy_id: approvals
@@ -648,18 +646,8 @@ async def test_plan_metrics_are_exported(
             plan_pb2.SubmitPlanRequest(plan=plan(step("cordon", ["node-a"]), confidence=0.1))
         )
 
-    def scrape() -> dict[str, float]:
-        url = f"http://127.0.0.1:{cp.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        return {
-            s.name + json.dumps(s.labels, sort_keys=True): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
     def completed_counted() -> dict[str, float] | None:
-        metrics = scrape()
+        metrics = scrape_metrics(cp.metrics_port)
         return metrics if metrics.get('sentinel_plans{"phase": "completed"}') == 1 else None
 
     metrics = await eventually(lambda: asyncio.to_thread(completed_counted))

@@ -25,13 +25,9 @@ async def _list_agents(port: int, credentials: grpc.ChannelCredentials) -> list[
     return [a.node_id for a in response.agents]
 
 
-async def test_server_certificate_rotates_on_disk_without_dropping_sessions(
-    pki: Pki,
-    tmp_path: Path,
-    control_plane_factory: ControlPlaneFactory,
-    agent_factory: AgentFactory,
-) -> None:
-    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key")
+def _copy_server_files(pki: Pki, directory: Path) -> TlsFiles:
+    """The test PKI's serving files, copied where the test may rotate them."""
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     original = pki.server_files()
     for source, target in (
         (original.ca, files.ca),
@@ -39,6 +35,16 @@ async def test_server_certificate_rotates_on_disk_without_dropping_sessions(
         (original.key, files.key),
     ):
         shutil.copy(source, target)
+    return files
+
+
+async def test_server_certificate_rotates_on_disk_without_dropping_sessions(
+    pki: Pki,
+    tmp_path: Path,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    files = _copy_server_files(pki, tmp_path)
     cp = await control_plane_factory(tls=files)
     node = await agent_factory("node-1", cp.port)
     sessions_before = cp.metrics.sessions_opened._value.get()
@@ -75,14 +81,7 @@ async def test_rotation_under_a_hundred_agents_loses_no_session(
     control_plane_factory: ControlPlaneFactory,
     agent_factory: AgentFactory,
 ) -> None:
-    files = TlsFiles(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key")
-    original = pki.server_files()
-    for source, target in (
-        (original.ca, files.ca),
-        (original.cert, files.cert),
-        (original.key, files.key),
-    ):
-        shutil.copy(source, target)
+    files = _copy_server_files(pki, tmp_path)
     # Slow telemetry keeps a hundred in-process agents light; liveness is what matters here.
     cp = await control_plane_factory(tls=files, telemetry_interval_s=30.0)
     agents = await asyncio.gather(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -316,33 +316,43 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
                 response.transition.CopyFrom(transition_to_proto(transition))
             yield response
 
-    async def ApprovePlan(
-        self, request: plan_pb2.ApprovePlanRequest, context: grpc.aio.ServicerContext
-    ) -> plan_pb2.ApprovePlanResponse:
-        await self._get(request.plan_id, context)
-        principal = current_principal().spiffe_id
+    async def _operator_action(
+        self,
+        plan_id: str,
+        context: grpc.aio.ServicerContext,
+        action: Callable[[str, str], Awaitable[Plan]],
+    ) -> plan_pb2.Plan:
+        """Approve or cancel, by the caller, with the domain's refusals as status codes."""
+        await self._get(plan_id, context)
         try:
-            plan = await self._plans.approve(request.plan_id, principal, request.reason)
+            plan = await action(plan_id, current_principal().spiffe_id)
         except SelfApproval as exc:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except PlanStateError as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except PlanConflict as exc:
             await abort(context, grpc.StatusCode.ABORTED, str(exc))
-        return plan_pb2.ApprovePlanResponse(plan=plan_to_proto(plan))
+        return plan_to_proto(plan)
+
+    async def ApprovePlan(
+        self, request: plan_pb2.ApprovePlanRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.ApprovePlanResponse:
+        plan = await self._operator_action(
+            request.plan_id,
+            context,
+            lambda plan_id, who: self._plans.approve(plan_id, who, request.reason),
+        )
+        return plan_pb2.ApprovePlanResponse(plan=plan)
 
     async def CancelPlan(
         self, request: plan_pb2.CancelPlanRequest, context: grpc.aio.ServicerContext
     ) -> plan_pb2.CancelPlanResponse:
-        await self._get(request.plan_id, context)
-        principal = current_principal().spiffe_id
-        try:
-            plan = await self._plans.cancel(request.plan_id, principal, request.reason)
-        except PlanStateError as exc:
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except PlanConflict as exc:
-            await abort(context, grpc.StatusCode.ABORTED, str(exc))
-        return plan_pb2.CancelPlanResponse(plan=plan_to_proto(plan))
+        plan = await self._operator_action(
+            request.plan_id,
+            context,
+            lambda plan_id, who: self._plans.cancel(plan_id, who, request.reason),
+        )
+        return plan_pb2.CancelPlanResponse(plan=plan)
 
 
 __all__ = ["PlanService", "StepState", "plan_from_proto", "plan_to_proto"]

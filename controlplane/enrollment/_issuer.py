@@ -139,8 +139,15 @@ class CertificateIssuer:
         """
         ca = self._signing_ca()
         identity = Identity(self._trust_domain, "agent", node_id)
-        signed = ca.sign_csr(csr_pem, identity, valid_for=self._lifetime)
-        await self._store.run_core(lambda db: self._record(db, identity, signed, "renew"))
+
+        def work(db: Connection) -> SignedCertificate:
+            # Signed on the store thread, as for enrollment: parsing and signing stay off the
+            # event loop, and the certificate exists only if its record was written.
+            signed = ca.sign_csr(csr_pem, identity, valid_for=self._lifetime)
+            self._record(db, identity, signed, "renew")
+            return signed
+
+        signed = await self._store.run_core(work)
         log.info(
             "renewed the certificate of node %s (%s, valid until %s)",
             node_id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controlplane.fleet import CommandLedger, CommandResult
@@ -22,7 +22,7 @@ class AgentExecutor:
     def __init__(
         self,
         ledger: CommandLedger,
-        on_cordon_changed: Callable[[str, bool], Any] | None = None,
+        on_cordon_changed: Callable[[str, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._ledger = ledger
         self._on_cordon_changed = on_cordon_changed
@@ -52,7 +52,5 @@ class AgentExecutor:
             plan_id=plan_id,
         )
         if result.succeeded and action in ("cordon", "uncordon") and self._on_cordon_changed:
-            outcome = self._on_cordon_changed(node_id, action == "cordon")
-            if hasattr(outcome, "__await__"):
-                await outcome
+            await self._on_cordon_changed(node_id, action == "cordon")
         return result

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 ACTOR = "pipeline-controller"
 
-# (seq, sample as plain data) of a node's newest telemetry, or None when there is none.
-LatestTelemetry = Callable[[str], tuple[int, Mapping[str, Any]] | None]
+# (seq, sample) of a node's newest telemetry, or None when there is none; the sample is
+# turned into plain data (what gate expressions see) only once it is known to be fresh.
+LatestTelemetry = Callable[[str], tuple[int, object] | None]
+SampleData = Callable[[object], Mapping[str, Any]]
 
 
 def _utcnow() -> dt.datetime:
@@ -42,15 +44,18 @@ class HealthGates:
     starts count, and a node that sends none within the window makes the gate inconclusive,
     which fails it — no data is never a pass."""
 
-    def __init__(self, latest: LatestTelemetry, poll_interval_s: float = 0.1) -> None:
+    def __init__(
+        self, latest: LatestTelemetry, as_data: SampleData, poll_interval_s: float = 0.1
+    ) -> None:
         self._latest = latest
+        self._as_data = as_data
         self._poll_interval_s = poll_interval_s
 
     async def check(self, gates: Sequence[HealthGate], nodes: Sequence[str]) -> str | None:
         """None when every gate holds on every node, else why not."""
         if not gates or not nodes:
             return None
-        baseline = {node: (self._latest(node) or (0, {}))[0] for node in nodes}
+        baseline = {node: (self._latest(node) or (0, None))[0] for node in nodes}
         for gate in gates:
             try:
                 expression = compile_expression(gate.expression)
@@ -65,7 +70,8 @@ class HealthGates:
                         continue
                     waiting.discard(node)
                     try:
-                        value = expression.evaluate({"sample": latest[1], "node_id": node})
+                        sample = self._as_data(latest[1])
+                        value = expression.evaluate({"sample": sample, "node_id": node})
                     except ExpressionError as exc:
                         return f"health gate {gate.name!r} inconclusive on {node}: {exc}"
                     if value is not True:
@@ -336,13 +342,9 @@ class PipelineController:
         step.message = reason
         plan.status_message = reason
         log.warning("plan %s: %s", plan.plan_id, reason)
-        if any(self._undoable(s, r) for s in plan.steps for r in s.node_results):
+        if any(r.state == StepState.SUCCEEDED for s in plan.steps for r in s.node_results):
             return await self._save(plan, Phase.ROLLING_BACK, reason)
         return await self._save(plan, Phase.FAILED, f"{reason}; nothing to roll back")
-
-    @staticmethod
-    def _undoable(step: Step, result: NodeResult) -> bool:
-        return result.state == StepState.SUCCEEDED
 
     # --- rollback ---------------------------------------------------------------------------
 

@@ -248,22 +248,6 @@ class PlanRepository:
             self._on_change(PlanChange(stored, stored.transitions))
         return outcome
 
-    async def transitions_after(self, plan_id: str, after: int) -> tuple[Plan | None, list[int]]:
-        """The plan and the ids of its transitions after `after` (for WatchPlan)."""
-
-        def read(db: Connection) -> tuple[Plan | None, list[int]]:
-            plan = self._read(db, plan_id)
-            ids = list(
-                db.scalars(
-                    select(PLAN_TRANSITIONS.c.id)
-                    .where(PLAN_TRANSITIONS.c.plan_id == plan_id)
-                    .order_by(PLAN_TRANSITIONS.c.id)
-                )
-            )
-            return plan, ids
-
-        return await self._store.run_core(read)
-
     async def query(self, where: PlanFilter, after_id: str, limit: int) -> list[Plan]:
         def read(db: Connection) -> list[Plan]:
             query = select(PLANS).where(PLANS.c.plan_id > after_id)
@@ -368,22 +352,6 @@ class PlanRepository:
         rows, audits = _transition_rows(plan.plan_id, transitions)
         db.execute(_INSERT_TRANSITIONS, rows)
         db.execute(_INSERT_AUDIT, audits)
-
-    async def create(self, plan: Plan, digest: str, transitions: Sequence[Transition]) -> Plan:
-        """Stores a new plan with its targets, transitions and their audit events, all in one
-        transaction. Raises `RequestIdConflict` when its request_id is taken."""
-        try:
-            await self._store.run_core(lambda db: self._insert(db, plan, digest, transitions))
-        except IntegrityError:
-            existing = await self.find_by_request_id(plan.request_id)
-            if existing is None:
-                raise
-            raise RequestIdConflict(existing.plan_id) from None
-        plan.version = 1
-        plan.updated_at = plan.created_at
-        plan.transitions = tuple(transitions)
-        self._on_change(PlanChange(plan, tuple(transitions)))
-        return plan
 
     async def save(
         self,
