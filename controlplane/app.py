@@ -43,21 +43,21 @@ from controlplane.api import (
     PENDING_SERVICES,
     AgentService,
     AuditService,
+    AuthInterceptor,
     AuthService,
     EnrollmentPortInterceptor,
     EnrollmentPortService,
     EnrollmentService,
     FleetService,
     IdentityService,
+    PlanService,
     PolicyService,
     TelemetryService,
     pending_servicer,
 )
 from controlplane.api._convert import message_to_plain
-from controlplane.api._plan_service import PlanService
 from controlplane.audit import AuditLog
-from controlplane.auth.interceptor import AuthInterceptor
-from controlplane.auth.ratelimit import RateLimiter
+from controlplane.auth import RateLimiter
 from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
 from controlplane.executors import AgentExecutor
 from controlplane.fleet import (
@@ -82,8 +82,8 @@ from controlplane.plans import (
     Phase,
     PipelineController,
     PlanChange,
+    PlanDesk,
     PlanLimitsConfig,
-    PlanManager,
 )
 from controlplane.policy import (
     REFRESH_INTERVAL_S,
@@ -97,7 +97,7 @@ from controlplane.policy import (
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Store
 from controlplane.telemetry import TelemetryHub
-from sentinel_common import Supervisor, tune_gc_for_long_lived_heap
+from processkit import Supervisor, tune_gc_for_long_lived_heap
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class ControlPlane:
         )
         self.policy_engine = PolicyEngine(on_evaluated=self._policy_evaluated)
         self.policies = PolicyBook(self.store, self.policy_engine)
-        self.plans = PlanManager(
+        self.plans = PlanDesk(
             self.store,
             self.policy_engine,
             FleetView(

@@ -17,8 +17,7 @@ import sys
 from controlplane.app import ControlPlane
 from controlplane.settings import ControlPlaneSettings, TlsFiles
 from controlplane.store import StoreError
-from sentinel_common import configure_logging
-from sentinel_common._settings_docs import field_docs
+from processkit import configure_logging, field_docs
 
 log = logging.getLogger("controlplane")
 

@@ -62,7 +62,7 @@ class ControlPlaneSettings:
     """Samples a slow StreamTelemetry subscriber may fall behind before it is cut off."""
     gc_gen0_threshold: int = 50_000
     """CPython's first-generation GC threshold for this process (0 keeps the default, 700);
-    see sentinel_common/_gc.py for why a server with thousands of sessions wants it higher."""
+    see processkit/_gc.py for why a server with thousands of sessions wants it higher."""
     shutdown_grace_s: float = 5.0
     """How long in-flight calls get to finish on shutdown."""
     reconnect_after_shutdown_s: float = 2.0

@@ -30,7 +30,7 @@ from nodeagent._state import AgentStateStore
 from nodeagent.actions import ACTIONS, AGENT_VERSION, ActionError, AgentControls, capabilities
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.settings import AgentSettings
-from sentinel_common import Supervisor, log_context
+from processkit import Supervisor, log_context
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from nodeagent.agent import NodeAgent
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.exporter import TelemetryExporter
 from nodeagent.settings import AgentSettings
-from sentinel_common import configure_logging
-from sentinel_common._settings_docs import field_docs
+from processkit import configure_logging, field_docs
 
 log = logging.getLogger("nodeagent")
 

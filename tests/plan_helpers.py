@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import struct_pb2
 from sentinel.v1 import plan_pb2, plan_pb2_grpc
 
-from .conftest import Pki
+from tests.conftest import Pki
 
 Phase = plan_pb2.PlanPhase
 TERMINAL = {

@@ -10,6 +10,8 @@ from controlplane.api._enrollment_service import (
 )
 from controlplane.api._fleet_service import FleetService
 from controlplane.api._identity_service import IdentityService
+from controlplane.api._interceptor import AuthInterceptor
+from controlplane.api._plan_service import PlanService
 from controlplane.api._policy_service import PolicyService
 from controlplane.api._telemetry_service import MetricFilter, TelemetryService
 from controlplane.api._unimplemented import PENDING_SERVICES, pending_servicer
@@ -18,6 +20,7 @@ __all__ = [
     "PENDING_SERVICES",
     "AgentService",
     "AuditService",
+    "AuthInterceptor",
     "AuthService",
     "EnrollmentPortInterceptor",
     "EnrollmentPortService",
@@ -25,6 +28,7 @@ __all__ = [
     "FleetService",
     "IdentityService",
     "MetricFilter",
+    "PlanService",
     "PolicyService",
     "TelemetryService",
     "pending_servicer",

@@ -12,8 +12,7 @@ import grpc
 from google.protobuf import duration_pb2
 from sentinel.v1 import agent_pb2, agent_pb2_grpc
 
-from certs import IdentityError
-from certs._identity import validate_name
+from certs import IdentityError, validate_name
 from controlplane.api import _convert
 from controlplane.api._enrollment_service import issuance_status
 from controlplane.api._errors import abort
@@ -33,7 +32,7 @@ from controlplane.fleet import (
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.settings import ControlPlaneSettings
 from controlplane.telemetry import Sample, TelemetryHub
-from sentinel_common import log_context
+from processkit import log_context
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from sentinel.v1 import auth_pb2, auth_pb2_grpc
 
 from controlplane.api import _convert
 from controlplane.api._errors import abort
-from controlplane.auth.ratelimit import RateLimiter
+from controlplane.auth import RateLimiter
 from controlplane.identity import InvalidCredentials, TokenInvalid, TokenIssuer, TokenPair, Users
 
 log = logging.getLogger(__name__)

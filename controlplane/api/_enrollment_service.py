@@ -17,8 +17,7 @@ from certs import CsrError, CsrIdentityMismatch
 from controlplane.api import _convert
 from controlplane.api._errors import abort
 from controlplane.audit import AuditLog
-from controlplane.auth import current_principal
-from controlplane.auth.ratelimit import RateLimiter
+from controlplane.auth import RateLimiter, current_principal
 from controlplane.enrollment import (
     BootstrapTokens,
     CaUnavailable,

@@ -15,7 +15,7 @@ from sentinel.v1 import plan_pb2, plan_pb2_grpc
 
 from controlplane.api._errors import abort
 from controlplane.api._paging import PageError, decode_token, encode_token, page_size
-from controlplane.auth._principal import current_principal
+from controlplane.auth import current_principal
 from controlplane.plans import (
     HealthGate,
     KubernetesObject,
@@ -23,9 +23,9 @@ from controlplane.plans import (
     Phase,
     Plan,
     PlanConflict,
+    PlanDesk,
     PlanFilter,
     PlanInvalid,
-    PlanManager,
     PlanNotFound,
     PlanStateError,
     RequestIdReused,
@@ -222,7 +222,7 @@ def _phase_filter(value: int) -> Phase | None:
 
 
 class PlanService(plan_pb2_grpc.PlanServiceServicer):
-    def __init__(self, plans: PlanManager, default_step_timeout_s: float) -> None:
+    def __init__(self, plans: PlanDesk, default_step_timeout_s: float) -> None:
         self._plans = plans
         self._default_timeout_s = default_step_timeout_s
 

@@ -13,6 +13,7 @@ from sentinel.v1 import policy_pb2, policy_pb2_grpc
 from controlplane.api import _convert, _paging
 from controlplane.api._errors import abort
 from controlplane.policy import (
+    ID_PATTERN,
     Effect,
     Policy,
     PolicyAlreadyExists,
@@ -23,7 +24,6 @@ from controlplane.policy import (
     Rule,
     Scope,
 )
-from controlplane.policy._engine import ID_PATTERN
 
 _EFFECT_FROM_PB = {
     policy_pb2.POLICY_EFFECT_UNSPECIFIED: Effect.REJECT,

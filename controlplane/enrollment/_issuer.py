@@ -17,7 +17,7 @@ from certs import (
     SignedCertificate,
     validate_name,
 )
-from controlplane.enrollment._tokens import BootstrapTokens
+from controlplane.enrollment._bootstrap_tokens import BootstrapTokens
 from controlplane.store import ISSUED_CERTIFICATES, Store
 
 log = logging.getLogger(__name__)

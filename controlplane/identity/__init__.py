@@ -1,6 +1,15 @@
 """Identity lifecycle of the control plane: revoked certificates and nodes, human users with
 passwords, and the short-lived tokens they log in with."""
 
+from controlplane.identity._access_tokens import (
+    ACCESS,
+    REFRESH,
+    TokenClaims,
+    TokenInvalid,
+    TokenIssuer,
+    TokenPair,
+    load_jwt_secret,
+)
 from controlplane.identity._revocations import (
     KIND_NODE,
     KIND_SERIAL,
@@ -10,15 +19,6 @@ from controlplane.identity._revocations import (
     normalize_serial,
 )
 from controlplane.identity._sessions import close_revoked_sessions
-from controlplane.identity._tokens import (
-    ACCESS,
-    REFRESH,
-    TokenClaims,
-    TokenInvalid,
-    TokenIssuer,
-    TokenPair,
-    load_jwt_secret,
-)
 from controlplane.identity._users import (
     MIN_PASSWORD_LENGTH,
     USER_ROLES,

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from certs import IdentityError
-from certs._identity import validate_name
-from controlplane.store import Store, has_nul
-from controlplane.store._models import RevocationRow
+from certs import IdentityError, validate_name
+from controlplane.store import RevocationRow, Store, has_nul
 
 log = logging.getLogger(__name__)
 

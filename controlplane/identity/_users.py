@@ -20,10 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certs import IdentityError
-from certs._identity import validate_name
-from controlplane.store import Store, has_nul
-from controlplane.store._models import UserRow
+from certs import IdentityError, validate_name
+from controlplane.store import Store, UserRow, has_nul
 
 USER_ROLES: Final = ("operator", "viewer")
 MIN_PASSWORD_LENGTH: Final = 12

@@ -2,6 +2,15 @@
 controller that executes them."""
 
 from controlplane.plans._controller import HealthGates, PipelineController
+from controlplane.plans._desk import (
+    FleetView,
+    PlanDesk,
+    PlannedCommand,
+    PlanStateError,
+    RequestIdReused,
+    SelfApproval,
+    Submission,
+)
 from controlplane.plans._lease import Fence, Lease, LeaseLost
 from controlplane.plans._model import (
     ALLOWED_TRANSITIONS,
@@ -27,15 +36,6 @@ from controlplane.plans._repository import (
     PlanNotFound,
     PlanRepository,
 )
-from controlplane.plans._service import (
-    FleetView,
-    PlanManager,
-    PlannedCommand,
-    PlanStateError,
-    RequestIdReused,
-    SelfApproval,
-    Submission,
-)
 from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig
 
 __all__ = [
@@ -56,10 +56,10 @@ __all__ = [
     "Plan",
     "PlanChange",
     "PlanConflict",
+    "PlanDesk",
     "PlanFilter",
     "PlanInvalid",
     "PlanLimitsConfig",
-    "PlanManager",
     "PlanNotFound",
     "PlanRepository",
     "PlanStateError",

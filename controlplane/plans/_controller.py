@@ -23,7 +23,7 @@ from controlplane.plans._lease import Lease, LeaseLost
 from controlplane.plans._model import HealthGate, NodeResult, Phase, Plan, Step, StepState
 from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
 from controlplane.policy import ExpressionError, compile_expression
-from sentinel_common import log_context
+from processkit import log_context
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,15 @@ from controlplane.plans._model import (
     body_of,
     check_transition,
 )
-from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLANS, Store, fit
-from controlplane.store._models import UtcDateTime
+from controlplane.store import (
+    AUDIT_EVENTS,
+    PLAN_TARGETS,
+    PLAN_TRANSITIONS,
+    PLANS,
+    Store,
+    UtcDateTime,
+    fit,
+)
 
 TRANSITION_METHOD = "plan.transition"
 # Statements of the submission path, built once: composing them per call cost more CPU than

@@ -9,7 +9,7 @@ from controlplane.policy._book import (
     PolicyReadOnly,
 )
 from controlplane.policy._cel import Expression, ExpressionError, compile_expression
-from controlplane.policy._engine import PolicyEngine, check_policy
+from controlplane.policy._engine import ID_PATTERN, PolicyEngine, check_policy
 from controlplane.policy._files import load_policy_files, policy_from_data, policy_to_data
 from controlplane.policy._model import (
     Effect,
@@ -23,6 +23,7 @@ from controlplane.policy._model import (
 )
 
 __all__ = [
+    "ID_PATTERN",
     "REFRESH_INTERVAL_S",
     "Effect",
     "EvaluationContext",

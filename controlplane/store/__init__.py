@@ -22,6 +22,9 @@ from controlplane.store._models import (
     PlanTargetRow,
     PlanTransitionRow,
     PolicyRow,
+    RevocationRow,
+    UserRow,
+    UtcDateTime,
 )
 from controlplane.store._store import Store, StoreError
 from controlplane.store._text import fit, has_nul
@@ -48,8 +51,11 @@ __all__ = [
     "PlanTargetRow",
     "PlanTransitionRow",
     "PolicyRow",
+    "RevocationRow",
     "Store",
     "StoreError",
+    "UserRow",
+    "UtcDateTime",
     "fit",
     "has_nul",
 ]

@@ -1,0 +1,301 @@
+"""The plan desk: what callers can do with plans — submit (validate, check policy, store),
+read, watch, approve and cancel. Execution belongs to the pipeline controller; the gRPC face
+of this desk is `controlplane.api.PlanService`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from controlplane.plans._model import (
+    Phase,
+    Plan,
+    Transition,
+    Violation,
+    new_plan_id,
+    plan_document,
+)
+from controlplane.plans._repository import (
+    Decision,
+    PlanChange,
+    PlanConflict,
+    PlanFilter,
+    PlanRepository,
+    RequestIdConflict,
+)
+from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig, validate_plan
+from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
+from controlplane.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class PlanStateError(Exception):
+    """The plan's phase does not allow the request (approving a running plan, say)."""
+
+
+class RequestIdReused(Exception):
+    """The request_id names an earlier plan with a different body."""
+
+
+class SelfApproval(Exception):
+    """A principal may not approve a plan it submitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCommand:
+    step_index: int
+    step_id: str
+    action: str
+    node_id: str
+    wave: int
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    plan: Plan
+    preview: tuple[PlannedCommand, ...]
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    """What the plans side needs to know about the fleet (the registry provides it)."""
+
+    node_known: Callable[[str], bool]
+    fleet_size: Callable[[], int]
+    connected_nodes: Callable[[], int]
+    cordoned_nodes: Callable[[], frozenset[str]]
+
+
+def preview_of(plan: Plan) -> tuple[PlannedCommand, ...]:
+    """The commands executing `plan` sends, in order, grouped in waves per step."""
+    size = max(plan.limits.max_nodes_in_parallel, 1)
+    return tuple(
+        PlannedCommand(step.index, step.step_id, step.action, node_id, i // size)
+        for step in plan.steps
+        for i, node_id in enumerate(step.node_ids)
+    )
+
+
+def digest_of(plan: Plan) -> str:
+    """A stable digest of what was asked, to tell a replay from a reuse of the request_id."""
+    document = plan_document(plan)
+    document.pop("plan_id")
+    document.pop("submitted_by")
+    raw = json.dumps(document, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class PlanDesk:
+    """Takes plans in (validation, policy, storage), answers reads and watches, and records
+    approvals and cancellations; it never executes anything."""
+
+    def __init__(
+        self,
+        store: Store,
+        policy: PolicyEngine,
+        fleet: FleetView,
+        *,
+        limits: PlanLimitsConfig,
+        rate_window_s: float,
+        check_expression: Callable[[str], str | None],
+        poll_interval_s: float = 1.0,
+        on_change: Callable[[PlanChange], None] | None = None,
+    ) -> None:
+        self.repository = PlanRepository(store, self._changed)
+        self._policy = policy
+        self._fleet = fleet
+        self._limits = limits
+        self._rate_window = dt.timedelta(seconds=rate_window_s)
+        self._check_expression = check_expression
+        self._poll_interval_s = poll_interval_s
+        self._on_change = on_change
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+
+    # --- submission -------------------------------------------------------------------------
+
+    async def submit(self, draft: Plan, principal: str, *, validate_only: bool) -> Submission:
+        """Validates, checks policy and (unless `validate_only`) stores the plan, already in
+        its verdict's phase. Raises PlanInvalid, RequestIdReused."""
+        now = dt.datetime.now(dt.UTC)
+        problems = validate_plan(
+            draft,
+            now=now,
+            limits=self._limits,
+            node_known=self._fleet.node_known,
+            check_expression=self._check_expression,
+        )
+        if problems:
+            raise PlanInvalid(problems)
+        plan = draft.copy()
+        plan.submitted_by = principal
+        plan.plan_id = new_plan_id()
+        plan.created_at = now
+        digest = digest_of(plan)
+
+        def decide(recent: dict[str, int]) -> Decision:
+            # Runs on the store thread, inside the submission's transaction: the verdict and
+            # the insert see the same history, in one round of the database.
+            verdict = self._evaluate(plan, now, recent)
+            plan.violations = tuple(
+                Violation(v.rule_id, v.message, v.field, v.effect.value)
+                for v in (*verdict.rejections, *verdict.approvals_required)
+            )
+            outcome = Phase(verdict.outcome)
+            plan.phase = outcome
+            transitions = (
+                Transition(Phase.PENDING, Phase.VALIDATING, now, principal, "submitted"),
+                Transition(
+                    Phase.VALIDATING, outcome, now, "policy-engine", _verdict_reason(verdict)
+                ),
+            )
+            return Decision(plan, digest, transitions, store=not validate_only)
+
+        try:
+            outcome = await self.repository.submit_new(plan, now - self._rate_window, decide)
+        except RequestIdConflict as conflict:
+            return self._replay(await self.repository.get(conflict.plan_id), digest)
+        if isinstance(outcome, Plan):
+            return self._replay(outcome, digest)
+        stored = outcome.plan
+        preview = preview_of(stored) if stored.phase != Phase.REJECTED else ()
+        if validate_only:
+            stored.plan_id = ""
+            stored.transitions = outcome.transitions
+            return Submission(stored, preview)
+        log.info(
+            "plan %s from %s: %s",
+            stored.plan_id,
+            stored.source,
+            stored.phase,
+            extra={"plan_id": stored.plan_id, "request_id": stored.request_id},
+        )
+        return Submission(stored, preview)
+
+    def _replay(self, existing: Plan, digest: str) -> Submission:
+        if digest_of(existing) != digest:
+            raise RequestIdReused(
+                f"request_id {existing.request_id!r} was already used for plan "
+                f"{existing.plan_id} with a different plan; use a new request_id for a new plan"
+            )
+        return Submission(existing, preview_of(existing), replayed=True)
+
+    def _evaluate(self, plan: Plan, now: dt.datetime, recent: dict[str, int]) -> Verdict:
+        context = EvaluationContext(
+            now=now,
+            fleet_size=self._fleet.fleet_size(),
+            connected_nodes=self._fleet.connected_nodes(),
+            cordoned_nodes=self._fleet.cordoned_nodes(),
+            recent_plans_by_target=recent,
+            rate_window_s=self._rate_window.total_seconds(),
+        )
+        return self._policy.evaluate(plan_document(plan), context)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def get(self, plan_id: str) -> Plan:
+        return await self.repository.get(plan_id)
+
+    async def list(self, where: PlanFilter, after_id: str, limit: int) -> list[Plan]:
+        return await self.repository.query(where, after_id, limit)
+
+    async def watch(self, plan_id: str) -> AsyncIterator[tuple[Plan, Transition | None]]:
+        """The current plan first, then one item per transition (in order) or step update,
+        until the plan is terminal. Woken by local changes; polls the store for changes made
+        by another control plane."""
+        event = asyncio.Event()
+        self._watchers.setdefault(plan_id, set()).add(event)
+        try:
+            plan = await self.repository.get(plan_id)
+            seen_transitions = len(plan.transitions)
+            version = plan.version
+            yield plan, None
+            while not plan.phase.terminal:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), self._poll_interval_s)
+                event.clear()
+                plan = await self.repository.get(plan_id)
+                if plan.version == version:
+                    continue
+                version = plan.version
+                new = plan.transitions[seen_transitions:]
+                seen_transitions = len(plan.transitions)
+                if not new:
+                    yield plan, None
+                for transition in new:
+                    yield plan, transition
+        finally:
+            watchers = self._watchers.get(plan_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[plan_id]
+
+    def _changed(self, change: PlanChange) -> None:
+        for event in self._watchers.get(change.plan.plan_id, ()):
+            event.set()
+        if self._on_change is not None:
+            self._on_change(change)
+
+    # --- operator actions -------------------------------------------------------------------
+
+    async def approve(self, plan_id: str, principal: str, reason: str) -> Plan:
+        for _ in range(5):
+            plan = await self.repository.get(plan_id)
+            if plan.phase != Phase.AWAITING_APPROVAL:
+                raise PlanStateError(
+                    f"plan {plan_id} is {plan.phase}; only a plan AWAITING_APPROVAL can be approved"
+                )
+            if plan.submitted_by == principal:
+                raise SelfApproval(
+                    f"{principal} submitted plan {plan_id} and may not approve it; "
+                    "another operator must"
+                )
+            why = f"approved by {principal}" + (f": {reason}" if reason else "")
+            try:
+                return await self.repository.save(
+                    plan, to_phase=Phase.APPROVED, actor=principal, reason=why
+                )
+            except PlanConflict:
+                continue
+        raise PlanConflict(f"plan {plan_id} kept changing; try again")
+
+    async def cancel(self, plan_id: str, principal: str, reason: str) -> Plan:
+        """Cancels a plan that has not started; a running plan is stopped and rolled back by
+        the controller (the returned plan says the cancel was requested)."""
+        why = f"cancelled by {principal}" + (f": {reason}" if reason else "")
+        for _ in range(5):
+            plan = await self.repository.get(plan_id)
+            try:
+                if plan.phase in (Phase.PENDING, Phase.AWAITING_APPROVAL, Phase.APPROVED):
+                    plan.status_message = why
+                    return await self.repository.save(
+                        plan, to_phase=Phase.CANCELLED, actor=principal, reason=why
+                    )
+                if plan.phase == Phase.EXECUTING:
+                    if not plan.cancel_requested:
+                        plan.cancel_requested = why
+                        plan.status_message = f"cancel requested ({why}); rolling back"
+                        return await self.repository.save(plan)
+                    return plan
+            except PlanConflict:
+                continue
+            raise PlanStateError(f"plan {plan_id} is {plan.phase} and cannot be cancelled")
+        raise PlanConflict(f"plan {plan_id} kept changing; try again")
+
+
+def _verdict_reason(verdict: Verdict) -> str:
+    if verdict.rejections:
+        return "rejected by policy: " + ", ".join(v.rule_id for v in verdict.rejections)
+    if verdict.approvals_required:
+        return "approval required by policy: " + ", ".join(
+            v.rule_id for v in verdict.approvals_required
+        )
+    return "all policies passed"
