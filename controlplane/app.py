@@ -10,10 +10,8 @@ import os
 import pathlib
 import socket
 import uuid
-from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -54,12 +52,12 @@ from controlplane.api import (
     PolicyService,
     TelemetryService,
     pending_servicer,
+    telemetry_sample_data,
 )
-from controlplane.api._convert import message_to_plain
 from controlplane.audit import AuditLog
 from controlplane.auth import RateLimiter
 from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
-from controlplane.executors import AgentExecutor
+from controlplane.executors import AgentExecutor, Executors
 from controlplane.fleet import (
     AgentRegistry,
     AgentStatus,
@@ -87,11 +85,9 @@ from controlplane.plans import (
 )
 from controlplane.policy import (
     REFRESH_INTERVAL_S,
-    ExpressionError,
     PolicyBook,
     PolicyEngine,
     Verdict,
-    compile_expression,
     load_policy_files,
 )
 from controlplane.settings import ControlPlaneSettings
@@ -134,32 +130,14 @@ def _api_service_names() -> list[str]:
     )
 
 
-def _sample_data(payload: object) -> dict[str, Any]:
-    """A stored sample (the agent's TelemetrySample message) as health gates see it."""
-    assert isinstance(payload, Message)
-    return message_to_plain(payload)
-
-
-_GATE_VARIABLES = frozenset({"sample", "node_id"})
-
-
-def _expression_problem(source: str) -> str | None:
-    """Why a health-gate expression cannot be used, or None."""
-    try:
-        expression = compile_expression(source)
-    except ExpressionError as exc:
-        return str(exc)
-    unknown = sorted(expression.variables - _GATE_VARIABLES)
-    if unknown:
-        return f"unknown variable(s) {', '.join(unknown)}; health gates may use node_id, sample"
-    return None
-
-
 def _default_instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class ControlPlane:
+    """One control plane process: builds every part from the settings, serves, and stops them
+    in order."""
+
     def __init__(self, settings: ControlPlaneSettings) -> None:
         self.settings = settings
         self.metrics = ControlPlaneMetrics()
@@ -171,7 +149,7 @@ class ControlPlane:
             disconnect_after_s=settings.disconnect_after_s,
             on_status_counts=self._publish_agent_counts,
         )
-        self.hub = TelemetryHub(
+        self.hub: TelemetryHub[telemetry_pb2.TelemetrySample] = TelemetryHub(
             self.store,
             ack_interval_s=settings.telemetry_ack_interval_s,
             send_ack=self._send_telemetry_ack,
@@ -189,18 +167,27 @@ class ControlPlane:
         )
         self.policy_engine = PolicyEngine(on_evaluated=self._policy_evaluated)
         self.policies = PolicyBook(self.store, self.policy_engine)
+        self.executors = Executors(
+            [
+                AgentExecutor(
+                    self.commands,
+                    node_known=self.registry.known,
+                    is_cordoned=self.registry.is_cordoned,
+                    on_cordon_changed=self.registry.set_cordoned,
+                )
+            ]
+        )
         self.plans = PlanDesk(
             self.store,
             self.policy_engine,
             FleetView(
-                node_known=self.registry.known,
                 fleet_size=self.registry.count,
                 connected_nodes=lambda: self.registry.count(AgentStatus.CONNECTED),
                 cordoned_nodes=self.registry.cordoned,
             ),
+            self.executors,
             limits=PlanLimitsConfig(settings.max_plan_steps, settings.max_plan_targets),
             rate_window_s=settings.plan_rate_window_s,
-            check_expression=_expression_problem,
             poll_interval_s=settings.reconcile_interval_s,
             on_change=self._plan_changed,
         )
@@ -212,9 +199,8 @@ class ControlPlane:
                 settings.controller_id or _default_instance_name(),
                 settings.controller_lease_s,
             ),
-            AgentExecutor(self.commands, self.registry.set_cordoned),
-            HealthGates(self._latest_telemetry, _sample_data),
-            is_cordoned=self.registry.is_cordoned,
+            self.executors,
+            HealthGates(self.hub.latest, telemetry_sample_data),
             interval_s=settings.reconcile_interval_s,
             on_step_finished=lambda action, result, seconds: self.metrics.plan_step_duration.labels(
                 action, result
@@ -279,10 +265,6 @@ class ControlPlane:
     def _publish_plan_counts(self, counts: dict[str, int]) -> None:
         for phase in Phase:
             self.metrics.plans.labels(phase.value.lower()).set(counts.get(phase.value, 0))
-
-    def _latest_telemetry(self, node_id: str) -> tuple[int, object] | None:
-        sample = self.hub.latest(node_id)
-        return None if sample is None else (sample.seq, sample.payload)
 
     async def start(self) -> None:
         settings = self.settings

@@ -3,6 +3,7 @@
 from controlplane.api._agent_service import AgentService
 from controlplane.api._audit_service import AuditService
 from controlplane.api._auth_service import AuthService
+from controlplane.api._convert import telemetry_sample_data
 from controlplane.api._enrollment_service import (
     EnrollmentPortInterceptor,
     EnrollmentPortService,
@@ -32,4 +33,5 @@ __all__ = [
     "PolicyService",
     "TelemetryService",
     "pending_servicer",
+    "telemetry_sample_data",
 ]

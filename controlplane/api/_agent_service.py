@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
-from sentinel.v1 import agent_pb2, agent_pb2_grpc
+from sentinel.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2
 
 from certs import IdentityError, validate_name
 from controlplane.api import _convert
@@ -74,7 +74,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self,
         settings: ControlPlaneSettings,
         registry: AgentRegistry,
-        hub: TelemetryHub,
+        hub: TelemetryHub[telemetry_pb2.TelemetrySample],
         ledger: CommandLedger,
         metrics: ControlPlaneMetrics,
         issuer: CertificateIssuer | None = None,

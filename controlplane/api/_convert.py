@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from sentinel.v1 import agent_pb2, fleet_pb2
+from sentinel.v1 import agent_pb2, fleet_pb2, telemetry_pb2
 
 from controlplane.fleet import AgentState, AgentStatus, CommandResult, HelloInfo
 
@@ -120,3 +120,8 @@ def message_to_plain(message: Message) -> dict[str, Any]:
 
 def _is_repeated(field: Any) -> bool:
     return bool(field.is_repeated)
+
+
+def telemetry_sample_data(sample: telemetry_pb2.TelemetrySample) -> dict[str, Any]:
+    """An agent's telemetry sample as plain data: what health-gate expressions see."""
+    return message_to_plain(sample)

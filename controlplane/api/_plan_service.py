@@ -253,6 +253,7 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
                 action=command.action,
                 node_id=command.node_id,
                 wave=command.wave,
+                summary=command.summary,
             )
         return response
 

@@ -11,7 +11,7 @@ from sentinel.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.api import _paging
 from controlplane.api._errors import abort
 from controlplane.settings import ControlPlaneSettings
-from controlplane.telemetry import Sample, SubscriberTooSlow, TelemetryHub
+from controlplane.telemetry import SubscriberTooSlow, TelemetryHub
 
 _SAMPLE = telemetry_pb2.TelemetrySample.DESCRIPTOR
 _ALWAYS_KEPT = ("seq", "node_id", "collect_time")
@@ -73,14 +73,10 @@ class MetricFilter:
                 target.CopyFrom(value)
 
 
-def _payload(sample: Sample) -> telemetry_pb2.TelemetrySample:
-    payload = sample.payload
-    assert isinstance(payload, telemetry_pb2.TelemetrySample)
-    return payload
-
-
 class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, settings: ControlPlaneSettings, hub: TelemetryHub) -> None:
+    def __init__(
+        self, settings: ControlPlaneSettings, hub: TelemetryHub[telemetry_pb2.TelemetrySample]
+    ) -> None:
         self._settings = settings
         self._hub = hub
 
@@ -96,7 +92,7 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"node_id: no telemetry from {request.node_id!r} since the control plane started",
             )
-        return telemetry_pb2.GetNodeTelemetryResponse(sample=_payload(sample))
+        return telemetry_pb2.GetNodeTelemetryResponse(sample=sample.payload)
 
     async def GetFleetTelemetry(
         self, request: telemetry_pb2.GetFleetTelemetryRequest, context: grpc.aio.ServicerContext
@@ -111,7 +107,7 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
         except _paging.PageError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return telemetry_pb2.GetFleetTelemetryResponse(
-            samples=[_payload(s) for s in page], next_page_token=token
+            samples=[s.payload for s in page], next_page_token=token
         )
 
     async def StreamTelemetry(
@@ -128,7 +124,7 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
                 max_backlog=self._settings.subscriber_queue,
             ):
                 yield telemetry_pb2.StreamTelemetryResponse(
-                    sample=metric_filter.apply(_payload(sample))
+                    sample=metric_filter.apply(sample.payload)
                 )
         except SubscriberTooSlow as exc:
             await abort(

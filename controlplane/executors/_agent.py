@@ -4,12 +4,24 @@ a restart attaches to the same command instead of sending a second one."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from controlplane.fleet import CommandLedger, CommandResult
+from controlplane.executors._node_actions import NODE_ACTIONS
+from controlplane.executors._protocol import (
+    Problems,
+    RunOutcome,
+    StepRun,
+    Target,
+    TargetKind,
+    Undo,
+)
+from controlplane.fleet import CommandLedger
+
+NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+"""What a node id may look like (the agent's certificate name obeys the same rule)."""
 
 
 def command_id_for(plan_id: str, step_index: int, node_id: str, kind: str) -> str:
@@ -18,39 +30,81 @@ def command_id_for(plan_id: str, step_index: int, node_id: str, kind: str) -> st
     return f"{plan_id}-s{step_index}-{kind}-{node}"
 
 
+def _command_id(run: StepRun) -> str:
+    return command_id_for(
+        run.plan_id, run.step_index, run.target.node_id, "undo" if run.undo else "do"
+    )
+
+
 class AgentExecutor:
+    """Runs node actions on nodes through their agents' command ledger."""
+
+    kind = TargetKind.NODE
+    actions = frozenset(NODE_ACTIONS)
+
     def __init__(
         self,
         ledger: CommandLedger,
+        *,
+        node_known: Callable[[str], bool],
+        is_cordoned: Callable[[str], bool],
         on_cordon_changed: Callable[[str, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._node_known = node_known
+        self._is_cordoned = is_cordoned
         self._on_cordon_changed = on_cordon_changed
 
-    async def withdraw(self, *, plan_id: str, step_index: int, node_id: str) -> bool:
-        """Withdraws the step's command for `node_id` if no agent has received it yet."""
-        return await self._ledger.withdraw(command_id_for(plan_id, step_index, node_id, "do"))
+    def check_parameters(self, action: str, parameters: Mapping[str, Any]) -> Problems:
+        return NODE_ACTIONS[action].check(dict(parameters))
 
-    async def run(
-        self,
-        *,
-        plan_id: str,
-        step_index: int,
-        node_id: str,
-        action: str,
-        parameters: dict[str, Any],
-        deadline: dt.datetime,
-        undo: bool = False,
-    ) -> CommandResult:
-        command_id = command_id_for(plan_id, step_index, node_id, "undo" if undo else "do")
+    def check_target(self, action: str, target: Target) -> Problems:
+        if not target.node_id:
+            return [("", f"{action} acts on nodes: set node_id")]
+        if not NODE_ID.match(target.node_id):
+            return [("node_id", f"not a node id: {target.node_id!r}")]
+        if not self._node_known(target.node_id):
+            return [("node_id", f"no agent {target.node_id!r} has ever registered")]
+        return []
+
+    def preview(self, action: str, parameters: Mapping[str, Any], target: Target) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in sorted(parameters.items()))
+        return f"agent on {target.node_id} runs {action}({shown})"
+
+    async def withdraw(self, run: StepRun) -> bool:
+        """Withdraws the step's command for the node if no agent has received it yet."""
+        return await self._ledger.withdraw(_command_id(run))
+
+    async def run(self, run: StepRun) -> RunOutcome:
+        node_id = run.target.node_id
+        if (
+            not run.undo
+            and not NODE_ACTIONS[run.action].allowed_on_cordoned
+            and self._is_cordoned(node_id)
+        ):
+            return RunOutcome(
+                False, "CORDONED", "the node is cordoned; uncordon it before new work"
+            )
         result = await self._ledger.execute(
             node_id,
-            action,
-            parameters,
-            command_id=command_id,
-            deadline=deadline,
-            plan_id=plan_id,
+            run.action,
+            dict(run.parameters),
+            command_id=_command_id(run),
+            deadline=run.deadline,
+            plan_id=run.plan_id,
         )
-        if result.succeeded and action in ("cordon", "uncordon") and self._on_cordon_changed:
-            await self._on_cordon_changed(node_id, action == "cordon")
-        return result
+        if result.succeeded and run.action in ("cordon", "uncordon") and self._on_cordon_changed:
+            await self._on_cordon_changed(node_id, run.action == "cordon")
+        return RunOutcome(
+            result.succeeded,
+            result.outcome,
+            result.message,
+            dict(result.output),
+            reference=result.command_id,
+        )
+
+    def undo(
+        self, action: str, parameters: Mapping[str, Any], output: Mapping[str, Any]
+    ) -> Undo | None:
+        inverse = NODE_ACTIONS[action].inverse(dict(parameters), dict(output))
+        return None if inverse is None else Undo(*inverse)

@@ -1,7 +1,8 @@
 """Action plans: the model and state machine, submission and approval, and the pipeline
 controller that executes them."""
 
-from controlplane.plans._controller import HealthGates, PipelineController
+from controlplane.executors import KubernetesObject, Target
+from controlplane.plans._controller import PipelineController
 from controlplane.plans._desk import (
     FleetView,
     PlanDesk,
@@ -11,20 +12,19 @@ from controlplane.plans._desk import (
     SelfApproval,
     Submission,
 )
+from controlplane.plans._gates import GATE_VARIABLES, HealthGates, gate_expression_problem
 from controlplane.plans._lease import Fence, Lease, LeaseLost
 from controlplane.plans._model import (
     ALLOWED_TRANSITIONS,
     TERMINAL,
     HealthGate,
     IllegalTransition,
-    KubernetesObject,
     Limits,
     NodeResult,
     Phase,
     Plan,
     Step,
     StepState,
-    Target,
     Transition,
     Violation,
     plan_document,
@@ -40,6 +40,7 @@ from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
+    "GATE_VARIABLES",
     "TERMINAL",
     "Fence",
     "FleetView",
@@ -72,5 +73,6 @@ __all__ = [
     "Target",
     "Transition",
     "Violation",
+    "gate_expression_problem",
     "plan_document",
 ]

@@ -1,11 +1,12 @@
 """The pipeline controller: a level-triggered reconcile loop over stored plans.
 
 Each pass reads what the store says (not what memory remembers) and moves every active plan
-forward by idempotent steps: node commands have ids derived from (plan, step, node), so a
-controller killed at any point and started again attaches to the commands already sent and
-never sends one twice. Only the holder of the controller lease acts, and each of its writes is
-fenced by the lease epoch. Failures (a node, a health gate, the deadline, a cancel) roll back
-the changes already made, in reverse order.
+forward by idempotent steps: every run has an identity derived from (plan, step, target), so a
+controller killed at any point and started again attaches to the runs already started and never
+starts one twice. Steps are carried out by executors chosen by each target's kind; the
+controller knows only their protocol (`controlplane.executors.Executor`). Only the holder of the
+controller lease acts, and each of its writes is fenced by the lease epoch. Failures (a target,
+a health gate, the deadline, a cancel) roll back the changes already made, in reverse order.
 """
 
 from __future__ import annotations
@@ -15,95 +16,44 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.executors import NODE_ACTIONS, AgentExecutor
+from controlplane.executors import Executors, StepRun, Target
+from controlplane.plans._gates import HealthGates
 from controlplane.plans._lease import Lease, LeaseLost
-from controlplane.plans._model import HealthGate, NodeResult, Phase, Plan, Step, StepState
+from controlplane.plans._model import NodeResult, Phase, Plan, Step, StepState
 from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
-from controlplane.policy import ExpressionError, compile_expression
 from processkit import log_context
 
 log = logging.getLogger(__name__)
 
 ACTOR = "pipeline-controller"
 
-# (seq, sample) of a node's newest telemetry, or None when there is none; the sample is
-# turned into plain data (what gate expressions see) only once it is known to be fresh.
-LatestTelemetry = Callable[[str], tuple[int, object] | None]
-SampleData = Callable[[object], Mapping[str, Any]]
-
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class HealthGates:
-    """Judges health gates on fresh telemetry: only samples newer than the moment the check
-    starts count, and a node that sends none within the window makes the gate inconclusive,
-    which fails it — no data is never a pass."""
-
-    def __init__(
-        self, latest: LatestTelemetry, as_data: SampleData, poll_interval_s: float = 0.1
-    ) -> None:
-        self._latest = latest
-        self._as_data = as_data
-        self._poll_interval_s = poll_interval_s
-
-    async def check(self, gates: Sequence[HealthGate], nodes: Sequence[str]) -> str | None:
-        """None when every gate holds on every node, else why not."""
-        if not gates or not nodes:
-            return None
-        baseline = {node: (self._latest(node) or (0, None))[0] for node in nodes}
-        for gate in gates:
-            try:
-                expression = compile_expression(gate.expression)
-            except ExpressionError as exc:
-                return f"health gate {gate.name!r} does not compile: {exc}"
-            waiting = set(nodes)
-            give_up = time.monotonic() + gate.window_s
-            while waiting:
-                for node in sorted(waiting):
-                    latest = self._latest(node)
-                    if latest is None or latest[0] <= baseline[node]:
-                        continue
-                    waiting.discard(node)
-                    try:
-                        sample = self._as_data(latest[1])
-                        value = expression.evaluate({"sample": sample, "node_id": node})
-                    except ExpressionError as exc:
-                        return f"health gate {gate.name!r} inconclusive on {node}: {exc}"
-                    if value is not True:
-                        return f"health gate {gate.name!r} failed on {node}"
-                if waiting:
-                    if time.monotonic() >= give_up:
-                        return (
-                            f"health gate {gate.name!r} inconclusive: no fresh telemetry from "
-                            f"{', '.join(sorted(waiting))} within {gate.window_s:g} s"
-                        )
-                    await asyncio.sleep(self._poll_interval_s)
-        return None
-
-
 class PipelineController:
+    """Drives approved plans to a terminal phase while holding the controller lease: runs
+    each step in waves through the executors, checks health gates, rolls back on failure."""
+
     def __init__(
         self,
         repository: PlanRepository,
         lease: Lease,
-        executor: AgentExecutor,
-        gates: HealthGates,
+        executors: Executors,
+        gates: HealthGates[Any],
         *,
-        is_cordoned: Callable[[str], bool],
         interval_s: float = 1.0,
         on_step_finished: Callable[[str, str, float], None] | None = None,
         on_phase_counts: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self._repository = repository
         self._lease = lease
-        self._executor = executor
+        self._executors = executors
         self._gates = gates
-        self._is_cordoned = is_cordoned
         self._interval_s = interval_s
         self._on_step_finished = on_step_finished
         self._on_phase_counts = on_phase_counts
@@ -239,13 +189,13 @@ class PipelineController:
                 step.state = StepState.RUNNING
                 await self._save(plan)
             size = max(plan.limits.max_nodes_in_parallel, 1)
-            nodes = step.node_ids
-            for first in range(0, len(nodes), size):
-                wave = nodes[first : first + size]
+            targets = step.targets
+            for first in range(0, len(targets), size):
+                wave = targets[first : first + size]
                 todo = [
-                    n
-                    for n in wave
-                    if (r := step.result_for(n)) is None
+                    t
+                    for t in wave
+                    if (r := step.result_for(t.result_key)) is None
                     or r.state in (StepState.PENDING, StepState.RUNNING)
                 ]
                 if todo:
@@ -260,30 +210,34 @@ class PipelineController:
                 if plan.cancel_requested:
                     return await self._fail(plan, step, plan.cancel_requested)
                 failed = [
-                    r for n in wave if (r := step.result_for(n)) and r.state == StepState.FAILED
+                    r
+                    for t in wave
+                    if (r := step.result_for(t.result_key)) and r.state == StepState.FAILED
                 ]
                 if failed:
                     why = "; ".join(f"{r.node_id}: {r.outcome} {r.message}".strip() for r in failed)
                     self._step_finished(step, "failed", started)
                     return await self._fail(plan, step, f"step {step.step_id} failed on {why}")
-                gate_problem = await self._gates.check(plan.health_gates, wave)
+                wave_nodes = [t.node_id for t in wave if t.node_id]
+                gate_problem = await self._gates.check(plan.health_gates, wave_nodes)
                 if gate_problem is not None:
                     self._step_finished(step, "gate_failed", started)
                     return await self._fail(plan, step, f"step {step.step_id}: {gate_problem}")
                 if self._deadline_passed(plan):
                     return await self._fail(plan, step, "the plan's deadline passed")
             step.state = StepState.SUCCEEDED
-            step.message = f"done on {len(nodes)} node(s)"
+            step.message = _done_message(targets)
             self._step_finished(step, "succeeded", started)
             plan = await self._save(plan)
         plan.status_message = "all steps succeeded"
         return await self._save(plan, Phase.COMPLETED, "all steps succeeded")
 
-    async def _run_wave(self, plan: Plan, step: Step, nodes: list[str]) -> list[NodeResult]:
+    async def _run_wave(self, plan: Plan, step: Step, wave: list[Target]) -> list[NodeResult]:
         """Runs one wave, watching the store for a cancel meanwhile: on a cancel, commands no
         agent has received yet are withdrawn, and the ones already delivered are awaited (they
         may be executing, and rollback must know what they did)."""
-        tasks = [asyncio.create_task(self._do(plan, step, n)) for n in nodes]
+        runs = [self._step_run(plan, step, target) for target in wave]
+        tasks = [asyncio.create_task(self._do(run)) for run in runs]
         try:
             pending: set[asyncio.Task[NodeResult]] = set(tasks)
             while pending:
@@ -297,11 +251,9 @@ class PipelineController:
                 plan.cancel_requested = stored.cancel_requested
                 plan.status_message = stored.status_message
                 plan.version = stored.version
-                for node_id, task in zip(nodes, tasks, strict=True):
+                for run, task in zip(runs, tasks, strict=True):
                     if not task.done():
-                        await self._executor.withdraw(
-                            plan_id=plan.plan_id, step_index=step.index, node_id=node_id
-                        )
+                        await self._executors.for_target(run.target).withdraw(run)
             return [task.result() for task in tasks]
         finally:
             for task in tasks:
@@ -311,30 +263,25 @@ class PipelineController:
         if self._on_step_finished is not None:
             self._on_step_finished(step.action, result, time.monotonic() - started)
 
-    async def _do(self, plan: Plan, step: Step, node_id: str) -> NodeResult:
-        action = NODE_ACTIONS[step.action]
-        if not action.allowed_on_cordoned and self._is_cordoned(node_id):
-            return NodeResult(
-                node_id,
-                StepState.FAILED,
-                outcome="CORDONED",
-                message="the node is cordoned; uncordon it before new work",
-            )
-        result = await self._executor.run(
+    def _step_run(self, plan: Plan, step: Step, target: Target) -> StepRun:
+        return StepRun(
             plan_id=plan.plan_id,
             step_index=step.index,
-            node_id=node_id,
             action=step.action,
             parameters=step.parameters,
+            target=target,
             deadline=self._command_deadline(plan, step),
         )
+
+    async def _do(self, run: StepRun) -> NodeResult:
+        outcome = await self._executors.for_target(run.target).run(run)
         return NodeResult(
-            node_id,
-            StepState.SUCCEEDED if result.succeeded else StepState.FAILED,
-            command_id=result.command_id,
-            outcome=result.outcome,
-            message=result.message,
-            output=dict(result.output),
+            run.target.result_key,
+            StepState.SUCCEEDED if outcome.succeeded else StepState.FAILED,
+            command_id=outcome.reference,
+            outcome=outcome.outcome,
+            message=outcome.message,
+            output=dict(outcome.output),
         )
 
     async def _fail(self, plan: Plan, step: Step, reason: str) -> Plan:
@@ -352,35 +299,39 @@ class PipelineController:
         failures: list[str] = []
         for step in reversed(plan.steps):
             touched = False
+            targets = {target.result_key: target for target in step.targets}
             for result in reversed(step.node_results):
                 if result.state != StepState.SUCCEEDED:
                     if result.rollback_outcome and result.rollback_outcome != "SUCCEEDED":
                         failures.append(f"{result.node_id}: {result.rollback_outcome}")
                     continue
                 touched = True
-                inverse = NODE_ACTIONS[step.action].inverse(step.parameters, result.output)
-                if inverse is None:
+                target = targets[result.node_id]
+                executor = self._executors.for_target(target)
+                undo = executor.undo(step.action, step.parameters, result.output)
+                if undo is None:
                     result.state = StepState.ROLLED_BACK
                     result.rollback_outcome = "NOTHING_TO_UNDO"
                 else:
-                    action, parameters = inverse
-                    undone = await self._executor.run(
-                        plan_id=plan.plan_id,
-                        step_index=step.index,
-                        node_id=result.node_id,
-                        action=action,
-                        parameters=parameters,
-                        deadline=_utcnow() + dt.timedelta(seconds=step.timeout_s),
-                        undo=True,
+                    undone = await executor.run(
+                        StepRun(
+                            plan_id=plan.plan_id,
+                            step_index=step.index,
+                            action=undo.action,
+                            parameters=undo.parameters,
+                            target=target,
+                            deadline=_utcnow() + dt.timedelta(seconds=step.timeout_s),
+                            undo=True,
+                        )
                     )
-                    result.rollback_command_id = undone.command_id
+                    result.rollback_command_id = undone.reference
                     result.rollback_outcome = undone.outcome
                     if undone.succeeded:
                         result.state = StepState.ROLLED_BACK
                     else:
                         # Left SUCCEEDED would retry forever; the failure is recorded instead.
                         result.state = StepState.FAILED
-                        result.message = f"rollback {action} failed: {undone.message}"
+                        result.message = f"rollback {undo.action} failed: {undone.message}"
                         failures.append(f"{result.node_id}: {undone.outcome} {undone.message}")
                 await self._save(plan)
             if touched and step.state != StepState.FAILED:
@@ -391,3 +342,10 @@ class PipelineController:
             plan.status_message = f"{plan.status_message}; {reason}"
             return await self._save(plan, Phase.FAILED, reason)
         return await self._save(plan, Phase.ROLLED_BACK, f"rolled back: {plan.status_message}")
+
+
+def _done_message(targets: Sequence[Target]) -> str:
+    nodes = sum(1 for target in targets if target.node_id)
+    if nodes == len(targets):
+        return f"done on {nodes} node(s)"
+    return f"done on {len(targets)} target(s)"

@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from controlplane.executors import Executors
+from controlplane.plans._gates import gate_expression_problem
 from controlplane.plans._model import (
     Phase,
     Plan,
@@ -50,15 +52,22 @@ class SelfApproval(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PlannedCommand:
+    """One run that executing a plan would start: which step, on which target, in which wave,
+    and what its executor says it will do."""
+
     step_index: int
     step_id: str
     action: str
     node_id: str
+    """The node, or for a target that is not a node its key."""
     wave: int
+    summary: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Submission:
+    """The outcome of a submission: the plan as stored (or as it would be) and its preview."""
+
     plan: Plan
     preview: tuple[PlannedCommand, ...]
     replayed: bool = False
@@ -68,19 +77,25 @@ class Submission:
 class FleetView:
     """What the plans side needs to know about the fleet (the registry provides it)."""
 
-    node_known: Callable[[str], bool]
     fleet_size: Callable[[], int]
     connected_nodes: Callable[[], int]
     cordoned_nodes: Callable[[], frozenset[str]]
 
 
-def preview_of(plan: Plan) -> tuple[PlannedCommand, ...]:
-    """The commands executing `plan` sends, in order, grouped in waves per step."""
+def preview_of(plan: Plan, executors: Executors) -> tuple[PlannedCommand, ...]:
+    """The runs executing `plan` starts, in order, grouped in waves per step."""
     size = max(plan.limits.max_nodes_in_parallel, 1)
     return tuple(
-        PlannedCommand(step.index, step.step_id, step.action, node_id, i // size)
+        PlannedCommand(
+            step.index,
+            step.step_id,
+            step.action,
+            target.result_key,
+            i // size,
+            executors.for_target(target).preview(step.action, step.parameters, target),
+        )
         for step in plan.steps
-        for i, node_id in enumerate(step.node_ids)
+        for i, target in enumerate(step.targets)
     )
 
 
@@ -102,16 +117,18 @@ class PlanDesk:
         store: Store,
         policy: PolicyEngine,
         fleet: FleetView,
+        executors: Executors,
         *,
         limits: PlanLimitsConfig,
         rate_window_s: float,
-        check_expression: Callable[[str], str | None],
+        check_expression: Callable[[str], str | None] = gate_expression_problem,
         poll_interval_s: float = 1.0,
         on_change: Callable[[PlanChange], None] | None = None,
     ) -> None:
         self.repository = PlanRepository(store, self._changed)
         self._policy = policy
         self._fleet = fleet
+        self._executors = executors
         self._limits = limits
         self._rate_window = dt.timedelta(seconds=rate_window_s)
         self._check_expression = check_expression
@@ -129,7 +146,7 @@ class PlanDesk:
             draft,
             now=now,
             limits=self._limits,
-            node_known=self._fleet.node_known,
+            executors=self._executors,
             check_expression=self._check_expression,
         )
         if problems:
@@ -165,7 +182,7 @@ class PlanDesk:
         if isinstance(outcome, Plan):
             return self._replay(outcome, digest)
         stored = outcome.plan
-        preview = preview_of(stored) if stored.phase != Phase.REJECTED else ()
+        preview = preview_of(stored, self._executors) if stored.phase != Phase.REJECTED else ()
         if validate_only:
             stored.plan_id = ""
             stored.transitions = outcome.transitions
@@ -185,7 +202,7 @@ class PlanDesk:
                 f"request_id {existing.request_id!r} was already used for plan "
                 f"{existing.plan_id} with a different plan; use a new request_id for a new plan"
             )
-        return Submission(existing, preview_of(existing), replayed=True)
+        return Submission(existing, preview_of(existing, self._executors), replayed=True)
 
     def _evaluate(self, plan: Plan, now: dt.datetime, recent: dict[str, int]) -> Verdict:
         context = EvaluationContext(

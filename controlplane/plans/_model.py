@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.executors import Target
+
 
 class Phase(enum.StrEnum):
     PENDING = "PENDING"
@@ -62,33 +64,12 @@ class StepState(enum.StrEnum):
     ROLLED_BACK = "ROLLED_BACK"
 
 
-@dataclass(frozen=True, slots=True)
-class KubernetesObject:
-    cluster: str
-    namespace: str
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    node_id: str = ""
-    kubernetes: KubernetesObject | None = None
-
-    @property
-    def key(self) -> str:
-        """The target's name in filters, rate limits and the audit log."""
-        if self.kubernetes is not None:
-            k = self.kubernetes
-            return f"k8s/{k.cluster}/{k.namespace}/{k.kind}/{k.name}"
-        return f"node/{self.node_id}"
-
-
 @dataclass(slots=True)
 class NodeResult:
-    """What one node did for one step; rollback fields are set when its change was undone."""
+    """What one target did for one step; rollback fields are set when its change was undone."""
 
     node_id: str
+    """The node's id, or for a target that is not a node its key (`Target.result_key`)."""
     state: StepState = StepState.PENDING
     command_id: str = ""
     outcome: str = ""
@@ -225,7 +206,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
                 "index": step.index,
                 "step_id": step.step_id,
                 "action": step.action,
-                "targets": [_target_document(t) for t in step.targets],
+                "targets": [t.document() for t in step.targets],
                 "node_ids": step.node_ids,
                 "parameters": step.parameters,
                 "timeout_seconds": step.timeout_s,
@@ -246,12 +227,6 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _target_document(target: Target) -> dict[str, Any]:
-    if target.kubernetes is not None:
-        return {"kubernetes": dataclasses.asdict(target.kubernetes)}
-    return {"node_id": target.node_id}
-
-
 # --- storage form of the mutable parts (steps, gates, limits) --------------------------------
 
 
@@ -262,7 +237,7 @@ def body_of(plan: Plan) -> dict[str, Any]:
             {
                 "step_id": s.step_id,
                 "action": s.action,
-                "targets": [_target_document(t) for t in s.targets],
+                "targets": [t.document() for t in s.targets],
                 "parameters": s.parameters,
                 "timeout_s": s.timeout_s,
                 "state": s.state.value,
@@ -278,12 +253,6 @@ def body_of(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _target_from(data: dict[str, Any]) -> Target:
-    if "kubernetes" in data:
-        return Target(kubernetes=KubernetesObject(**data["kubernetes"]))
-    return Target(node_id=data["node_id"])
-
-
 def apply_body(plan: Plan, body: dict[str, Any]) -> None:
     """Fills the mutable parts of `plan` from a stored body (inverse of `body_of`)."""
     plan.steps = [
@@ -291,7 +260,7 @@ def apply_body(plan: Plan, body: dict[str, Any]) -> None:
             index=i,
             step_id=s["step_id"],
             action=s["action"],
-            targets=tuple(_target_from(t) for t in s["targets"]),
+            targets=tuple(Target.from_document(t) for t in s["targets"]),
             parameters=s["parameters"],
             timeout_s=s["timeout_s"],
             state=StepState(s["state"]),

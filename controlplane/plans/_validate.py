@@ -12,11 +12,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controlplane.executors import KUBERNETES_ACTIONS, NODE_ACTIONS
+from controlplane.executors import Executors, TargetKind
 from controlplane.plans._model import Plan
 
 _ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-_NODE_ID = _ID
 MAX_TEXT = 10_000
 MAX_STEP_TIMEOUT_S = 24 * 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
@@ -42,11 +41,12 @@ def validate_plan(
     *,
     now: dt.datetime,
     limits: PlanLimitsConfig,
-    node_known: Callable[[str], bool],
+    executors: Executors,
     check_expression: Callable[[str], str | None],
 ) -> list[tuple[str, str]]:
     """Problems of `plan` as (path, message), paths rooted at `plan`; empty when well-formed.
 
+    Each step's targets and parameters are checked by the executor of the targets' kind.
     `check_expression` returns why a health-gate expression does not compile, or None.
     """
     problems: list[tuple[str, str]] = []
@@ -86,38 +86,37 @@ def validate_plan(
         if not step.action:
             bad(f"{at}.action", "required")
             continue
-        action = NODE_ACTIONS.get(step.action)
-        if action is None:
-            supported = ", ".join(sorted(NODE_ACTIONS))
-            if step.action in KUBERNETES_ACTIONS:
-                bad(
-                    f"{at}.action",
-                    f"{step.action!r} needs the Kubernetes executor, which this control plane "
-                    f"does not have yet; supported actions: {supported}",
-                )
-            else:
-                bad(f"{at}.action", f"unknown action {step.action!r}; supported: {supported}")
-            continue
         if not 0 < step.timeout_s <= MAX_STEP_TIMEOUT_S:
             bad(f"{at}.timeout", f"must be within (0, {MAX_STEP_TIMEOUT_S:g}] seconds")
         if not step.targets:
             bad(f"{at}.targets", "a step needs at least one target")
-        elif len(step.targets) > limits.max_targets:
+            continue
+        if len(step.targets) > limits.max_targets:
             bad(f"{at}.targets", f"at most {limits.max_targets} targets, got {len(step.targets)}")
+        kinds = {target.kind for target in step.targets}
+        if len(kinds) > 1:
+            bad(f"{at}.targets", "all targets of a step must be of one kind (nodes or objects)")
+            continue
+        kind = kinds.pop()
+        executor = executors.for_kind(kind)
+        if executor is None or step.action not in executor.actions:
+            bad(f"{at}.action", _unknown_action(step.action, kind, executors))
+            continue
         seen: dict[str, int] = {}
         for i, target in enumerate(step.targets):
             where = f"{at}.targets[{i}]"
-            if target.kubernetes is not None or not target.node_id:
-                bad(where, f"{step.action} acts on nodes: set node_id")
-            elif not _NODE_ID.match(target.node_id):
-                bad(f"{where}.node_id", f"not a node id: {target.node_id!r}")
-            elif target.node_id in seen:
-                bad(f"{where}.node_id", f"duplicate of {at}.targets[{seen[target.node_id]}]")
-            elif not node_known(target.node_id):
-                bad(f"{where}.node_id", f"no agent {target.node_id!r} has ever registered")
+            target_problems = executor.check_target(step.action, target)
+            for path, message in target_problems:
+                bad(f"{where}.{path}" if path else where, message)
+            key = target.result_key
+            if target_problems:
+                continue
+            if key in seen:
+                field = ".node_id" if kind == TargetKind.NODE else ""
+                bad(f"{where}{field}", f"duplicate of {at}.targets[{seen[key]}]")
             else:
-                seen[target.node_id] = i
-        for path, message in action.check(step.parameters):
+                seen[key] = i
+        for path, message in executor.check_parameters(step.action, step.parameters):
             bad(f"{at}.parameters.{path}", message)
 
     names: set[str] = set()
@@ -142,3 +141,19 @@ def validate_plan(
     if not 0 <= plan.limits.deadline_s <= MAX_DEADLINE_S:
         bad("limits.deadline", f"must be within [0, {MAX_DEADLINE_S:g}] seconds")
     return problems
+
+
+def _unknown_action(action: str, kind: TargetKind, executors: Executors) -> str:
+    executor = executors.for_kind(kind)
+    if executor is None:
+        message = f"{action!r} on {kind} targets: this control plane has no executor for them"
+    else:
+        supported = ", ".join(sorted(executor.actions))
+        message = f"unknown action {action!r} for {kind} targets; supported: {supported}"
+    missing = executors.missing_kinds()
+    if TargetKind.KUBERNETES in missing:
+        message += (
+            "; actions on Kubernetes objects (scale, rollout, restart, drain) need the "
+            "Kubernetes executor, which this control plane does not have yet"
+        )
+    return message

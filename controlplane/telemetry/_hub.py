@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from sqlalchemy import Connection, bindparam, update
 
@@ -35,35 +36,42 @@ _WATERMARK_UPDATE = (
 )
 
 
+P = TypeVar("P")
+"""The type of a sample's body: the hub never looks inside it (the transport decides what it is;
+the control plane's is the agent's TelemetrySample message)."""
+
+
 @dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(Generic[P]):
+    """One telemetry sample of one node, numbered by the agent's sequence."""
+
     node_id: str
     seq: int
-    payload: object
+    payload: P
 
 
 @dataclass
-class _Node:
+class _Node(Generic[P]):
     received: int = 0  # highest seq accepted into the pending buffer
     stored: int = 0  # highest seq durably stored (and so acknowledgeable)
     gaps: int = 0
     acked: int = 0
     last_ack: float = 0.0
-    latest: Sample | None = None
-    pending: list[Sample] = field(default_factory=list)
+    latest: Sample[P] | None = None
+    pending: list[Sample[P]] = field(default_factory=list)
 
 
 class SubscriberTooSlow(Exception):
     """A subscriber fell further behind than its queue allows and was cut off."""
 
 
-class _Subscription:
+class _Subscription(Generic[P]):
     def __init__(self, nodes: frozenset[str], max_backlog: int) -> None:
         self.nodes = nodes
-        self.queue: asyncio.Queue[Sample | None] = asyncio.Queue(maxsize=max_backlog)
+        self.queue: asyncio.Queue[Sample[P] | None] = asyncio.Queue(maxsize=max_backlog)
         self.overflowed = False
 
-    def offer(self, sample: Sample) -> None:
+    def offer(self, sample: Sample[P]) -> None:
         if self.overflowed or (self.nodes and sample.node_id not in self.nodes):
             return
         if self.queue.full():
@@ -81,7 +89,9 @@ class AcceptOutcome:
     gaps: int
 
 
-class TelemetryHub:
+class TelemetryHub(Generic[P]):
+    """Accepts, deduplicates, stores and publishes every node's telemetry, and acks it."""
+
     def __init__(
         self,
         store: Store,
@@ -98,13 +108,13 @@ class TelemetryHub:
         self._on_stored = on_stored
         self._on_flush = on_flush
         self._clock = clock
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, _Node[P]] = {}
         self._dirty: set[str] = set()
         # Nodes holding stored samples not yet acked, oldest ack first: with one ack interval
         # for all, appending keeps the order, so the due ones are always at the front.
         self._owed: collections.deque[tuple[float, str]] = collections.deque()
         self._owed_set: set[str] = set()
-        self._subscribers: set[_Subscription] = set()
+        self._subscribers: set[_Subscription[P]] = set()
         self._flush_lock = asyncio.Lock()
 
     def start_session(self, node_id: str, stored_seq: int, gaps: int) -> None:
@@ -116,7 +126,7 @@ class TelemetryHub:
         node.gaps = gaps
         node.last_ack = 0.0
 
-    def accept(self, node_id: str, samples: list[Sample]) -> AcceptOutcome:
+    def accept(self, node_id: str, samples: list[Sample[P]]) -> AcceptOutcome:
         """Takes a batch from a session (ascending seq); cheap, never blocks."""
         node = self._nodes.setdefault(node_id, _Node())
         accepted = duplicates = gaps = 0
@@ -149,7 +159,7 @@ class TelemetryHub:
         async with self._flush_lock:
             if not self._dirty:
                 return 0
-            batch: list[tuple[str, _Node, list[Sample]]] = []
+            batch: list[tuple[str, _Node[P], list[Sample[P]]]] = []
             for node_id in self._dirty:
                 node = self._nodes[node_id]
                 batch.append((node_id, node, node.pending))
@@ -190,7 +200,7 @@ class TelemetryHub:
                 self._ack(node_id, node, force=len(samples) > 1)
             return count
 
-    def _ack(self, node_id: str, node: _Node, *, force: bool) -> None:
+    def _ack(self, node_id: str, node: _Node[P], *, force: bool) -> None:
         now = self._clock()
         if node.stored <= node.acked and not force:
             return
@@ -217,11 +227,11 @@ class TelemetryHub:
             await self.flush()
             self.ack_due()
 
-    def latest(self, node_id: str) -> Sample | None:
+    def latest(self, node_id: str) -> Sample[P] | None:
         node = self._nodes.get(node_id)
         return node.latest if node else None
 
-    def latest_all(self, node_ids: Collection[str] = ()) -> list[Sample]:
+    def latest_all(self, node_ids: Collection[str] = ()) -> list[Sample[P]]:
         wanted = set(node_ids)
         return sorted(
             (n.latest for k, n in self._nodes.items() if n.latest and (not wanted or k in wanted)),
@@ -230,9 +240,9 @@ class TelemetryHub:
 
     async def subscribe(
         self, node_ids: Collection[str] = (), *, include_latest: bool = False, max_backlog: int
-    ) -> AsyncGenerator[Sample, None]:
+    ) -> AsyncGenerator[Sample[P], None]:
         """Yields accepted samples of the given nodes (all when empty) until cancelled."""
-        subscription = _Subscription(frozenset(node_ids), max_backlog)
+        subscription: _Subscription[P] = _Subscription(frozenset(node_ids), max_backlog)
         self._subscribers.add(subscription)
         try:
             if include_latest:

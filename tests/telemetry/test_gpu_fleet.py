@@ -27,7 +27,7 @@ async def test_gpu_inventory_readings_and_xid_reach_the_control_plane(
 
     def latest() -> telemetry_pb2.TelemetrySample | None:
         sample = control_plane.hub.latest("gpu-node-1")
-        return sample.payload if sample else None  # type: ignore[return-value]
+        return sample.payload if sample else None
 
     sample = await eventually(latest)
     assert sample.gpu_status.state == telemetry_pb2.GPU_COLLECTION_STATE_OK

@@ -33,14 +33,16 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     store.close()
 
 
-def samples(*seqs: int) -> list[Sample]:
+def samples(*seqs: int) -> list[Sample[str]]:
     return [Sample("node-1", seq, f"payload-{seq}") for seq in seqs]
 
 
 async def test_duplicates_dropped_gaps_counted_and_acks_coalesced(store: Store) -> None:
     clock = Clock()
     acks: list[int] = []
-    hub = TelemetryHub(store, ack_interval_s=15, send_ack=lambda n, s: acks.append(s), clock=clock)
+    hub: TelemetryHub[str] = TelemetryHub(
+        store, ack_interval_s=15, send_ack=lambda n, s: acks.append(s), clock=clock
+    )
     hub.start_session("node-1", 0, 0)
 
     assert hub.accept("node-1", samples(1)).accepted == 1
@@ -73,7 +75,7 @@ async def test_duplicates_dropped_gaps_counted_and_acks_coalesced(store: Store) 
 
 
 async def test_subscribers_see_each_sample_once_in_order(store: Store) -> None:
-    hub = TelemetryHub(store, ack_interval_s=0, send_ack=lambda n, s: None)
+    hub: TelemetryHub[str] = TelemetryHub(store, ack_interval_s=0, send_ack=lambda n, s: None)
     hub.start_session("node-1", 0, 0)
     stream = hub.subscribe(max_backlog=100)
     first = asyncio.ensure_future(anext(stream))

@@ -482,6 +482,7 @@ class PlannedCommand(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     WAVE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     step_id: _builtins.str
     action: _builtins.str
@@ -490,6 +491,8 @@ class PlannedCommand(_message.Message):
     """Nodes of a step run in waves of at most limits.max_nodes_in_parallel; waves are numbered
     from 0 within a step.
     """
+    summary: _builtins.str
+    """What the executor of the target's kind will do, in one line for people."""
     def __init__(
         self,
         *,
@@ -498,10 +501,11 @@ class PlannedCommand(_message.Message):
         action: _builtins.str = ...,
         node_id: _builtins.str = ...,
         wave: _builtins.int = ...,
+        summary: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "node_id", b"node_id", "step_id", b"step_id", "step_index", b"step_index", "wave", b"wave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "node_id", b"node_id", "step_id", b"step_id", "step_index", b"step_index", "summary", b"summary", "wave", b"wave"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
