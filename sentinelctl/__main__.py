@@ -1,4 +1,4 @@
-"""`python -m sentinelctl`."""
+"""`python -m sentinelctl`: the same command line as the `sentinelctl` script."""
 
 import sys
 

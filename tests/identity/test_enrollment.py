@@ -573,6 +573,7 @@ async def test_bootstrap_token_request_is_validated(
 async def test_sentinelctl_token_create_prints_the_token_once(
     pki: Pki, control_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pki.client("operator", "admin")  # the identity sentinelctl presents, made here
     # sentinelctl runs its own event loop; a thread keeps it off this test's.
     code = await asyncio.to_thread(
         ctl.main,
