@@ -30,6 +30,8 @@ def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
 
 
 class ReloadingServerCredentials:
+    """Server TLS credentials that re-read changed certificate files at the next handshake."""
+
     def __init__(self, files: TlsFiles) -> None:
         self._files = files
         self._stamp = self._read_stamp()

@@ -66,10 +66,9 @@ async def _submit(args: argparse.Namespace) -> None:
     for violation in result.violations:
         print(f"  {violation.rule_id}: {violation.message} [{violation.field}]")
     for command in response.preview:
-        print(
-            f"  step {command.step_index} wave {command.wave}: "
-            f"{command.action} on {command.node_id}"
-        )
+        # Servers before PlannedCommand.summary leave it empty.
+        what = command.summary or f"{command.action} on {command.node_id}"
+        print(f"  step {command.step_index} wave {command.wave}: {what}")
 
 
 async def _plans(args: argparse.Namespace) -> None:

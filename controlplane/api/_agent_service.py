@@ -70,6 +70,9 @@ def outbound_message(message: Outbound) -> agent_pb2.ConnectResponse:
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    """The agent session endpoint: one bidi stream per node (hello, telemetry, commands) and
+    certificate renewal."""
+
     def __init__(
         self,
         settings: ControlPlaneSettings,

@@ -26,6 +26,8 @@ def _event_message(event: AuditEvent) -> audit_pb2.AuditEvent:
 
 
 class AuditService(audit_pb2_grpc.AuditServiceServicer):
+    """Lists audit events for operators, filtered and paged."""
+
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
 

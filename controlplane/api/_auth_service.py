@@ -38,6 +38,8 @@ def _pair_fields(pair: TokenPair) -> dict[str, object]:
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
+    """Password login and token refresh for human operators."""
+
     def __init__(self, users: Users, tokens: TokenIssuer, login_rate_per_minute: float) -> None:
         self._users = users
         self._tokens = tokens

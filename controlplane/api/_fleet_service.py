@@ -13,6 +13,8 @@ from controlplane.fleet import AgentRegistry, WatcherOverflow
 
 
 class FleetService(fleet_pb2_grpc.FleetServiceServicer):
+    """Reads the fleet registry: list, get and watch agents."""
+
     def __init__(self, registry: AgentRegistry) -> None:
         self._registry = registry
 

@@ -43,6 +43,8 @@ def user_message(user: User) -> identity_pb2.User:
 
 
 class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
+    """Revocations and password users, for operators."""
+
     def __init__(
         self,
         revocations: Revocations,

@@ -116,6 +116,8 @@ def _certificate_facts(pem: bytes) -> _CertificateFacts:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call, enforces the role table, counts it, and audits it."""
+
     def __init__(
         self,
         trust_domain: str,

@@ -222,6 +222,8 @@ def _phase_filter(value: int) -> Phase | None:
 
 
 class PlanService(plan_pb2_grpc.PlanServiceServicer):
+    """The gRPC face of the plan desk: translates plan messages and maps errors to status codes."""
+
     def __init__(self, plans: PlanDesk, default_step_timeout_s: float) -> None:
         self._plans = plans
         self._default_timeout_s = default_step_timeout_s

@@ -113,6 +113,8 @@ async def _known_shape(policy_id: str, path: str, context: grpc.aio.ServicerCont
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
+    """Create, read, update and delete policies, with dry runs."""
+
     def __init__(self, book: PolicyBook) -> None:
         self._book = book
         self._requests: collections.OrderedDict[str, str] = collections.OrderedDict()

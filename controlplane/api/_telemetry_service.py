@@ -74,6 +74,8 @@ class MetricFilter:
 
 
 class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
+    """Latest samples per node and live streams of them, with node and metric filters."""
+
     def __init__(
         self, settings: ControlPlaneSettings, hub: TelemetryHub[telemetry_pb2.TelemetrySample]
     ) -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is calling: identity, role and the certificate the call came with."""
+
     spiffe_id: str
     """The certificate's SPIFFE id, or `user:<name>` for a caller with a bearer token."""
     role: str

@@ -48,6 +48,8 @@ class TokenRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CreatedToken:
+    """A bootstrap token as created: the secret (shown once) and what it allows."""
+
     token: str
     """The full token, shown once and never stored."""
     token_id: str
@@ -56,6 +58,8 @@ class CreatedToken:
 
 @dataclass(frozen=True, slots=True)
 class RedeemedToken:
+    """A bootstrap token spent on one enrollment, and the node names it allows."""
+
     token_id: str
     node_pattern: str
 
@@ -76,6 +80,8 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 
 class BootstrapTokens:
+    """Creates, stores (hashed) and redeems single-use bootstrap tokens for enrollment."""
+
     def __init__(
         self,
         store: Store,

@@ -33,6 +33,8 @@ class NodeIdInvalid(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Issued:
+    """A certificate signed for an agent, with the CA bundle to trust."""
+
     certificate_pem: bytes
     ca_bundle_pem: bytes
     serial_hex: str
@@ -55,6 +57,8 @@ def load_ca(ca_bundle: pathlib.Path, ca_key: pathlib.Path) -> CertificateAuthori
 
 
 class CertificateIssuer:
+    """Signs agents' CSRs at enrollment and renewal, and records what it issued."""
+
     def __init__(
         self,
         store: Store,

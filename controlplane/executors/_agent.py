@@ -5,6 +5,7 @@ a restart attaches to the same command instead of sending a second one."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -68,8 +69,8 @@ class AgentExecutor:
         return []
 
     def preview(self, action: str, parameters: Mapping[str, Any], target: Target) -> str:
-        shown = ", ".join(f"{name}={value!r}" for name, value in sorted(parameters.items()))
-        return f"agent on {target.node_id} runs {action}({shown})"
+        shown = json.dumps(parameters, sort_keys=True, default=str) if parameters else ""
+        return f"{action} on {target.node_id} {shown}".rstrip()
 
     async def withdraw(self, run: StepRun) -> bool:
         """Withdraws the step's command for the node if no agent has received it yet."""

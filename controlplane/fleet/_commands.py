@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class CommandState(enum.StrEnum):
+    """Where a command is in its life: stored, sent, acknowledged, finished or expired."""
+
     PENDING = "PENDING"  # stored, not yet on a session
     SENT = "SENT"  # written to a session at least once
     ACKED = "ACKED"  # the agent has it
@@ -44,6 +46,8 @@ class UnknownCommand(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
+    """What a node reported for one command (or why it never ran)."""
+
     command_id: str
     node_id: str
     action: str
@@ -66,6 +70,9 @@ def new_command_id() -> str:
 
 
 class CommandLedger:
+    """Stores commands before they are sent, delivers them in order per node, and hands results
+    back."""
+
     def __init__(
         self,
         store: Store,

@@ -11,6 +11,8 @@ from typing import Any
 
 
 class AgentStatus(enum.StrEnum):
+    """Liveness of an agent as the control plane sees it."""
+
     CONNECTED = "CONNECTED"
     SUSPECT = "SUSPECT"
     DISCONNECTED = "DISCONNECTED"
@@ -51,11 +53,15 @@ class HelloInfo:
 # Messages the control plane sends down a session; the transport turns them into protobuf.
 @dataclass(frozen=True, slots=True)
 class TelemetryAckOut:
+    """A cumulative telemetry acknowledgement to send to an agent."""
+
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class CommandOut:
+    """A command to send down an agent's session."""
+
     command_id: str
     plan_id: str
     action: str
@@ -65,11 +71,15 @@ class CommandOut:
 
 @dataclass(frozen=True, slots=True)
 class ConfigOut:
+    """A configuration update to send to an agent."""
+
     telemetry_interval_s: float
 
 
 @dataclass(frozen=True, slots=True)
 class GoAwayOut:
+    """Tells an agent to close its session and reconnect after a delay."""
+
     reason: str
     reconnect_after_s: float
 

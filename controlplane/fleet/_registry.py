@@ -56,6 +56,8 @@ class WatcherOverflow(Exception):
 
 
 class AgentRegistry:
+    """Which agents exist, which are connected, and their liveness, inventory and cordon state."""
+
     def __init__(
         self,
         store: Store,

@@ -32,6 +32,8 @@ class TokenInvalid(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TokenPair:
+    """An access token and a refresh token issued together, with their expiry."""
+
     access_token: str
     access_expires_at: dt.datetime
     refresh_token: str
@@ -40,6 +42,8 @@ class TokenPair:
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
+    """What a valid token says: whose it is, which kind (access or refresh), and its expiry."""
+
     username: str
     token_type: str
     expires_at: dt.datetime
@@ -64,6 +68,8 @@ def load_jwt_secret(path: str) -> bytes:
 
 
 class TokenIssuer:
+    """Signs and checks the JWT access and refresh tokens of password users."""
+
     def __init__(
         self,
         secret: bytes,

@@ -37,6 +37,8 @@ class RevocationInvalid(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
+    """One revoked certificate serial or node, with who revoked it, when and why."""
+
     kind: str
     """KIND_SERIAL or KIND_NODE."""
     value: str

@@ -38,10 +38,14 @@ class UserInvalid(ValueError):
 
 
 class UserAlreadyExists(Exception):
+    """A user with that name already exists."""
+
     pass
 
 
 class UserNotFound(Exception):
+    """No user has that name."""
+
     pass
 
 
@@ -51,6 +55,8 @@ class InvalidCredentials(Exception):
 
 @dataclass(frozen=True, slots=True)
 class User:
+    """A person who logs in with a password, and their role."""
+
     username: str
     role: str
     created_at: dt.datetime

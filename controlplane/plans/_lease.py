@@ -26,6 +26,9 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Fence:
+    """Proof of holding a lease at one epoch; writes made under it fail once another holder took
+    over."""
+
     name: str
     holder: str
     epoch: int
@@ -47,6 +50,9 @@ class Fence:
 
 
 class Lease:
+    """A named lease in the store that at most one holder has at a time (the controller's
+    leadership)."""
+
     def __init__(self, store: Store, name: str, holder: str, duration_s: float) -> None:
         self._store = store
         self.name = name

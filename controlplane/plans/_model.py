@@ -15,6 +15,8 @@ from controlplane.executors import Target
 
 
 class Phase(enum.StrEnum):
+    """The phase of a plan in its state machine."""
+
     PENDING = "PENDING"
     VALIDATING = "VALIDATING"
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
@@ -57,6 +59,8 @@ def check_transition(current: Phase, target: Phase) -> None:
 
 
 class StepState(enum.StrEnum):
+    """The state of one step, or of one step on one target."""
+
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -81,6 +85,8 @@ class NodeResult:
 
 @dataclass(slots=True)
 class Step:
+    """One step of a plan: an action with its parameters on one or more targets, and its results."""
+
     index: int
     step_id: str
     action: str
@@ -104,6 +110,8 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class HealthGate:
+    """A CEL condition on fresh telemetry that must hold after each wave."""
+
     name: str
     expression: str
     window_s: float
@@ -111,6 +119,8 @@ class HealthGate:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """How much of the fleet a plan may change at once, and by when it must finish."""
+
     max_nodes_in_parallel: int = 1
     max_replicas_in_parallel: int = 0
     deadline_s: float = 0.0  # 0: no deadline beyond each step's timeout
@@ -118,6 +128,8 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """One phase change of a plan: when, by whom and why."""
+
     from_phase: Phase
     to_phase: Phase
     at: dt.datetime
@@ -127,6 +139,8 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class Violation:
+    """A policy rule a plan broke, with its effect and the field it concerns."""
+
     rule_id: str
     message: str
     field: str
@@ -135,6 +149,8 @@ class Violation:
 
 @dataclass(slots=True)
 class Plan:
+    """An action plan: what was asked, the verdict on it, and how far its execution got."""
+
     plan_id: str
     request_id: str
     source: str

@@ -51,6 +51,8 @@ RATE_HISTORY_CAP = 100
 
 
 class PlanNotFound(LookupError):
+    """No plan has that id."""
+
     pass
 
 
@@ -68,6 +70,8 @@ class RequestIdConflict(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PlanFilter:
+    """Which plans a listing returns."""
+
     phase: Phase | None = None
     source: str = ""
     target: str = ""
@@ -165,6 +169,8 @@ def _transition_rows(
 
 
 class PlanRepository:
+    """Stores plans with their transitions and targets; writes are fenced and optimistic."""
+
     def __init__(self, store: Store, on_change: Callable[[PlanChange], None]) -> None:
         self._store = store
         self._on_change = on_change

@@ -32,6 +32,8 @@ class PlanInvalid(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PlanLimitsConfig:
+    """The control plane's own bounds on a plan's size."""
+
     max_steps: int
     max_targets: int
 

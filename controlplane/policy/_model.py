@@ -25,6 +25,8 @@ class Scope(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """One policy rule: a CEL expression, its scope, effect and message."""
+
     rule_id: str
     expression: str
     """CEL that must evaluate to true for the plan to pass."""
@@ -38,6 +40,8 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """A named set of rules, as loaded from a file or created through the API."""
+
     policy_id: str
     description: str
     rules: tuple[Rule, ...]
@@ -60,6 +64,8 @@ class PolicyInvalid(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Violation:
+    """A policy rule a plan broke, with its effect and the field it concerns."""
+
     rule_id: str
     message: str
     field: str
@@ -69,6 +75,8 @@ class Violation:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """The outcome of evaluating every policy on a plan: rejections and approvals required."""
+
     rejections: tuple[Violation, ...]
     approvals_required: tuple[Violation, ...]
 

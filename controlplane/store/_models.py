@@ -30,6 +30,8 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
 
 
 class Base(DeclarativeBase):
+    """The declarative base of the store's ORM models."""
+
     pass
 
 

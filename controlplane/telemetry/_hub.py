@@ -84,6 +84,8 @@ class _Subscription(Generic[P]):
 
 @dataclass(frozen=True, slots=True)
 class AcceptOutcome:
+    """What accepting a telemetry batch did: samples accepted, duplicates dropped, gaps found."""
+
     accepted: int
     duplicates: int
     gaps: int
