@@ -36,6 +36,8 @@ class CertificateProblem(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CurrentCertificate:
+    """The agent's certificate as read from disk: serial, validity and identity."""
+
     serial: int
     not_before: dt.datetime
     not_after: dt.datetime

@@ -27,12 +27,16 @@ CREATE TABLE IF NOT EXISTS executed (
 
 @dataclass(frozen=True, slots=True)
 class ExecutedCommand:
+    """A command the agent has started or finished, remembered across its restarts."""
+
     command_id: str
     finished: bool
     result: bytes | None
 
 
 class AgentStateStore:
+    """The agent's durable state in SQLite: telemetry spool, executed commands, cordon mark."""
+
     def __init__(self, path: pathlib.Path, *, max_spool_samples: int, keep_executed: int = 10_000):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)

@@ -10,17 +10,25 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import math
 import pathlib
 import platform
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
+from nodeactions import (
+    InvalidParameters,
+    PowerTarget,
+    Problem,
+    check_no_parameters,
+    describe,
+    read_diagnostic_sections,
+    read_power_limit,
+    read_telemetry_interval,
+)
 from nodeagent._state import AgentStateStore
 from nodeagent.collectors import (
     AsyncGpuCollector,
@@ -33,12 +41,8 @@ from nodeagent.collectors import (
 
 AGENT_VERSION = "0.1.0"
 
-MIN_INTERVAL_S = 1.0
-MAX_INTERVAL_S = 3600.0
-
 # A diagnostic report travels in one command result and is stored by the control plane.
 MAX_DIAGNOSTIC_BYTES = 64 * 1024
-DIAGNOSTIC_SECTIONS = ("gpu", "xid", "system", "disk")
 # statvfs on a dead network mount blocks; the report goes out without that section instead.
 _HOST_READ_TIMEOUT_S = 5.0
 
@@ -47,6 +51,8 @@ _GPU_ACTIONS = frozenset({"set_gpu_power_limit"})
 
 
 class ActionError(Exception):
+    """An action refused or failed, with the outcome to report (INVALID_ARGUMENT, FAILED)."""
+
     def __init__(self, outcome: str, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome  # INVALID_ARGUMENT, FAILED
@@ -74,9 +80,29 @@ class AgentControls:
 
 
 Action = Callable[[AgentControls, dict[str, Any]], Awaitable[dict[str, Any]]]
+_Request = TypeVar("_Request")
+
+
+def _invalid(problem: Problem) -> ActionError:
+    return ActionError("INVALID_ARGUMENT", describe(problem))
+
+
+def _read(read: Callable[[dict[str, Any]], _Request], parameters: dict[str, Any]) -> _Request:
+    """The parameters as `read` returns them, or its first problem as INVALID_ARGUMENT. The
+    readers are `nodeactions`', which check exactly as the control plane checks plan steps."""
+    try:
+        return read(parameters)
+    except InvalidParameters as error:
+        raise _invalid(error.problems[0]) from None
+
+
+def _refuse_any(problems: list[Problem]) -> None:
+    if problems:
+        raise _invalid(problems[0])
 
 
 async def ping(controls: AgentControls, parameters: dict[str, Any]) -> dict[str, Any]:
+    _refuse_any(check_no_parameters(parameters))
     return {"pong": True, "agent_version": AGENT_VERSION, "unix_time": time.time()}
 
 
@@ -86,105 +112,13 @@ async def set_telemetry_interval(
     """Sets the telemetry interval. With `restore: true` (a rollback putting back the value the
     agent had before) any positive interval up to the maximum is accepted: the agent may have
     been started with a shorter interval than a plan may request."""
-    seconds = parameters.get("seconds")
-    restore = parameters.get("restore", False)
-    if not isinstance(restore, bool):
-        raise ActionError("INVALID_ARGUMENT", "parameters.restore: must be true or false")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise ActionError("INVALID_ARGUMENT", "parameters.seconds: required, a number of seconds")
-    low = 0.0 if restore else MIN_INTERVAL_S
-    if not (low < seconds if restore else low <= seconds) or seconds > MAX_INTERVAL_S:
-        raise ActionError(
-            "INVALID_ARGUMENT",
-            f"parameters.seconds: {seconds:g} is outside [{MIN_INTERVAL_S:g}, {MAX_INTERVAL_S:g}]",
-        )
+    request = _read(read_telemetry_interval, parameters)
     previous = controls.get_interval()
-    await controls.set_interval(float(seconds))
-    return {"previous_seconds": previous, "seconds": float(seconds)}
-
-
-def _refuse_unknown(parameters: dict[str, Any], known: set[str]) -> None:
-    for name in sorted(set(parameters) - known):
-        takes = ", ".join(sorted(known)) or "no parameters"
-        raise ActionError(
-            "INVALID_ARGUMENT", f"parameters.{name}: unknown parameter (this action takes: {takes})"
-        )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    await controls.set_interval(request.seconds)
+    return {"previous_seconds": previous, "seconds": request.seconds}
 
 
 # -- set_gpu_power_limit ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _PowerTarget:
-    index: int
-    watts: float
-    path: str
-    """Where the index and watts came from in the parameters, for error messages."""
-
-
-def _power_request(parameters: dict[str, Any]) -> tuple[float | None, list[_PowerTarget] | None]:
-    """Checks the shape: (watts for the listed or all GPUs, None) or (None, per-GPU targets).
-
-    With `watts`, the targets are None when every GPU is meant, else listed with watts set.
-    """
-    _refuse_unknown(parameters, {"watts", "gpus", "per_gpu_watts"})
-    if ("watts" in parameters) == ("per_gpu_watts" in parameters):
-        raise ActionError(
-            "INVALID_ARGUMENT", "parameters.watts: give exactly one of watts or per_gpu_watts"
-        )
-    if "per_gpu_watts" in parameters:
-        if "gpus" in parameters:
-            raise ActionError(
-                "INVALID_ARGUMENT",
-                "parameters.gpus: only with watts (per_gpu_watts names its GPUs itself)",
-            )
-        table = parameters["per_gpu_watts"]
-        if not isinstance(table, dict) or not table:
-            raise ActionError(
-                "INVALID_ARGUMENT",
-                "parameters.per_gpu_watts: must be a non-empty map of GPU index to watts",
-            )
-        targets: list[_PowerTarget] = []
-        for key, value in table.items():
-            path = f"parameters.per_gpu_watts.{key}"
-            if not str(key).isdigit():
-                raise ActionError("INVALID_ARGUMENT", f"{path}: keys are GPU indices (0, 1, ...)")
-            if not _is_number(value) or value <= 0:
-                raise ActionError(
-                    "INVALID_ARGUMENT", f"{path}: must be a positive number of watts, got {value!r}"
-                )
-            targets.append(_PowerTarget(int(key), float(value), path))
-        return None, sorted(targets, key=lambda target: target.index)
-
-    watts = parameters["watts"]
-    if not _is_number(watts) or watts <= 0:
-        raise ActionError(
-            "INVALID_ARGUMENT",
-            f"parameters.watts: must be a positive number of watts, got {watts!r}",
-        )
-    if "gpus" not in parameters:
-        return float(watts), None
-    gpus = parameters["gpus"]
-    if not isinstance(gpus, list) or not gpus:
-        raise ActionError(
-            "INVALID_ARGUMENT", "parameters.gpus: must be a non-empty list of GPU indices"
-        )
-    listed: list[_PowerTarget] = []
-    seen: set[int] = set()
-    for position, index in enumerate(gpus):
-        path = f"parameters.gpus[{position}]"
-        # Struct numbers arrive as floats: 2.0 is GPU 2, 2.5 is nothing.
-        if not _is_number(index) or index < 0 or int(index) != index:
-            raise ActionError("INVALID_ARGUMENT", f"{path}: not a GPU index: {index!r}")
-        if int(index) in seen:
-            raise ActionError("INVALID_ARGUMENT", f"{path}: GPU {int(index)} is listed twice")
-        seen.add(int(index))
-        listed.append(_PowerTarget(int(index), float(watts), path))
-    return float(watts), listed
 
 
 def _gpu_of(controls: AgentControls) -> AsyncGpuCollector:
@@ -211,8 +145,9 @@ async def set_gpu_power_limit(
 ) -> dict[str, Any]:
     """Sets GPU power limits, all or nothing: every target is checked against its GPU's range
     before any is changed, and a failure part-way restores the GPUs already changed."""
-    watts, targets = _power_request(parameters)
+    request = _read(read_power_limit, parameters)
     gpu = _gpu_of(controls)
+    targets = request.targets
     indices = None if targets is None else [target.index for target in targets]
     try:
         limits = await gpu.power_limits(indices)
@@ -221,23 +156,20 @@ async def set_gpu_power_limit(
     except UnknownGpu as error:
         assert targets is not None  # "all GPUs" names no index that could be unknown
         path = next(t.path for t in targets if t.index == error.index)
-        raise ActionError("INVALID_ARGUMENT", f"{path}: {error}") from error
+        raise _invalid((path, str(error))) from error
     except (GpuCallFailed, CollectorTimeout) as error:
         raise ActionError("FAILED", f"could not read the GPUs' power limits: {error}") from error
     if targets is None:
-        assert watts is not None
-        targets = [_PowerTarget(limit.index, watts, "parameters.watts") for limit in limits]
+        assert request.watts is not None
+        targets = tuple(PowerTarget(limit.index, request.watts, "watts") for limit in limits)
 
-    planned: list[tuple[_PowerTarget, PowerLimit, int]] = []
+    planned: list[tuple[PowerTarget, PowerLimit, int]] = []
     for target, limit in zip(targets, limits, strict=True):
         milliwatts = round(target.watts * 1000)
         if not limit.min_milliwatts <= milliwatts <= limit.max_milliwatts:
             low, high = _watts(limit.min_milliwatts), _watts(limit.max_milliwatts)
-            raise ActionError(
-                "INVALID_ARGUMENT",
-                f"{target.path}: {target.watts:g} W is outside GPU {limit.index}'s range "
-                f"[{low:g}, {high:g}] W",
-            )
+            outside = f"{target.watts:g} W is outside GPU {limit.index}'s range"
+            raise _invalid((target.path, f"{outside} [{low:g}, {high:g}] W"))
         planned.append((target, limit, milliwatts))
 
     changed: list[PowerLimit] = []
@@ -300,8 +232,7 @@ async def _restore_power_limits(gpu: AsyncGpuCollector, changed: list[PowerLimit
 
 async def run_diagnostic(controls: AgentControls, parameters: dict[str, Any]) -> dict[str, Any]:
     """A bounded, read-only health report of the node for a person to read."""
-    _refuse_unknown(parameters, {"include"})
-    sections = _diagnostic_sections(parameters)
+    sections = _read(read_diagnostic_sections, parameters)
     report: dict[str, Any] = {"agent_version": AGENT_VERSION, "generated_at": _utc_iso(time.time())}
     if "gpu" in sections:
         report["gpu"] = await _gpu_report(controls.gpu)
@@ -312,22 +243,6 @@ async def run_diagnostic(controls: AgentControls, parameters: dict[str, Any]) ->
     if "disk" in sections:
         report["disk"] = await _host_read(_disk_report, controls.state_dir)
     return _bounded(report, MAX_DIAGNOSTIC_BYTES)
-
-
-def _diagnostic_sections(parameters: dict[str, Any]) -> list[str]:
-    include = parameters.get("include")
-    if include is None:
-        return list(DIAGNOSTIC_SECTIONS)
-    if not isinstance(include, list):
-        raise ActionError("INVALID_ARGUMENT", "parameters.include: must be a list of section names")
-    for position, name in enumerate(include):
-        if name not in DIAGNOSTIC_SECTIONS:
-            known = ", ".join(sorted(DIAGNOSTIC_SECTIONS))
-            raise ActionError(
-                "INVALID_ARGUMENT",
-                f"parameters.include[{position}]: unknown section {name!r} ({known})",
-            )
-    return [name for name in DIAGNOSTIC_SECTIONS if name in include]
 
 
 def _utc_iso(unix_time: float) -> str:
@@ -355,7 +270,7 @@ def _xid_report(gpu: AsyncGpuCollector | None) -> dict[str, Any]:
     return {
         "events": [
             {
-                "time": _utc_iso(event.event_time.ToNanoseconds() / 1e9),
+                "time": _utc_iso(event.time_ns / 1e9),
                 "xid": event.xid,
                 "gpu_index": event.gpu_index,
                 "gpu_uuid": event.gpu_uuid,
@@ -465,7 +380,7 @@ def _bounded(report: dict[str, Any], max_bytes: int) -> dict[str, Any]:
 async def _set_cordoned(
     controls: AgentControls, parameters: dict[str, Any], cordoned: bool
 ) -> dict[str, Any]:
-    _refuse_unknown(parameters, set())
+    _refuse_any(check_no_parameters(parameters))
     previous = await asyncio.to_thread(controls.state.set_cordoned, cordoned)
     return {"cordoned": cordoned, "previous_cordoned": previous}
 

@@ -17,14 +17,22 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import psutil
-from sentinel.v1 import fleet_pb2, telemetry_pb2
+
+from nodeagent.collectors._values import (
+    CpuTimes,
+    DiskIo,
+    FilesystemUsage,
+    HostInventory,
+    HostSnapshot,
+    LoadAverage,
+    MemoryUsage,
+    NetworkIo,
+    Pressure,
+)
 
 _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-# psutil names these modes the way /proc/stat does; a platform without one leaves it at zero.
-_CPU_MODES = ("user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice")
 
 # node_exporter's default `--collector.diskstats.device-exclude`: RAM and loop devices carry no
 # disk I/O worth watching, and partitions would count their parent device's I/O twice.
@@ -119,44 +127,41 @@ class HostCollector:
         self._previous_total: _CpuSplit | None = None
         self._previous_per_cpu: list[_CpuSplit] = []
 
-    def inventory(self) -> fleet_pb2.HostInventory:
-        inventory = fleet_pb2.HostInventory(
+    def inventory(self) -> HostInventory:
+        """What this host is; a part that cannot be read is left at zero."""
+        memory = self._safely("memory", psutil.virtual_memory)
+        boot_time = self._safely("boot time", psutil.boot_time)
+        return HostInventory(
             hostname=socket.gethostname(),
             os=platform.system(),
             kernel_version=platform.release(),
             architecture=platform.machine(),
             logical_cpus=psutil.cpu_count(logical=True) or 0,
             physical_cpus=psutil.cpu_count(logical=False) or 0,
+            memory_total_bytes=memory.total if memory is not None else 0,
+            boot_time_unix_seconds=int(boot_time) if boot_time is not None else 0,
         )
-        memory = self._safely("memory", psutil.virtual_memory)
-        if memory is not None:
-            inventory.memory_total_bytes = memory.total
-        boot_time = self._safely("boot time", psutil.boot_time)
-        if boot_time is not None:
-            inventory.boot_time_unix_seconds = int(boot_time)
-        return inventory
 
-    def collect(self) -> telemetry_pb2.HostTelemetry:
-        host = telemetry_pb2.HostTelemetry()
+    def collect(self) -> HostSnapshot:
+        """One snapshot of the host; a part that cannot be read is None or empty."""
         cpu = self._safely("cpu", self._cpu)
-        if cpu is not None:
-            host.cpu.CopyFrom(cpu)
         load = self._safely("load average", psutil.getloadavg)
-        if load is not None:
-            host.load.load1, host.load.load5, host.load.load15 = load
         memory = self._safely("memory", self._memory)
-        if memory is not None:
-            host.memory.CopyFrom(memory)
-        host.disks.extend(self._safely("disks", self._disks) or [])
-        host.filesystems.extend(self._safely("filesystems", self._filesystems) or [])
-        host.networks.extend(self._safely("networks", self._networks) or [])
+        disks = self._safely("disks", self._disks)
+        filesystems = self._safely("filesystems", self._filesystems)
+        networks = self._safely("networks", self._networks)
         pressure = self._pressure()
-        if pressure is not None:
-            host.pressure.CopyFrom(pressure)
         boot_time = self._safely("boot time", psutil.boot_time)
-        if boot_time is not None:
-            host.boot_time_unix_seconds = int(boot_time)
-        return host
+        return HostSnapshot(
+            cpu=cpu,
+            load=LoadAverage(*load) if load is not None else None,
+            memory=memory,
+            disks=disks or (),
+            filesystems=filesystems or (),
+            networks=networks or (),
+            pressure=pressure,
+            boot_time_unix_seconds=int(boot_time) if boot_time is not None else 0,
+        )
 
     @staticmethod
     def _safely(part: str, read: Callable[[], _T]) -> _T | None:
@@ -166,26 +171,34 @@ class HostCollector:
             _log.debug("could not read host %s", part, exc_info=True)
             return None
 
-    def _cpu(self) -> telemetry_pb2.CpuTelemetry:
+    def _cpu(self) -> CpuTimes:
         total = psutil.cpu_times()
         per_cpu = psutil.cpu_times(percpu=True)
-        cpu = telemetry_pb2.CpuTelemetry(logical_cpus=len(per_cpu))
-        for mode in _CPU_MODES:
-            setattr(cpu, f"{mode}_seconds", float(getattr(total, mode, 0.0)))
         total_split = _split(total)
         per_cpu_split = [_split(times) for times in per_cpu]
         with self._lock:
-            cpu.utilization_percent = (
+            utilization = (
                 _busy_percent(self._previous_total, total_split)
                 if self._previous_total is not None
                 else 0.0
             )
-            cpu.per_cpu_utilization_percent.extend(
-                self._per_cpu_percent(self._previous_per_cpu, per_cpu_split)
-            )
+            per_cpu_utilization = self._per_cpu_percent(self._previous_per_cpu, per_cpu_split)
             self._previous_total = total_split
             self._previous_per_cpu = per_cpu_split
-        return cpu
+        # psutil names the modes the way /proc/stat does; a platform without one leaves it at 0.
+        return CpuTimes(
+            user_seconds=float(total.user),
+            system_seconds=float(total.system),
+            idle_seconds=float(total.idle),
+            iowait_seconds=float(getattr(total, "iowait", 0.0)),
+            irq_seconds=float(getattr(total, "irq", 0.0)),
+            softirq_seconds=float(getattr(total, "softirq", 0.0)),
+            steal_seconds=float(getattr(total, "steal", 0.0)),
+            nice_seconds=float(getattr(total, "nice", 0.0)),
+            utilization_percent=utilization,
+            per_cpu_utilization_percent=tuple(per_cpu_utilization),
+            logical_cpus=len(per_cpu),
+        )
 
     @staticmethod
     def _per_cpu_percent(before: Sequence[_CpuSplit], after: Sequence[_CpuSplit]) -> list[float]:
@@ -196,9 +209,12 @@ class HostCollector:
         return [_busy_percent(b, a) for b, a in zip(before, after, strict=True)]
 
     @staticmethod
-    def _memory() -> telemetry_pb2.MemoryTelemetry:
+    def _memory() -> MemoryUsage:
         virtual = psutil.virtual_memory()
-        memory = telemetry_pb2.MemoryTelemetry(
+        # Swap is read separately so a failure there (no /proc/vmstat in some sandboxes) keeps
+        # the RAM numbers.
+        swap = HostCollector._safely("swap", psutil.swap_memory)
+        return MemoryUsage(
             total_bytes=virtual.total,
             available_bytes=virtual.available,
             used_bytes=virtual.used,
@@ -206,22 +222,17 @@ class HostCollector:
             # Linux-only fields; other platforms leave them at zero.
             cached_bytes=int(getattr(virtual, "cached", 0)),
             buffers_bytes=int(getattr(virtual, "buffers", 0)),
+            swap_total_bytes=swap.total if swap is not None else 0,
+            swap_used_bytes=swap.used if swap is not None else 0,
+            swap_in_bytes=swap.sin if swap is not None else 0,
+            swap_out_bytes=swap.sout if swap is not None else 0,
         )
-        # Swap is read separately so a failure there (no /proc/vmstat in some sandboxes) keeps
-        # the RAM numbers.
-        swap = HostCollector._safely("swap", psutil.swap_memory)
-        if swap is not None:
-            memory.swap_total_bytes = swap.total
-            memory.swap_used_bytes = swap.used
-            memory.swap_in_bytes = swap.sin
-            memory.swap_out_bytes = swap.sout
-        return memory
 
     @staticmethod
-    def _disks() -> list[telemetry_pb2.DiskIoTelemetry]:
+    def _disks() -> tuple[DiskIo, ...]:
         counters = psutil.disk_io_counters(perdisk=True) or {}
-        return [
-            telemetry_pb2.DiskIoTelemetry(
+        return tuple(
+            DiskIo(
                 device=device,
                 read_bytes=io.read_bytes,
                 written_bytes=io.write_bytes,
@@ -232,11 +243,11 @@ class HostCollector:
             )
             for device, io in sorted(counters.items())
             if not _EXCLUDED_DISKS.match(device)
-        ]
+        )
 
     @staticmethod
-    def _filesystems() -> list[telemetry_pb2.FilesystemTelemetry]:
-        filesystems: list[telemetry_pb2.FilesystemTelemetry] = []
+    def _filesystems() -> tuple[FilesystemUsage, ...]:
+        filesystems: list[FilesystemUsage] = []
         seen_devices: set[str] = set()
         for partition in psutil.disk_partitions(all=False):
             if (
@@ -247,22 +258,29 @@ class HostCollector:
             ):
                 continue
             try:
-                filesystem = _filesystem_usage(partition.mountpoint)
+                size, free, avail = _filesystem_usage(partition.mountpoint)
             except OSError:
                 # A stale NFS mount or a mountpoint this user may not stat: skip just that one.
                 _log.debug("could not stat %s", partition.mountpoint, exc_info=True)
                 continue
-            filesystem.device = partition.device
-            filesystem.fstype = partition.fstype
-            filesystems.append(filesystem)
+            filesystems.append(
+                FilesystemUsage(
+                    mountpoint=partition.mountpoint,
+                    device=partition.device,
+                    fstype=partition.fstype,
+                    size_bytes=size,
+                    free_bytes=free,
+                    avail_bytes=avail,
+                )
+            )
             seen_devices.add(partition.device)
-        return filesystems
+        return tuple(filesystems)
 
     @staticmethod
-    def _networks() -> list[telemetry_pb2.NetworkTelemetry]:
+    def _networks() -> tuple[NetworkIo, ...]:
         counters = psutil.net_io_counters(pernic=True)
-        return [
-            telemetry_pb2.NetworkTelemetry(
+        return tuple(
+            NetworkIo(
                 interface=interface,
                 receive_bytes=io.bytes_recv,
                 transmit_bytes=io.bytes_sent,
@@ -274,9 +292,9 @@ class HostCollector:
                 transmit_drops=io.dropout,
             )
             for interface, io in sorted(counters.items())
-        ]
+        )
 
-    def _pressure(self) -> telemetry_pb2.PressureTelemetry | None:
+    def _pressure(self) -> Pressure | None:
         """Reads PSI; None when the kernel has none (no files, or psi=0 makes reads fail)."""
         resources: dict[str, dict[str, dict[str, float]]] = {}
         for resource in ("cpu", "memory", "io"):
@@ -291,7 +309,7 @@ class HostCollector:
         def value(resource: str, kind: str, key: str) -> float:
             return resources.get(resource, {}).get(kind, {}).get(key, 0.0)
 
-        return telemetry_pb2.PressureTelemetry(
+        return Pressure(
             cpu_some_avg10=value("cpu", "some", "avg10"),
             memory_some_avg10=value("memory", "some", "avg10"),
             memory_full_avg10=value("memory", "full", "avg10"),
@@ -303,21 +321,16 @@ class HostCollector:
         )
 
 
-def _filesystem_usage(mountpoint: str) -> telemetry_pb2.FilesystemTelemetry:
+def _filesystem_usage(mountpoint: str) -> tuple[int, int, int]:
+    """(size, free, available to unprivileged users) of the filesystem at `mountpoint`, in bytes."""
     if not hasattr(os, "statvfs"):
         usage = psutil.disk_usage(mountpoint)
-        return telemetry_pb2.FilesystemTelemetry(
-            mountpoint=mountpoint,
-            size_bytes=usage.total,
-            free_bytes=usage.free,
-            avail_bytes=usage.free,
-        )
+        return usage.total, usage.free, usage.free
     # statvfs rather than psutil.disk_usage: psutil's "free" is what unprivileged users may use
     # (f_bavail), while node_filesystem_free_bytes needs the blocks free to root (f_bfree) too.
     stat = os.statvfs(mountpoint)
-    return telemetry_pb2.FilesystemTelemetry(
-        mountpoint=mountpoint,
-        size_bytes=stat.f_blocks * stat.f_frsize,
-        free_bytes=stat.f_bfree * stat.f_frsize,
-        avail_bytes=stat.f_bavail * stat.f_frsize,
+    return (
+        stat.f_blocks * stat.f_frsize,
+        stat.f_bfree * stat.f_frsize,
+        stat.f_bavail * stat.f_frsize,
     )

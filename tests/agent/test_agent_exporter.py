@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sentinel.v1 import telemetry_pb2
 
-from nodeagent.collectors import HostCollector
+from nodeagent import encode
+from nodeagent.collectors import GpuCollectionState, GpuReading, GpuStatus, HostCollector
 from nodeagent.exporter import TelemetryExporter
 
 MIB = 1024 * 1024
@@ -72,7 +73,9 @@ def _gpu(index: int, uuid: str, **fields: object) -> telemetry_pb2.GpuTelemetry:
 def host() -> telemetry_pb2.HostTelemetry:
     collector = HostCollector()
     collector.collect()
-    return collector.collect()
+    # The host part of a sample, encoded as the agent encodes it.
+    no_gpu = GpuReading(GpuStatus(GpuCollectionState.NO_GPU))
+    return encode.telemetry_sample(1, "gpu-node-7", 0, collector.collect(), no_gpu).host
 
 
 def _sample(host: telemetry_pb2.HostTelemetry, seq: int = 42) -> telemetry_pb2.TelemetrySample:
@@ -230,32 +233,43 @@ def test_the_latest_sample_wins_and_later_mutation_does_not_leak(
 def test_updates_from_another_thread_while_scraping(host: telemetry_pb2.HostTelemetry) -> None:
     registry = CollectorRegistry()
     exporter = TelemetryExporter(registry)
-    exporter.update(_sample(host, seq=1))
+
+    def sample(seq: int) -> telemetry_pb2.TelemetrySample:
+        # Each sample's GPU temperature follows from its seq: a scrape that mixed two samples
+        # would show a temperature that does not belong to the seq beside it.
+        message = _sample(host, seq=seq)
+        message.gpus[0].temperature_celsius = 30 + seq % 50
+        return message
+
+    exporter.update(sample(1))
     done = threading.Event()
+    # The seq being handed to the exporter, and the last one it has taken: a scrape must show
+    # a seq between what was taken before it began and what was being handed over when it ended.
+    handing, taken = [1], [1]
 
     def keep_updating() -> None:
         seq = 1
         while not done.is_set():
             seq += 1
-            exporter.update(_sample(host, seq=seq))
+            handing[0] = seq
+            exporter.update(sample(seq))
+            taken[0] = seq
 
     updater = threading.Thread(target=keep_updating)
     updater.start()
+    scraped = []
     try:
         for _ in range(50):
+            low = taken[0]
             samples, _ = _scrape(registry)
-            assert _value(samples, "sentinel_agent_telemetry_seq") >= 1
-            assert (
-                _value(
-                    samples,
-                    "DCGM_FI_DEV_GPU_TEMP",
-                    gpu="0",
-                    UUID=UUID_0,
-                    device="nvidia0",
-                    Hostname="gpu-node-7",
-                )
-                == 41
-            )
+            high = handing[0]
+            seq = int(_value(samples, "sentinel_agent_telemetry_seq"))
+            assert low <= seq <= high
+            gpu0 = {"gpu": "0", "UUID": UUID_0, "device": "nvidia0", "Hostname": "gpu-node-7"}
+            assert _value(samples, "DCGM_FI_DEV_GPU_TEMP", **gpu0) == 30 + seq % 50
+            scraped.append(seq)
     finally:
         done.set()
         updater.join()
+    assert scraped == sorted(scraped)  # a later scrape never shows an older sample
+    assert scraped[-1] > 1  # the updates did run while scraping

@@ -14,16 +14,20 @@ import time
 
 import pynvml
 import pytest
-from sentinel.v1 import agent_pb2, telemetry_pb2
 
-from nodeagent.collectors import AsyncGpuCollector, GpuCollector
+from nodeagent.collectors import (
+    AsyncGpuCollector,
+    GpuCollectionState,
+    GpuCollector,
+    GpuEventKind,
+)
 from tests.fakenvml import FakeNvml
 from tests.fakenvml import h100 as _h100
 
-OK = telemetry_pb2.GPU_COLLECTION_STATE_OK
-NO_GPU = telemetry_pb2.GPU_COLLECTION_STATE_NO_GPU
-ERROR = telemetry_pb2.GPU_COLLECTION_STATE_ERROR
-TIMEOUT = telemetry_pb2.GPU_COLLECTION_STATE_TIMEOUT
+OK = GpuCollectionState.OK
+NO_GPU = GpuCollectionState.NO_GPU
+ERROR = GpuCollectionState.ERROR
+TIMEOUT = GpuCollectionState.TIMEOUT
 
 NO_DRIVER_MESSAGE = "NVIDIA driver not found (NVML library not loaded): no GPU telemetry"
 
@@ -53,7 +57,7 @@ def test_two_gpus_are_read_field_by_field(nvml: FakeNvml) -> None:
     reading = collector.collect()
 
     assert reading.status.state == OK
-    assert reading.events == []
+    assert reading.events == ()
     assert [gpu.index for gpu in reading.gpus] == [0, 1]
     for gpu, board in zip(reading.gpus, nvml.gpus, strict=True):
         assert gpu.uuid == board.uuid
@@ -172,13 +176,13 @@ def test_a_lost_gpu_is_reported_once_and_the_others_still_report(nvml: FakeNvml)
     assert "GPU 1" in first.status.message
     assert nvml.gpus[1].uuid in first.status.message
     [lost] = first.events
-    assert lost.kind == agent_pb2.AGENT_EVENT_KIND_GPU_LOST
+    assert lost.kind == GpuEventKind.LOST
     assert (lost.gpu_index, lost.gpu_uuid) == (1, nvml.gpus[1].uuid)
-    assert lost.event_time.seconds > 0
+    assert lost.time_ns > 0
 
     assert [gpu.index for gpu in second.gpus] == [0]
     assert second.status.state == ERROR
-    assert second.events == []
+    assert second.events == ()
     assert [gpu.index for gpu in collector.inventory()] == [0]
 
 
@@ -191,13 +195,13 @@ def test_xid_events_are_drained_into_events_and_last_xid(nvml: FakeNvml) -> None
     second = collector.collect()
 
     [xid] = first.events
-    assert xid.kind == agent_pb2.AGENT_EVENT_KIND_GPU_XID
+    assert xid.kind == GpuEventKind.XID
     assert xid.xid == 48
     assert (xid.gpu_index, xid.gpu_uuid) == (1, nvml.gpus[1].uuid)
-    assert abs(xid.event_time.seconds - time.time()) < 60
+    assert abs(xid.time_ns / 1e9 - time.time()) < 60
     assert [gpu.last_xid for gpu in first.gpus] == [0, 48]
     assert nvml.pending_xids == []
-    assert second.events == []
+    assert second.events == ()
     assert [gpu.last_xid for gpu in second.gpus] == [0, 48]
 
 
@@ -210,10 +214,10 @@ def test_a_row_remapping_failure_is_reported_once(nvml: FakeNvml) -> None:
     second = collector.collect()
 
     [event] = first.events
-    assert event.kind == agent_pb2.AGENT_EVENT_KIND_GPU_ECC
+    assert event.kind == GpuEventKind.ECC
     assert event.gpu_index == 0
     assert first.gpus[0].remapped_rows_uncorrectable == 1
-    assert second.events == []
+    assert second.events == ()
 
 
 def test_without_driver_no_gpu_is_reported_and_start_is_retried_rarely(
@@ -231,7 +235,7 @@ def test_without_driver_no_gpu_is_reported_and_start_is_retried_rarely(
     for reading in readings:
         assert reading.status.state == NO_GPU
         assert reading.status.message == NO_DRIVER_MESSAGE
-        assert (reading.gpus, reading.events) == ([], [])
+        assert (reading.gpus, reading.events) == ((), ())
     assert collector.inventory() == []
     assert nvml.init_calls == 1
 
@@ -256,7 +260,7 @@ def test_without_driver_no_gpu_is_reported_and_start_is_retried_rarely(
     ],
 )
 def test_nvml_init_failures_say_why_in_plain_words(
-    nvml: FakeNvml, error: pynvml.NVMLError, state: int, words: str
+    nvml: FakeNvml, error: pynvml.NVMLError, state: GpuCollectionState, words: str
 ) -> None:
     nvml.init_error = error
 
@@ -276,7 +280,7 @@ def test_a_driver_without_gpus_reports_no_gpu(monkeypatch: pytest.MonkeyPatch) -
     assert (status.state, status.message) == (NO_GPU, "no NVIDIA GPU found")
     assert status.driver_version == "550.90.07"
     assert nvml.shutdown_calls == 1
-    assert collector.collect().gpus == []
+    assert collector.collect().gpus == ()
 
 
 def test_stop_shuts_nvml_down(nvml: FakeNvml) -> None:
@@ -306,7 +310,7 @@ async def test_a_hung_nvml_call_times_out_fails_fast_and_recovers(nvml: FakeNvml
         assert timed_out.status.state == TIMEOUT
         assert "did not return within 0.5s" in timed_out.status.message
         assert timed_out.status.driver_version == "550.90.07"
-        assert timed_out.gpus == []
+        assert timed_out.gpus == ()
         assert 0.4 <= first_wait < 2.0
         assert refused.status.state == TIMEOUT
         assert "previous NVML call still running" in refused.status.message
@@ -356,7 +360,7 @@ async def test_real_nvml_on_a_machine_without_driver_reports_no_gpu() -> None:
 
     assert (status.state, status.message) == (NO_GPU, NO_DRIVER_MESSAGE)
     assert (reading.status.state, reading.status.message) == (NO_GPU, NO_DRIVER_MESSAGE)
-    assert (reading.gpus, reading.events, inventory) == ([], [], [])
+    assert (reading.gpus, reading.events, inventory) == ((), (), [])
 
 
 @pytest.mark.skipif(not _nvml_library_present(), reason="needs an NVIDIA driver")

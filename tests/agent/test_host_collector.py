@@ -120,8 +120,8 @@ def test_filesystems_are_real_and_listed_once_per_device() -> None:
 def test_pressure_is_present_exactly_when_the_kernel_has_psi() -> None:
     host = HostCollector().collect()
 
-    assert host.HasField("pressure") == _psi_readable()
-    if host.HasField("pressure"):
+    assert (host.pressure is not None) == _psi_readable()
+    if host.pressure is not None:
         assert host.pressure.cpu_some_total_seconds >= 0
 
 
@@ -152,7 +152,7 @@ def test_pressure_files_are_parsed_into_percent_and_seconds(tmp_path: pathlib.Pa
 def test_a_kernel_without_psi_leaves_pressure_unset(tmp_path: pathlib.Path) -> None:
     host = HostCollector(pressure_dir=tmp_path / "missing").collect()
 
-    assert not host.HasField("pressure")
+    assert host.pressure is None
     assert host.memory.total_bytes > 0
 
 
@@ -164,7 +164,7 @@ def test_an_unreadable_part_costs_only_that_part(tmp_path: pathlib.Path) -> None
 
     host = HostCollector(pressure_dir=tmp_path).collect()
 
-    assert host.HasField("pressure")
+    assert host.pressure is not None
     assert host.pressure.io_some_avg10 == 4.0
     assert host.pressure.cpu_some_total_seconds == 0.0
     assert host.memory.total_bytes > 0

@@ -1,0 +1,56 @@
+"""The parameters of the node actions, in the one place both the control plane (checking a
+plan's steps at submission) and the node agent (before it acts) take them from, so the two
+cannot disagree on what a step may ask. Hardware checks (a GPU's power range) stay with the
+agent."""
+
+from nodeactions._parameters import (
+    ACTION_PARAMETERS,
+    DIAGNOSTIC_PARAMETERS,
+    DIAGNOSTIC_SECTIONS,
+    MAX_INTERVAL_S,
+    MIN_INTERVAL_S,
+    NO_PARAMETERS,
+    POWER_LIMIT_PARAMETERS,
+    TELEMETRY_INTERVAL_PARAMETERS,
+    ActionParameters,
+    InvalidParameters,
+    PowerLimitRequest,
+    PowerTarget,
+    Problem,
+    TelemetryIntervalRequest,
+    check_diagnostic,
+    check_no_parameters,
+    check_power_limit,
+    check_telemetry_interval,
+    describe,
+    is_number,
+    read_diagnostic_sections,
+    read_power_limit,
+    read_telemetry_interval,
+)
+
+__all__ = [
+    "ACTION_PARAMETERS",
+    "DIAGNOSTIC_PARAMETERS",
+    "DIAGNOSTIC_SECTIONS",
+    "MAX_INTERVAL_S",
+    "MIN_INTERVAL_S",
+    "NO_PARAMETERS",
+    "POWER_LIMIT_PARAMETERS",
+    "TELEMETRY_INTERVAL_PARAMETERS",
+    "ActionParameters",
+    "InvalidParameters",
+    "PowerLimitRequest",
+    "PowerTarget",
+    "Problem",
+    "TelemetryIntervalRequest",
+    "check_diagnostic",
+    "check_no_parameters",
+    "check_power_limit",
+    "check_telemetry_interval",
+    "describe",
+    "is_number",
+    "read_diagnostic_sections",
+    "read_power_limit",
+    "read_telemetry_interval",
+]

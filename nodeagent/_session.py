@@ -1,0 +1,314 @@
+"""The agent's session with the control plane: one stream at a time, opened with a hello and
+reopened after every loss; it re-sends what the spool holds unacknowledged, then streams new
+samples, GPU events and heartbeats, and hands received commands to the command runner.
+
+Reconnects use capped exponential backoff with full jitter, the first retry included, so a
+fleet whose control plane restarts does not come back in one thundering herd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from sentinel.v1 import agent_pb2, agent_pb2_grpc
+
+from nodeagent import encode
+from nodeagent._certificates import CertificateKeeper
+from nodeagent._state import AgentStateStore
+from nodeagent._telemetry import TelemetrySampler
+from nodeagent.actions import AGENT_VERSION, capabilities
+from nodeagent.settings import AgentSettings
+from processkit import Supervisor, log_context
+
+log = logging.getLogger(__name__)
+
+
+class SessionRefused(Exception):
+    """The control plane answered the hello with something other than a welcome."""
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)], attempt 0 included."""
+    return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+def mtls_credentials(settings: AgentSettings) -> grpc.ChannelCredentials:
+    """The agent's TLS credentials, read from disk now (they are renewed in place)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.ca.read_bytes(),
+        private_key=settings.key.read_bytes(),
+        certificate_chain=settings.cert.read_bytes(),
+    )
+
+
+def channel_options(settings: AgentSettings) -> list[tuple[str, int | str]]:
+    """gRPC channel options for the settings: keepalive, reconnect pacing, TLS name."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Our own backoff decides when to retry; keep gRPC's from stacking on top of it.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if settings.server_name_override:
+        options.append(("grpc.ssl_target_name_override", settings.server_name_override))
+    return options
+
+
+class AgentSession:
+    """Keeps the agent's one stream with the control plane open until the agent stops, and
+    carries everything the agent sends and receives on it."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        certificates: CertificateKeeper,
+        sampler: TelemetrySampler,
+        on_command: Callable[[agent_pb2.Command], None],
+        rng: random.Random,
+    ) -> None:
+        self._settings = settings
+        self._certificates = certificates
+        self._sampler = sampler
+        self._on_command = on_command
+        self._rng = rng
+        self._stopping = asyncio.Event()
+        self._heartbeat_s = settings.heartbeat_interval_s
+        self._outgoing: asyncio.Queue[agent_pb2.ConnectRequest] | None = None
+        self.connected = asyncio.Event()
+        """Set while a session is open (welcomed)."""
+        self.session_id = ""
+        self.sessions_opened = 0
+        self.acked_seq = 0
+        """Highest telemetry seq the control plane acknowledged."""
+
+    def stop(self) -> None:
+        """Ends the open session (half-closing the stream) and stops reconnecting."""
+        self._stopping.set()
+
+    def send(self, message: agent_pb2.ConnectRequest) -> bool:
+        """Queues a message on the open session; False when there is none (it is dropped)."""
+        if self._outgoing is None:
+            return False
+        self._outgoing.put_nowait(message)
+        return True
+
+    async def run(self, state: AgentStateStore, boot_count: int) -> None:
+        """Connects, and reconnects after every loss, until `stop()`; never raises for a control
+        plane that is down."""
+        s = self._settings
+        attempt = 0
+        while not self._stopping.is_set():
+            if not await self._certificate_ready():
+                return
+            delay: float | None = None
+            welcomed = False
+            try:
+                delay, welcomed = await self._session(state, boot_count)
+            except grpc.aio.AioRpcError as exc:
+                level = (
+                    logging.ERROR
+                    if exc.code()
+                    in (
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    )
+                    else logging.WARNING
+                )
+                log.log(level, "session ended: %s: %s", exc.code().name, exc.details())
+            except (SessionRefused, TimeoutError) as exc:
+                log.warning("session failed: %s", exc or "no welcome in time")
+            except OSError as exc:
+                log.error("cannot read TLS files: %s", exc)
+            finally:
+                self.connected.clear()
+                self.session_id = ""
+            if welcomed:
+                attempt = 0
+            if delay is None:
+                delay = backoff_delay(attempt, s.backoff_base_s, s.backoff_cap_s, self._rng)
+                attempt += 1
+            if self._stopping.is_set():
+                return
+            log.info("reconnecting in %.2f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _certificate_ready(self) -> bool:
+        """Waits until there is a valid certificate to connect with; False when stopping."""
+        if self._certificates.ready.is_set():
+            return True
+        ready = asyncio.ensure_future(self._certificates.ready.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        await asyncio.gather(ready, stopping, return_exceptions=True)
+        return not self._stopping.is_set()
+
+    async def _hello(self, state: AgentStateStore, boot_count: int) -> agent_pb2.ConnectRequest:
+        next_seq = await asyncio.to_thread(state.next_seq)
+        oldest, _count = await asyncio.to_thread(state.spool_bounds)
+        last_command = await asyncio.to_thread(state.last_executed_command_id)
+        sampler = self._sampler
+        return agent_pb2.ConnectRequest(
+            hello=agent_pb2.Hello(
+                node_id=self._settings.node_id,
+                agent_version=AGENT_VERSION,
+                capabilities=capabilities(sampler.gpu_available),
+                host=encode.host_inventory(sampler.host_inventory),
+                gpus=encode.gpu_inventory(sampler.gpu_inventory),
+                resume=agent_pb2.ResumeState(
+                    next_telemetry_seq=next_seq,
+                    oldest_unacked_seq=oldest,
+                    last_executed_command_id=last_command,
+                    boot_count=boot_count,
+                ),
+            )
+        )
+
+    async def _session(self, state: AgentStateStore, boot_count: int) -> tuple[float | None, bool]:
+        """One session; returns (delay the control plane asked for, whether it was welcomed)."""
+        s = self._settings
+        hello = await self._hello(state, boot_count)
+        # Read on every attempt, so a renewed certificate on disk is used at the next connect.
+        async with self._certificates.files_lock:
+            credentials = await asyncio.to_thread(mtls_credentials, s)
+        channel = grpc.aio.secure_channel(s.control_plane, credentials, channel_options(s))
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        tasks = Supervisor("session")
+        try:
+            await call.write(hello)  # at once: a silent new stream risks being dropped
+            first = await asyncio.wait_for(call.read(), s.connect_timeout_s)
+            if first is grpc.aio.EOF:
+                await call.wait_for_connection()
+                raise SessionRefused(f"stream closed before welcome: {await call.details()}")
+            if first.WhichOneof("message") != "welcome":
+                raise SessionRefused(f"expected welcome, got {first.WhichOneof('message')}")
+            welcome = first.welcome
+            self.session_id = welcome.session_id
+            self.sessions_opened += 1
+            await self._acknowledge(state, welcome.acked_telemetry_seq)
+            if welcome.heartbeat_interval.ToNanoseconds() > 0:
+                self._heartbeat_s = welcome.heartbeat_interval.ToNanoseconds() / 1e9
+            self._sampler.interval.suggest(welcome.telemetry_interval.ToNanoseconds() / 1e9)
+            max_batch = welcome.max_batch_samples or 100
+            with log_context(session_id=welcome.session_id):
+                log.info("session open; resending from seq %d", welcome.acked_telemetry_seq + 1)
+                self.connected.set()
+                outgoing: asyncio.Queue[agent_pb2.ConnectRequest] = asyncio.Queue()
+                self._outgoing = outgoing
+                tasks.start("writer", lambda: self._write_loop(call, outgoing), restart=False)
+                tasks.start(
+                    "telemetry",
+                    lambda: self._pump_telemetry(
+                        state, outgoing, welcome.acked_telemetry_seq, max_batch
+                    ),
+                    restart=False,
+                )
+                tasks.start("heartbeat", lambda: self._heartbeat_loop(outgoing), restart=False)
+                return await self._read_loop(state, call), True
+        finally:
+            self._outgoing = None
+            await tasks.stop()
+            call.cancel()
+            await channel.close()
+
+    async def _read_loop(self, state: AgentStateStore, call: Any) -> float | None:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    read.cancel()
+                    # The stream may have ended under us (the server went away at the same
+                    # moment); half-closing it then fails, and there is nothing left to close.
+                    with contextlib.suppress(Exception):
+                        await call.done_writing()
+                    return 0.0
+                message = read.result()
+                if message is grpc.aio.EOF:
+                    code = await call.code()
+                    log.warning(
+                        "control plane ended the session: %s %s", code.name, await call.details()
+                    )
+                    return None
+                kind = message.WhichOneof("message")
+                if kind == "telemetry_ack":
+                    await self._acknowledge(state, message.telemetry_ack.seq)
+                elif kind == "command":
+                    self._on_command(message.command)
+                elif kind == "config_update":
+                    self._sampler.interval.update(
+                        message.config_update.telemetry_interval.ToNanoseconds() / 1e9
+                    )
+                elif kind == "go_away":
+                    delay: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
+                    log.info("control plane going away (%s)", message.go_away.reason)
+                    # Jitter the requested delay too, so the fleet does not return all at once.
+                    return delay + self._rng.uniform(0, max(delay, self._settings.backoff_base_s))
+                elif kind == "cancel_command":
+                    log.info("cancel requested for %s", message.cancel_command.command_id)
+        finally:
+            stopping.cancel()
+
+    async def _acknowledge(self, state: AgentStateStore, seq: int) -> None:
+        if seq > self.acked_seq or seq == 0:
+            await asyncio.to_thread(state.acknowledge, seq)
+            self.acked_seq = max(self.acked_seq, seq)
+
+    @staticmethod
+    async def _write_loop(call: Any, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
+        while True:
+            message = await outgoing.get()
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The stream ended under us; the reader sees why and the session is retried.
+                # Whatever was queued is re-sent from the spool or re-delivered by the server.
+                return
+
+    async def _pump_telemetry(
+        self,
+        state: AgentStateStore,
+        outgoing: asyncio.Queue[agent_pb2.ConnectRequest],
+        acked: int,
+        max_batch: int,
+    ) -> None:
+        """Sends everything in the spool after `acked`, then each new sample as it comes."""
+        sampler = self._sampler
+        sent_up_to = acked
+        while True:
+            sampler.new_sample.clear()
+            rows = await asyncio.to_thread(state.unsent, sent_up_to, max_batch)
+            if rows:
+                batch = agent_pb2.TelemetryBatch(dropped_samples=state.dropped_since_report)
+                state.dropped_since_report = 0
+                for seq, payload in rows:
+                    batch.samples.add().ParseFromString(payload)
+                    sent_up_to = seq
+                outgoing.put_nowait(agent_pb2.ConnectRequest(telemetry=batch))
+            while sampler.events:
+                outgoing.put_nowait(encode.event_request(sampler.events.popleft()))
+            if len(rows) < max_batch:
+                await sampler.new_sample.wait()
+
+    async def _heartbeat_loop(self, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            outgoing.put_nowait(
+                agent_pb2.ConnectRequest(
+                    heartbeat=agent_pb2.Heartbeat(send_time=encode.now_timestamp())
+                )
+            )
