@@ -11,6 +11,7 @@ import pathlib
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _SCHEMA = """
@@ -99,7 +100,7 @@ class AgentStateStore:
 
     # -- spool ------------------------------------------------------------------------------
 
-    def spool(self, payload_for_seq: object) -> int:
+    def spool(self, payload_for_seq: Callable[[int], bytes]) -> int:
         """Assigns the next seq, stores the sample, trims the spool to its bound; returns seq.
 
         `payload_for_seq(seq) -> bytes` builds the serialized sample once the seq is known, so
@@ -109,7 +110,7 @@ class AgentStateStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._get("next_seq") or 1
-                payload = payload_for_seq(seq)  # type: ignore[operator]
+                payload = payload_for_seq(seq)
                 self._db.execute("INSERT INTO spool(seq, payload) VALUES(?, ?)", (seq, payload))
                 self._set("next_seq", seq + 1)
                 (count,) = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()
