@@ -4,16 +4,17 @@ loopback ports with real TLS, and real node agents in-process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import os
 import pathlib
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+import pynvml
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
@@ -22,6 +23,7 @@ from certs import CertificateAuthority, Identity, write_private_key
 from controlplane import ControlPlane, ControlPlaneSettings, TlsFiles
 from nodeagent.agent import NodeAgent
 from nodeagent.settings import AgentSettings
+from tests.fakenvml import FakeNvml
 
 TRUST_DOMAIN = "sentinel.local"
 
@@ -226,14 +228,39 @@ async def agent_factory(pki: Pki, tmp_path: pathlib.Path) -> AsyncIterator[Agent
         return handle
 
     yield start
+    # An agent that crashed (or would not stop) fails the test it ran in, with its traceback:
+    # otherwise a test could pass on an agent that died under it.
+    failures: list[str] = []
     for handle in running:
-        if not handle.task.done():
-            with contextlib.suppress(Exception):
+        if handle.task.done():
+            crash = None if handle.task.cancelled() else handle.task.exception()
+        else:
+            try:
                 await handle.stop()
+                continue
+            except Exception as exc:
+                crash = exc
+        if crash is not None:
+            failures.append(
+                f"{handle.task.get_name()}: " + "".join(traceback.format_exception(crash))
+            )
+    if failures:
+        pytest.fail("node agent(s) failed during the test:\n" + "\n".join(failures))
+
+
+@pytest.fixture
+def no_nvidia_driver(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    """NVML as on a machine without the NVIDIA driver, whatever this machine has: agents
+    started in the test report no GPU."""
+    nvml = FakeNvml([])
+    nvml.init_error = pynvml.NVMLError_LibraryNotFound()
+    nvml.install(monkeypatch)
+    return nvml
 
 
 def _collectors() -> dict[str, Any]:
-    """The real host collector, and the real GPU collector on this GPU-less machine."""
+    """The real host and GPU collectors: the GPU one reads whatever NVML answers, the real
+    driver or a fake one a test installed (`no_nvidia_driver`, tests/fakenvml.py)."""
     from nodeagent.collectors import AsyncGpuCollector, HostCollector
 
     return {"host_collector": HostCollector(), "gpu_collector": AsyncGpuCollector()}

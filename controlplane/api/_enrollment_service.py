@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,10 +57,11 @@ def issuance_status(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
 
 
 def peer_address(peer: str) -> str:
-    """The caller's address without its port: `ipv4:10.0.0.7:51234` -> `10.0.0.7`."""
+    """The caller's address without its port: `ipv4:10.0.0.7:51234` -> `10.0.0.7`,
+    `ipv6:%5B::1%5D:51234` -> `::1` (gRPC percent-encodes the brackets of IPv6 peers)."""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
-        host, _, _port = rest.rpartition(":")
+        host, _, _port = urllib.parse.unquote(rest).rpartition(":")
         return host.strip("[]") or rest
     return peer
 

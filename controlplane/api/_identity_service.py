@@ -114,6 +114,8 @@ class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
     async def DeleteUser(
         self, request: identity_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.DeleteUserResponse:
+        if not request.username:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "username: required")
         try:
             await self._users.delete(request.username)
         except UserNotFound as exc:

@@ -291,7 +291,7 @@ class PlanDesk:
         for _ in range(5):
             plan = await self.repository.get(plan_id)
             try:
-                if plan.phase in (Phase.PENDING, Phase.AWAITING_APPROVAL, Phase.APPROVED):
+                if plan.phase in (Phase.AWAITING_APPROVAL, Phase.APPROVED):
                     plan.status_message = why
                     return await self.repository.save(
                         plan, to_phase=Phase.CANCELLED, actor=principal, reason=why

@@ -38,9 +38,9 @@ TERMINAL = frozenset(
     {Phase.REJECTED, Phase.COMPLETED, Phase.FAILED, Phase.ROLLED_BACK, Phase.CANCELLED}
 )
 
-# The state machine of DESIGN.md, and nothing else: a transition not listed here is a bug.
+# The state machine of docs/plans.md, and nothing else: a transition not listed here is a bug.
 ALLOWED_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.PENDING: frozenset({Phase.VALIDATING, Phase.CANCELLED}),
+    Phase.PENDING: frozenset({Phase.VALIDATING}),
     Phase.VALIDATING: frozenset({Phase.APPROVED, Phase.REJECTED, Phase.AWAITING_APPROVAL}),
     Phase.AWAITING_APPROVAL: frozenset({Phase.APPROVED, Phase.CANCELLED}),
     Phase.APPROVED: frozenset({Phase.EXECUTING, Phase.CANCELLED}),

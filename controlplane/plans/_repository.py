@@ -299,7 +299,7 @@ class PlanRepository:
 
     async def expiring_plan_ids(self, now: dt.datetime) -> list[str]:
         """Plans that have not started and whose expiry has passed."""
-        waiting = [Phase.AWAITING_APPROVAL.value, Phase.APPROVED.value, Phase.PENDING.value]
+        waiting = [Phase.AWAITING_APPROVAL.value, Phase.APPROVED.value]
 
         def read(db: Connection) -> list[str]:
             return list(

@@ -4,11 +4,13 @@ real TLS on loopback: the enrollment port (no client certificate) and the main p
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import hashlib
 import logging
 import os
 import pathlib
+import socket
 import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -299,8 +301,10 @@ async def test_single_use_token_cannot_be_used_twice(pki: Pki, control_plane: Co
 async def test_refused_csr_does_not_use_up_the_token(pki: Pki, control_plane: ControlPlane) -> None:
     cp = control_plane
     token = (await _create_token(pki, cp, "gpu-node-1")).token
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
         await _enroll(pki, cp, token, "gpu-node-1", "not a csr")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("csr_pem: "), refused.value.details()
     response = await _enroll(pki, cp, token, "gpu-node-1")
     assert "BEGIN CERTIFICATE" in response.certificate_pem
 
@@ -338,20 +342,78 @@ async def test_two_concurrent_enrollments_with_one_single_use_token_only_one_suc
     assert len(await _issued(first)) == 5
 
 
+def _dual_stack_loopback() -> bool:
+    """Whether one socket on [::] takes connections from both 127.0.0.1 and ::1 here, as the
+    control plane's listener does (gRPC turns IPV6_V6ONLY off)."""
+    try:
+        with socket.socket(socket.AF_INET6) as listener:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind(("::", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with socket.socket(family) as client:
+                    client.settimeout(2)
+                    client.connect((host, port))
+    except OSError:
+        return False
+    return True
+
+
+async def _enroll_from(pki: Pki, address: str, port: int) -> grpc.aio.AioRpcError:
+    """One enrollment attempt with a bad token, connecting to `address` (so coming from the
+    loopback address of that family); returns the refusal."""
+    host = f"[{address}]" if ":" in address else address
+    credentials = grpc.ssl_channel_credentials(pki.ca_path.read_bytes())
+    async with grpc.aio.secure_channel(f"{host}:{port}", credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await enrollment_pb2_grpc.EnrollmentServiceStub(channel).Enroll(
+                enrollment_pb2.EnrollRequest(
+                    token="not-a-token", node_id="gpu-node-1", csr_pem=_csr("gpu-node-1")
+                )
+            )
+    return refused.value
+
+
+_needs_ipv6 = pytest.mark.skipif(
+    not _dual_stack_loopback(), reason="no IPv6 loopback (::1) next to 127.0.0.1 here"
+)
+
+
+@_needs_ipv6
 async def test_enrollment_is_rate_limited_per_peer_address(
     pki: Pki, control_plane_factory: ControlPlaneFactory
 ) -> None:
-    cp = await control_plane_factory(enroll_rate_per_minute=2)
-    for _ in range(2):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await _enroll(pki, cp, "not-a-token", "gpu-node-1")
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with pytest.raises(grpc.aio.AioRpcError) as limited:
-        await _enroll(pki, cp, "not-a-token", "gpu-node-1")
-    assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "retry in" in limited.value.details()
-    retry_ms = dict(limited.value.trailing_metadata() or ())["retry-after-ms"]
+    # Listening on every address of both families: callers from 127.0.0.1 and from ::1 are two
+    # peers, each with its own allowance of 2 attempts a minute.
+    cp = await control_plane_factory(enroll_rate_per_minute=2, enrollment_listen="[::]:0")
+    refused, limited = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED
+    port = cp.enrollment_port
+    from_v4 = [await _enroll_from(pki, "127.0.0.1", port) for _ in range(3)]
+    assert [e.code() for e in from_v4] == [refused, refused, limited]
+    assert "too many enrollment attempts from 127.0.0.1: retry in" in from_v4[2].details()
+    retry_ms = dict(from_v4[2].trailing_metadata() or ())["retry-after-ms"]
     assert 0 < int(retry_ms) <= 30_000
+    # The other address still has its whole allowance, and the first one stays limited.
+    from_v6 = [await _enroll_from(pki, "::1", port) for _ in range(3)]
+    assert [e.code() for e in from_v6] == [refused, refused, limited]
+    assert (await _enroll_from(pki, "127.0.0.1", port)).code() == limited
+    # The attempts that got through are audited, two under each caller's address.
+    principals = collections.Counter(e.principal for e in await _audited(cp, ENROLL))
+    assert principals.pop("peer 127.0.0.1") == 2
+    assert list(principals.values()) == [2]
+
+
+@_needs_ipv6
+async def test_an_ipv6_caller_is_named_by_its_address(
+    pki: Pki, control_plane_factory: ControlPlaneFactory
+) -> None:
+    cp = await control_plane_factory(enrollment_listen="[::]:0")
+    assert (await _enroll_from(pki, "::1", cp.enrollment_port)).code() == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    [event] = await _audited(cp, ENROLL)
+    assert event.principal == "peer ::1"
 
 
 # -- what each port serves -------------------------------------------------------------------

@@ -1,18 +1,24 @@
-"""Every RPC against every role: the outcome matches the role table in controlplane/auth/roles.py.
+"""Every RPC against every role: the outcome matches the role table in controlplane/auth/roles.py,
+and that table matches the one README.md shows.
 
-A refused call is PERMISSION_DENIED; an allowed one gets past the interceptor (whatever the
-method then answers to an empty request: INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED, a stream...).
-Role "none" (a certificate of our CA without a usable SPIFFE id, and no bearer token) is
-UNAUTHENTICATED for every method. With a bearer token, the logged-in user's role is the one the
-table is applied to, whatever the certificate's role.
+A refused call is PERMISSION_DENIED; an allowed one gets the answer the method itself gives to
+an empty request, stated per method in `_ALLOWED_OUTCOME`. Role "none" (a certificate of our CA
+without a usable SPIFFE id, and no bearer token) is UNAUTHENTICATED for every method. With a
+bearer token, the logged-in user's role is the one the table is applied to, whatever the
+certificate's role.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib
+import pathlib
+import pkgutil
+import re
 
 import grpc
 import pytest
+import sentinel.v1 as sentinel_v1
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -58,6 +64,52 @@ async def _call(channel: grpc.aio.Channel, method: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+_OK = grpc.StatusCode.OK
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# What each method answers a caller whose role may call it, to the one empty message `_call`
+# sends: OK where an empty request is a valid one, else the method's own refusal of it.
+_ALLOWED_OUTCOME: dict[str, grpc.StatusCode] = {
+    "/sentinel.v1.AgentService/Connect": _INVALID,  # the first message is not a hello
+    "/sentinel.v1.AgentService/RenewCertificate": _INVALID,  # no CSR
+    "/sentinel.v1.AuthService/Login": grpc.StatusCode.UNAUTHENTICATED,  # no such user
+    "/sentinel.v1.AuthService/Refresh": grpc.StatusCode.UNAUTHENTICATED,  # no refresh token
+    "/sentinel.v1.FleetService/ListAgents": _OK,
+    "/sentinel.v1.FleetService/GetAgent": _INVALID,  # no node_id
+    # A watch stays open and, with no agent in the fleet, has nothing to send: the call's own
+    # 1 s deadline ends it (a refused one would end at once).
+    "/sentinel.v1.FleetService/WatchAgents": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "/sentinel.v1.TelemetryService/GetNodeTelemetry": _INVALID,  # no node_id
+    "/sentinel.v1.TelemetryService/GetFleetTelemetry": _OK,
+    "/sentinel.v1.TelemetryService/StreamTelemetry": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "/sentinel.v1.PlanService/SubmitPlan": _INVALID,  # no plan
+    "/sentinel.v1.PlanService/GetPlan": _INVALID,  # no plan_id
+    "/sentinel.v1.PlanService/ListPlans": _OK,
+    "/sentinel.v1.PlanService/WatchPlan": _INVALID,  # no plan_id
+    "/sentinel.v1.PlanService/ApprovePlan": _INVALID,  # no plan_id
+    "/sentinel.v1.PlanService/CancelPlan": _INVALID,  # no plan_id
+    "/sentinel.v1.PolicyService/ListPolicies": _OK,
+    "/sentinel.v1.PolicyService/GetPolicy": _INVALID,  # no policy_id
+    "/sentinel.v1.PolicyService/CreatePolicy": _INVALID,  # no policy
+    "/sentinel.v1.PolicyService/UpdatePolicy": _INVALID,  # no policy
+    "/sentinel.v1.PolicyService/DeletePolicy": _INVALID,  # no policy_id
+    "/sentinel.v1.AuditService/ListAuditEvents": _OK,
+    "/sentinel.v1.EnrollmentService/CreateBootstrapToken": _INVALID,  # no node_pattern
+    "/sentinel.v1.IdentityService/RevokeCertificate": _INVALID,  # no serial
+    "/sentinel.v1.IdentityService/RevokeNode": _INVALID,  # no node_id
+    "/sentinel.v1.IdentityService/ListRevocations": _OK,
+    "/sentinel.v1.IdentityService/CreateUser": _INVALID,  # no username
+    "/sentinel.v1.IdentityService/DeleteUser": _INVALID,  # username: required
+    "/sentinel.v1.IdentityService/ListUsers": _OK,
+    "/grpc.health.v1.Health/Check": _OK,
+    "/grpc.health.v1.Health/Watch": _OK,  # its first message, SERVING
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _OK,
+}
+
+
+def test_every_served_method_has_its_allowed_outcome_stated() -> None:
+    assert set(_ALLOWED_OUTCOME) == set(METHOD_ROLES) - {_UNSERVED}
+
+
 @pytest.mark.parametrize("role", ROLES)
 async def test_every_method_answers_each_role_as_the_table_says(
     pki: Pki, control_plane: ControlPlane, role: str
@@ -69,11 +121,14 @@ async def test_every_method_answers_each_role_as_the_table_says(
         for method, allowed_roles in sorted(METHOD_ROLES.items()):
             if method == _UNSERVED:
                 continue
+            expected = (
+                _ALLOWED_OUTCOME[method]
+                if role in allowed_roles
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
             code = await _call(channel, method)
-            refused = code == grpc.StatusCode.PERMISSION_DENIED
-            if refused == (role in allowed_roles):
-                mismatches.append(f"{method}: {code.name}")
-            assert code != grpc.StatusCode.UNKNOWN, f"{method} crashed for {role}"
+            if code != expected:
+                mismatches.append(f"{method}: {code.name}, expected {expected.name}")
     assert mismatches == [], f"{role}: outcome differs from the role table"
 
 
@@ -179,7 +234,141 @@ async def test_a_bearer_token_makes_the_users_role_the_one_the_table_checks(
         target, pki.channel_credentials("agent", "matrix-carrier")
     ) as channel:
         outcomes = {m: await _call_with_token(channel, m, token) for m in _TOKEN_METHODS}
-    refused = {m for m, code in outcomes.items() if code == grpc.StatusCode.PERMISSION_DENIED}
-    expected = {m for m in _TOKEN_METHODS if not allowed(m, user_role)}
-    assert refused == expected, outcomes
-    assert grpc.StatusCode.UNAUTHENTICATED not in outcomes.values()
+    expected = {
+        m: _ALLOWED_OUTCOME[m] if allowed(m, user_role) else grpc.StatusCode.PERMISSION_DENIED
+        for m in _TOKEN_METHODS
+    }
+    assert outcomes == expected
+
+
+# -- the README's role table -----------------------------------------------------------------
+
+_README = pathlib.Path(__file__).parents[2] / "README.md"
+# How the README's words name methods: an area of the API is a service, "read" is the methods
+# that only look (Get, List, Watch, Stream), "submit"/"cancel" the method of that verb, and an
+# area named without a verb (after "plus") is all of it.
+_AREAS = {
+    "fleet": "FleetService",
+    "telemetry": "TelemetryService",
+    "plans": "PlanService",
+    "policies": "PolicyService",
+    "audit": "AuditService",
+}
+_SPECIAL = {"approvals": ("PlanService", "ApprovePlan")}
+_READ_PREFIXES = ("Get", "List", "Watch", "Stream")
+
+
+def _api_methods() -> dict[str, list[str]]:
+    """Every sentinel.v1 service and its methods, from the generated descriptors."""
+    services: dict[str, list[str]] = {}
+    for module in pkgutil.iter_modules(sentinel_v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"sentinel.v1.{module.name}").DESCRIPTOR
+            for service in descriptor.services_by_name.values():
+                services[service.name] = [m.name for m in service.methods]
+    return services
+
+
+def _readme_role_rows() -> dict[str, str]:
+    section = _README.read_text().split("## Identities and roles", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and re.fullmatch(r"`\w+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def _methods_granted(description: str, rows: dict[str, str]) -> set[str]:
+    """The full method names one row of the README's table grants."""
+    services = _api_methods()
+    granted: set[str] = set()
+    text = re.sub(r"\([^)]*\)", "", description)  # remarks, not grants
+    inherited = re.match(r"everything an? (\w+) may,?\s*(?:plus\s+)?", text)
+    if inherited:
+        granted |= _methods_granted(rows[inherited.group(1)], rows)
+        text, verbs = text[inherited.end() :], ["all"]
+    else:
+        verbs = []
+    for service in re.findall(r"`(\w+Service)`", text):
+        granted |= {f"/sentinel.v1.{service}/{m}" for m in services[service]}
+    for service, method in re.findall(r"`(\w+Service)/(\w+)`", text):
+        assert method in services[service], f"README role table: no {service}/{method}"
+        granted.add(f"/sentinel.v1.{service}/{method}")
+    text = re.sub(r"`\w+Service(/\w+)?`", "", text)
+    for clause in filter(None, (c.strip() for c in text.split(","))):
+        words = [w for w in clause.split() if w != "and"]
+        named_verbs = [w for w in words if w in ("read", "submit", "cancel")]
+        verbs = named_verbs or verbs
+        for word in words:
+            if word in _SPECIAL:
+                service, method = _SPECIAL[word]
+                granted.add(f"/sentinel.v1.{service}/{method}")
+            elif word in _AREAS:
+                service = _AREAS[word]
+                for verb in verbs:
+                    granted |= {
+                        f"/sentinel.v1.{service}/{m}"
+                        for m in services[service]
+                        if verb == "all"
+                        or (verb == "read" and m.startswith(_READ_PREFIXES))
+                        or m == f"{verb.capitalize()}{word.capitalize()[:-1]}"
+                    }
+            elif word not in named_verbs:
+                raise AssertionError(f"README role table: no meaning for {word!r} in {clause!r}")
+    return granted
+
+
+def test_the_readme_role_table_is_read_as_written() -> None:
+    rows = _readme_role_rows()
+    assert sorted(rows) == sorted(ROLES)
+    assert _methods_granted(rows["viewer"], rows) == {
+        f"/sentinel.v1.{service}/{method}"
+        for service, method in (
+            ("FleetService", "ListAgents"),
+            ("FleetService", "GetAgent"),
+            ("FleetService", "WatchAgents"),
+            ("TelemetryService", "GetNodeTelemetry"),
+            ("TelemetryService", "GetFleetTelemetry"),
+            ("TelemetryService", "StreamTelemetry"),
+            ("PlanService", "GetPlan"),
+            ("PlanService", "ListPlans"),
+            ("PlanService", "WatchPlan"),
+            ("PolicyService", "ListPolicies"),
+            ("PolicyService", "GetPolicy"),
+        )
+    }
+
+
+# AuthService is open to every certificate (the password or refresh token is what
+# authenticates; README, "Logging in with a password"); health and reflection are not Sentinel's
+# API. The README's table is about the rest.
+_OUTSIDE_THE_TABLE = ("/sentinel.v1.AuthService/", "/grpc.")
+
+
+@pytest.mark.parametrize(
+    "role",
+    [
+        "agent",
+        "planner",
+        "operator",
+        "viewer",
+    ],
+)
+def test_the_role_table_in_roles_py_matches_the_readme(role: str) -> None:
+    rows = _readme_role_rows()
+    in_readme = _methods_granted(rows[role], rows)
+    in_roles_py = {
+        method
+        for method in METHOD_ROLES
+        if allowed(method, role) and not method.startswith(_OUTSIDE_THE_TABLE)
+    }
+    assert {
+        "only in roles.py": sorted(in_roles_py - in_readme),
+        "only in README.md": sorted(in_readme - in_roles_py),
+    } == {"only in roles.py": [], "only in README.md": []}
+
+
+def test_what_is_outside_the_readme_table_is_open_to_every_role() -> None:
+    outside = {m for m in METHOD_ROLES if m.startswith(_OUTSIDE_THE_TABLE)}
+    assert {m for m in outside if not all(allowed(m, role) for role in ROLES)} == set()

@@ -9,8 +9,11 @@ import pathlib
 import grpc
 import pytest
 from google.protobuf import json_format
-from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
+from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2, plan_pb2_grpc
+from sqlalchemy import Connection, select
 
+from controlplane import ControlPlane
+from controlplane.store import COMMANDS
 from sentinelctl import main as ctl_main
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
 from tests.fakenvml import FakeNvml, h100
@@ -49,6 +52,52 @@ rules:
     message: telemetry may not be sampled faster than every 2 s
     field: steps[{index}].parameters.seconds
 """
+
+
+async def _cordon_of_node_a_approved_by(
+    planner: plan_pb2_grpc.PlanServiceStub, operator: plan_pb2_grpc.PlanServiceStub
+) -> str:
+    """A positive control: a low-confidence cordon of node-a that `operator` approves runs to
+    COMPLETED (under APPROVAL_POLICY). Returns its plan id."""
+    parked = (
+        await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=plan(step("cordon", ["node-a"]), confidence=0.1))
+        )
+    ).plan
+    assert parked.phase == plan_pb2.PLAN_PHASE_AWAITING_APPROVAL
+    await operator.ApprovePlan(plan_pb2.ApprovePlanRequest(plan_id=parked.plan_id))
+    done = await wait_terminal(operator, parked.plan_id)
+    assert done.phase == plan_pb2.PLAN_PHASE_COMPLETED, done.status_message
+    return str(parked.plan_id)
+
+
+async def _node_commands(cp: ControlPlane, node_id: str) -> list[tuple[str, str]]:
+    """(plan id, action) of every command ever stored for `node_id`, oldest first."""
+
+    def read(db: Connection) -> list[tuple[str, str]]:
+        rows = db.execute(
+            select(COMMANDS.c.plan_id, COMMANDS.c.action)
+            .where(COMMANDS.c.node_id == node_id)
+            .order_by(COMMANDS.c.created_at)
+        )
+        return [(row.plan_id, row.action) for row in rows]
+
+    return await cp.store.run_core(read)
+
+
+async def _deliveries(cp: ControlPlane, node_id: str) -> list[int]:
+    """How often each command stored for `node_id` was sent, oldest first."""
+
+    def read(db: Connection) -> list[int]:
+        return list(
+            db.scalars(
+                select(COMMANDS.c.deliveries)
+                .where(COMMANDS.c.node_id == node_id)
+                .order_by(COMMANDS.c.created_at)
+            )
+        )
+
+    return await cp.store.run_core(read)
 
 
 async def test_approved_plan_runs_on_two_agents_and_completes(
@@ -242,6 +291,7 @@ async def test_validate_only_gives_the_verdict_and_preview_and_stores_nothing(
         ("node-b", 0),
         ("node-c", 1),
     ]
+    assert response.preview[2].summary == 'set_telemetry_interval on node-c {"seconds": 5.0}'
     assert list(listed.plans) == []
 
 
@@ -318,7 +368,10 @@ async def test_cancel_stops_a_waiting_plan_and_a_finished_plan_cannot_be_cancell
         policy_paths=write_policy(tmp_path / "p.yaml", APPROVAL_POLICY)
     )
     await agent_factory("node-a", cp.port)
-    async with plan_client(pki, cp.port) as planner:
+    async with (
+        plan_client(pki, cp.port) as planner,
+        plan_client(pki, cp.port, "operator", "alice") as alice,
+    ):
         parked = (
             await planner.SubmitPlan(
                 plan_pb2.SubmitPlanRequest(plan=plan(step("cordon", ["node-a"]), confidence=0.1))
@@ -332,7 +385,15 @@ async def test_cancel_stops_a_waiting_plan_and_a_finished_plan_cannot_be_cancell
         with pytest.raises(grpc.aio.AioRpcError) as again:
             await planner.CancelPlan(plan_pb2.CancelPlanRequest(plan_id=parked.plan_id))
         assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert not cp.registry.get("node-a").cordoned
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await alice.ApprovePlan(plan_pb2.ApprovePlanRequest(plan_id=parked.plan_id))
+        assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # The same plan, approved, does cordon the node: what the cancel prevented.
+        control = await _cordon_of_node_a_approved_by(planner, alice)
+        stored = (await planner.GetPlan(plan_pb2.GetPlanRequest(plan_id=parked.plan_id))).plan
+    assert phases(stored) == ["PENDING", "VALIDATING", "AWAITING_APPROVAL", "CANCELLED"]
+    assert await _node_commands(cp, "node-a") == [(control, "cordon")]
+    assert cp.registry.get("node-a").cordoned  # by the control, the one cordon that ran
 
 
 async def test_an_expired_plan_never_starts(
@@ -369,7 +430,12 @@ async def test_an_expired_plan_never_starts(
             )
         assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "plan.expire_time" in (past.value.details() or "")
-    assert not cp.registry.get("node-a").cordoned
+        # The same plan, approved in time, does cordon the node: what the expiry prevented.
+        control = await _cordon_of_node_a_approved_by(planner, alice)
+    assert phases(done) == ["PENDING", "VALIDATING", "AWAITING_APPROVAL", "CANCELLED"]
+    assert done.transitions[-1].actor == "pipeline-controller"
+    assert await _node_commands(cp, "node-a") == [(control, "cordon")]
+    assert cp.registry.get("node-a").cordoned  # by the control, the one cordon that ran
 
 
 async def test_a_health_gate_without_fresh_data_is_inconclusive_and_rolls_back(
@@ -378,9 +444,16 @@ async def test_a_health_gate_without_fresh_data_is_inconclusive_and_rolls_back(
     # Agents are told to send telemetry every 60 s: after the step, no fresh sample can reach
     # the gate within its 1 s window, and "no data" must not count as healthy.
     cp = await control_plane_factory(telemetry_interval_s=60.0)
-    a = await agent_factory("node-a", cp.port)
-    await eventually(lambda: a.agent._interval() == 60.0)
-    await asyncio.sleep(0.5)  # the sample the agent had scheduled at its own 0.2 s goes first
+    a = await agent_factory("node-a", cp.port, wait_connected=False)
+    # The welcome switches the agent to 60 s; the one collection that ends after it (the
+    # wake-up, or the one under way at that moment) is its last for a minute.
+    after_welcome: list[int] = []
+    a.agent.on_sample = lambda sample: (
+        after_welcome.append(sample.seq) if a.agent.connected.is_set() else None
+    )
+    await asyncio.wait_for(a.agent.connected.wait(), 10)
+    [last] = await eventually(lambda: list(after_welcome))
+    await eventually(lambda: (latest := cp.hub.latest("node-a")) and latest.seq == last)
     async with plan_client(pki, cp.port) as planner:
         submitted = await planner.SubmitPlan(
             plan_pb2.SubmitPlanRequest(
@@ -388,6 +461,7 @@ async def test_a_health_gate_without_fresh_data_is_inconclusive_and_rolls_back(
             )
         )
         done = await wait_terminal(planner, submitted.plan.plan_id)
+    assert after_welcome == [last]  # no sample was taken while the gate waited
     assert done.phase == plan_pb2.PLAN_PHASE_ROLLED_BACK, done.status_message
     assert "inconclusive" in done.status_message
     assert done.steps[0].node_results[0].rollback_outcome == "SUCCEEDED"
@@ -395,8 +469,12 @@ async def test_a_health_gate_without_fresh_data_is_inconclusive_and_rolls_back(
 
 
 async def test_a_failing_health_gate_rolls_back(
-    pki: Pki, control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    no_nvidia_driver: FakeNvml,
 ) -> None:
+    # The node reports no GPUs (no driver, whatever this machine has): the gate fails on it.
     cp = await control_plane_factory()
     await agent_factory("node-a", cp.port)
     async with plan_client(pki, cp.port) as planner:
@@ -623,9 +701,20 @@ async def test_cancelling_a_running_plan_withdraws_undelivered_commands_and_roll
     assert results["node-a"].rollback_outcome == "SUCCEEDED"
     assert a.agent._interval() == before
     # node-b comes back later: the withdrawn command is never delivered to it.
+    seq_before = cp.registry.get("node-b").last_telemetry_seq
     b2 = await agent_factory("node-b", cp.port)
-    await asyncio.sleep(0.5)
+    # A session re-sends the node's unfinished commands before it reads anything from the
+    # agent, so a sample stored from the new session means redelivery is over; the agent runs
+    # commands in order, so the ping's answer means whatever came before it has run.
+    await eventually(lambda: cp.registry.get("node-b").last_telemetry_seq > seq_before)
+    ping = await cp.commands.send("node-b", "ping", {}, timeout=10)
+    assert ping.succeeded
     assert b2.agent._interval() == before
+    assert await _node_commands(cp, "node-b") == [
+        (plan_id, "set_telemetry_interval"),
+        ("", "ping"),
+    ]
+    assert await _deliveries(cp, "node-b") == [0, 1]
 
 
 async def test_plan_metrics_are_exported(
