@@ -5,7 +5,6 @@ a restart attaches to the same command instead of sending a second one."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -69,7 +68,7 @@ class AgentExecutor:
         return []
 
     def preview(self, action: str, parameters: Mapping[str, Any], target: Target) -> str:
-        shown = json.dumps(parameters, sort_keys=True, default=str) if parameters else ""
+        shown = " ".join(f"{name}={parameters[name]!r}" for name in sorted(parameters))
         return f"{action} on {target.node_id} {shown}".rstrip()
 
     async def withdraw(self, run: StepRun) -> bool:

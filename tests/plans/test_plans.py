@@ -291,7 +291,7 @@ async def test_validate_only_gives_the_verdict_and_preview_and_stores_nothing(
         ("node-b", 0),
         ("node-c", 1),
     ]
-    assert response.preview[2].summary == 'set_telemetry_interval on node-c {"seconds": 5.0}'
+    assert response.preview[2].summary == "set_telemetry_interval on node-c seconds=5.0"
     assert list(listed.plans) == []
 
 
