@@ -57,7 +57,14 @@ from controlplane.api import (
 from controlplane.audit import AuditLog
 from controlplane.auth import RateLimiter
 from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
-from controlplane.executors import AgentExecutor, Executors
+from controlplane.executors import (
+    AgentExecutor,
+    Executor,
+    Executors,
+    KubeClusters,
+    KubernetesExecutor,
+    parse_clusters,
+)
 from controlplane.fleet import (
     AgentRegistry,
     AgentStatus,
@@ -167,16 +174,20 @@ class ControlPlane:
         )
         self.policy_engine = PolicyEngine(on_evaluated=self._policy_evaluated)
         self.policies = PolicyBook(self.store, self.policy_engine)
-        self.executors = Executors(
-            [
-                AgentExecutor(
-                    self.commands,
-                    node_known=self.registry.known,
-                    is_cordoned=self.registry.is_cordoned,
-                    on_cordon_changed=self.registry.set_cordoned,
-                )
-            ]
+        self.clusters = KubeClusters(
+            parse_clusters(settings.kubernetes_clusters), observe=self._kubernetes_request
         )
+        executors: list[Executor] = [
+            AgentExecutor(
+                self.commands,
+                node_known=self.registry.known,
+                is_cordoned=self.registry.is_cordoned,
+                on_cordon_changed=self.registry.set_cordoned,
+            )
+        ]
+        if self.clusters:
+            executors.append(KubernetesExecutor(self.clusters))
+        self.executors = Executors(executors)
         self.plans = PlanDesk(
             self.store,
             self.policy_engine,
@@ -237,6 +248,10 @@ class ControlPlane:
     def _close_revoked_sessions(self) -> int:
         return close_revoked_sessions(self.registry.sessions(), self.revocations)
 
+    def _kubernetes_request(self, cluster: str, verb: str, seconds: float, reached: bool) -> None:
+        self.metrics.kubernetes_reachable.labels(cluster).set(1 if reached else 0)
+        self.metrics.kubernetes_api_latency.labels(cluster, verb).observe(seconds)
+
     def _publish_agent_counts(self, counts: dict[AgentStatus, int]) -> None:
         for status, count in counts.items():
             self.metrics.agents.labels(status.value.lower()).set(count)
@@ -270,6 +285,7 @@ class ControlPlane:
         settings = self.settings
         credentials = ReloadingServerCredentials(settings.tls).credentials()
         file_policies = await asyncio.to_thread(load_policy_files, settings.policy_paths)
+        await asyncio.to_thread(self.clusters.check_files)
         await asyncio.to_thread(self.store.migrate)
         await self.policies.install_files(file_policies)
         await self.registry.load()
@@ -349,6 +365,11 @@ class ControlPlane:
             lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
         )
         self._supervisor.start("pipeline-controller", self.controller.run)
+        if self.clusters:
+            self._supervisor.start(
+                "kubernetes-prober",
+                lambda: self.clusters.run_prober(settings.kubernetes_probe_interval_s),
+            )
         self._supervisor.start(
             "revocation-refresher",
             lambda: self.revocations.run_refresher(settings.revocation_refresh_interval_s),
@@ -443,5 +464,6 @@ class ControlPlane:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
             self._metrics_http.server_close()  # type: ignore[attr-defined]
+        self.clusters.close()
         self.store.close()
         log.info("control plane stopped")

@@ -112,3 +112,16 @@ class ControlPlaneMetrics:
         self.audit_events = Counter(
             "sentinel_audit_events", "Audit events recorded, by outcome.", ["outcome"], registry=r
         )
+        self.kubernetes_reachable = Gauge(
+            "sentinel_kubernetes_cluster_reachable",
+            "1 when the cluster's API server answered the last request (any status), else 0.",
+            ["cluster"],
+            registry=r,
+        )
+        self.kubernetes_api_latency = Histogram(
+            "sentinel_kubernetes_api_request_seconds",
+            "Time of requests to a cluster's API server, by cluster and verb.",
+            ["cluster", "verb"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )

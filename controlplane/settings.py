@@ -70,6 +70,11 @@ class ControlPlaneSettings:
     policy_paths: str = ""
     """Comma-separated YAML policy files or directories of them, loaded at start (read-only
     through PolicyService); empty loads none."""
+    kubernetes_clusters: str = ""
+    """Kubernetes clusters plans may act on: comma-separated `NAME=KUBECONFIG[#CONTEXT]` or
+    `NAME=in-cluster`; empty: none (steps on Kubernetes objects are refused at submission)."""
+    kubernetes_probe_interval_s: float = 30.0
+    """How often every cluster's API server is asked for its version (reachability metric)."""
     plan_rate_window_s: float = 3600.0
     """Window over which per-target rate-limit rules count earlier plans (`history.recent`)."""
     reconcile_interval_s: float = 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,6 +74,15 @@ class Target:
         return cls(node_id=data["node_id"])
 
 
+Analysis = Callable[[str], Awaitable[str | None]]
+"""Asks the plan's analysis whether a run may go on at a named point of its progress (e.g.
+"canary at 10%"): None when it may, else why not (a failed or inconclusive verdict)."""
+
+
+async def _no_analysis(point: str) -> str | None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StepRun:
     """One run of one step on one target, as the controller asks for it. The same (plan, step,
@@ -87,6 +96,8 @@ class StepRun:
     target: Target
     deadline: dt.datetime
     undo: bool = False
+    analyze: Analysis = _no_analysis
+    """Called between the stages of a progressive run (canary weights, blue/green switch)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,7 +271,26 @@ class PipelineController:
             parameters=step.parameters,
             target=target,
             deadline=self._command_deadline(plan, step),
+            analyze=lambda point: self._analyze(plan, step, target, point),
         )
+
+    async def _analyze(self, plan: Plan, step: Step, target: Target, point: str) -> str | None:
+        """The plan's gates at one point of a progressive run: None when it may go on."""
+        if plan.cancel_requested:  # adopted from the store while the wave runs
+            return f"cancelled: {plan.cancel_requested}"
+        if not plan.health_gates:
+            return None
+        nodes = [target.node_id] if target.node_id else []
+        if not nodes:
+            # Telemetry of the nodes a workload runs on is not mapped to agents yet: without
+            # data a gate is inconclusive, never a pass.
+            names = ", ".join(gate.name for gate in plan.health_gates)
+            return (
+                f"step {step.step_id} at {point}: health gate(s) {names} inconclusive: no node "
+                f"telemetry is mapped to {target.key}"
+            )
+        problem = await self._gates.check(plan.health_gates, nodes)
+        return None if problem is None else f"step {step.step_id} at {point}: {problem}"
 
     async def _do(self, run: StepRun) -> NodeResult:
         outcome = await self._executors.for_target(run.target).run(run)

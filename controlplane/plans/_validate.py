@@ -156,6 +156,7 @@ def _unknown_action(action: str, kind: TargetKind, executors: Executors) -> str:
     if TargetKind.KUBERNETES in missing:
         message += (
             "; actions on Kubernetes objects (scale, rollout, restart, drain) need the "
-            "Kubernetes executor, which this control plane does not have yet"
+            "Kubernetes executor, which runs only where clusters are configured "
+            "(setting kubernetes_clusters)"
         )
     return message
