@@ -27,9 +27,11 @@ KINDS: dict[str, frozenset[str]] = {
 }
 """Each action and the kinds of object it acts on."""
 
-STRATEGIES = ("rolling", "canary")
-"""Rollout strategies this executor carries out (blue/green is to come)."""
-_PLANNED_STRATEGIES = ("blue_green",)
+STRATEGIES = ("rolling", "canary", "blue_green")
+"""Rollout strategies this executor carries out."""
+MAX_SCALE_DOWN_DELAY_S = 3600.0
+DEFAULT_SCALE_DOWN_DELAY_S = 30.0
+"""How long blue/green keeps the old version serving-ready after the switch."""
 DEFAULT_WEIGHTS = (10, 50, 100)
 """A canary's share of the replicas at each stage, in percent, when the plan gives none."""
 
@@ -95,7 +97,17 @@ def check_parameters(action: str, parameters: Mapping[str, Any]) -> Problems:
         if replicas is None or not _whole(replicas) or not 0 <= replicas <= MAX_REPLICAS:
             problems.append(("replicas", f"required, a whole number in [0, {MAX_REPLICAS}]"))
     elif action == "rollout":
-        known = {"container", "image", "env", "strategy", "max_surge", "max_unavailable", "weights"}
+        known = {
+            "container",
+            "image",
+            "env",
+            "strategy",
+            "max_surge",
+            "max_unavailable",
+            "weights",
+            "service",
+            "scale_down_delay_s",
+        }
         _unknown(parameters, known, problems)
         container = parameters.get("container")
         if not isinstance(container, str) or not _DNS_LABEL.match(container):
@@ -116,14 +128,11 @@ def check_parameters(action: str, parameters: Mapping[str, Any]) -> Problems:
                         problems.append((f"env.{key}", "values are strings"))
         strategy = parameters.get("strategy", "rolling")
         supported = ", ".join(STRATEGIES)
-        if strategy in _PLANNED_STRATEGIES:
-            problems.append(
-                ("strategy", f"{strategy!r} is not available yet; supported: {supported}")
-            )
-        elif strategy not in STRATEGIES:
+        if strategy not in STRATEGIES:
             problems.append(("strategy", f"unknown strategy {strategy!r}; supported: {supported}"))
         if "weights" in parameters:
             _check_weights(parameters["weights"], strategy, problems)
+        _check_blue_green(parameters, strategy, problems)
         _check_surge(parameters, "max_surge", problems)
         _check_surge(parameters, "max_unavailable", problems)
         if parameters.get("max_surge") in (0, "0%") and parameters.get("max_unavailable") in (
@@ -162,3 +171,21 @@ def _check_weights(weights: Any, strategy: Any, problems: Problems) -> None:
             problems.append((f"weights[{i}]", "weights must increase"))
         else:
             last = float(weight)
+
+
+def _check_blue_green(parameters: Mapping[str, Any], strategy: Any, problems: Problems) -> None:
+    service = parameters.get("service")
+    delay = parameters.get("scale_down_delay_s")
+    if strategy != "blue_green":
+        for name in ("service", "scale_down_delay_s"):
+            if name in parameters:
+                problems.append((name, "only a blue_green rollout takes it"))
+        return
+    if not isinstance(service, str) or not _DNS_LABEL.match(service):
+        problems.append(("service", "required: the Service that selects the Deployment's pods"))
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= MAX_SCALE_DOWN_DELAY_S
+    ):
+        problems.append(("scale_down_delay_s", f"seconds in [0, {MAX_SCALE_DOWN_DELAY_S:g}]"))

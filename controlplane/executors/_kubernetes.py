@@ -26,6 +26,7 @@ from typing import Any
 
 from controlplane.executors._kube_api import Cluster, KubeClusters, KubeError
 from controlplane.executors._kube_checks import (
+    DEFAULT_SCALE_DOWN_DELAY_S,
     DEFAULT_WEIGHTS,
     KINDS,
     check_parameters,
@@ -51,8 +52,9 @@ RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 TRACK_LABEL = "sentinel.io/track"
 """On a canary's pods and selector: which track they are (the stable ones carry none)."""
 SIBLING_OF_LABEL = "sentinel.io/progressive-of"
-"""On a canary Deployment: the stable Deployment it belongs to."""
-SIBLING_TRACKS = ("canary",)
+"""On a canary or green Deployment: the stable Deployment it belongs to."""
+SIBLING_TRACKS = ("canary", "green")
+POD_TEMPLATE_HASH = "pod-template-hash"
 MAX_CONFLICT_RETRIES = 5
 _EVICTION_RETRY_S = 1.0
 _WATCH_SLICE_S = 10.0
@@ -330,6 +332,8 @@ class KubernetesExecutor:
         p = run.parameters
         if run.action == "rollout" and p.get("strategy") == "canary":
             return await self._canary(workload, target, run, deadline)
+        if run.action == "rollout" and p.get("strategy") == "blue_green":
+            return await self._blue_green(workload, target, run, deadline)
         previous: dict[str, Any] = {}
 
         def change(obj: dict[str, Any]) -> bool:
@@ -485,7 +489,6 @@ class KubernetesExecutor:
             await self._scale(
                 workload, target.namespace, target.name, int(previous["replicas"]), deadline
             )
-        await self._remove_siblings(workload, target, deadline)
         await self._wait(
             cluster,
             workload.read,
@@ -496,6 +499,13 @@ class KubernetesExecutor:
             deadline,
             f"restoring {target.kind} {target.namespace}/{target.name}",
         )
+        if "service" in previous:
+            # Back to the Service's own selector (blue's pods, and green's until it goes).
+            service = previous["service"]
+            await self._set_selector(
+                cluster, target.namespace, service["name"], service["selector"], deadline
+            )
+        await self._remove_siblings(workload, target, deadline)
 
     async def _wait_ready(
         self, workload: _Workload, namespace: str, name: str, deadline: float
@@ -579,6 +589,164 @@ class KubernetesExecutor:
             "ready_replicas": obj.get("status", {}).get("readyReplicas", 0),
             "message": f"canary promoted after {len(stages)} stage(s): {_describe_status(obj)}",
         }
+
+    async def _blue_green(
+        self, workload: _Workload, target: KubernetesObject, run: StepRun, deadline: float
+    ) -> dict[str, Any]:
+        """A full green Deployment with the new version is checked while the Service still
+        sends every request to blue (pinned by blue's pod-template-hash); then the Service
+        switches to green; blue stays ready for a fast switch back for `scale_down_delay_s`;
+        then the stable Deployment takes the new spec (behind the Service, which points at
+        green), the Service gets its own selector back, and green is removed. The stable
+        Deployment thus keeps its name and role for the next plan."""
+        p = run.parameters
+        cluster = workload.cluster
+        _, core, _ = cluster.apis()
+        namespace, name = target.namespace, target.name
+        service_name = str(p["service"])
+        service = await cluster.call(
+            "get", core.read_namespaced_service, service_name, namespace, deadline=deadline
+        )
+        original = dict(service.get("spec", {}).get("selector") or {})
+        recorded_service = _change_record(service)
+        if recorded_service.get("run") == _run_id(run):
+            original = dict(recorded_service["previous"]["selector"])
+        previous: dict[str, Any] = {}
+        stable: dict[str, Any] = {}
+
+        def record(obj: dict[str, Any]) -> bool:
+            before = json.dumps(obj, sort_keys=True)
+            replicas = obj.get("spec", {}).get("replicas", 1)
+            previous.update(
+                _record(
+                    obj,
+                    run,
+                    lambda: {
+                        **_rollout_previous(obj, p),
+                        "replicas": replicas,
+                        "service": {"name": service_name, "selector": original},
+                    },
+                )
+            )
+            stable.update(copy.deepcopy(obj))
+            return json.dumps(obj, sort_keys=True) != before
+
+        await self._update(
+            cluster, workload.read, workload.replace, (name, namespace), record, deadline
+        )
+        green = _sibling_name(name, "green")
+        stages: list[str] = []
+        try:
+            blue_hash = await self._current_pod_hash(cluster, stable, deadline)
+            await self._set_selector(
+                cluster,
+                namespace,
+                service_name,
+                {**original, POD_TEMPLATE_HASH: blue_hash},
+                deadline,
+                run,
+            )
+            await self._create_sibling(workload, stable, green, "green", run, deadline)
+            await self._scale(workload, namespace, green, int(previous["replicas"]), deadline)
+            await self._wait_ready(workload, namespace, green, deadline)
+            for point, selector in (
+                ("green ready, before the switch", None),
+                ("after the switch to green", {**original, TRACK_LABEL: "green"}),
+            ):
+                if selector is not None:
+                    await self._set_selector(
+                        cluster, namespace, service_name, selector, deadline, run
+                    )
+                why = await run.analyze(point)
+                if why is not None:
+                    raise RunFailed(f"analysis {point}: {why}")
+                stages.append(point)
+            delay = float(p.get("scale_down_delay_s", DEFAULT_SCALE_DOWN_DELAY_S))
+            if time.monotonic() + delay >= deadline:
+                raise TimeoutError(
+                    f"the step's time runs out before blue's scale-down delay ({delay:g} s) ends"
+                )
+            await asyncio.sleep(delay)
+
+            def promote(obj: dict[str, Any]) -> bool:
+                before = json.dumps(obj, sort_keys=True)
+                _apply_rollout(obj, p)
+                return json.dumps(obj, sort_keys=True) != before
+
+            await self._update(
+                cluster, workload.read, workload.replace, (name, namespace), promote, deadline
+            )
+            obj = await self._wait_ready(workload, namespace, name, deadline)
+            await self._set_selector(cluster, namespace, service_name, original, deadline, run)
+            await self._remove_siblings(workload, target, deadline)
+        except (RunFailed, KubeError, TimeoutError) as failure:
+            note = await self._put_back(cluster, target, run, previous, deadline)
+            raise RunFailed(f"{failure}{note}") from failure
+        return {
+            "previous": previous,
+            "stages": stages,
+            "resource_version": obj.get("metadata", {}).get("resourceVersion", ""),
+            "ready_replicas": obj.get("status", {}).get("readyReplicas", 0),
+            "message": f"blue/green switched and folded back: {_describe_status(obj)}",
+        }
+
+    async def _current_pod_hash(
+        self, cluster: Cluster, deployment: Mapping[str, Any], deadline: float
+    ) -> str:
+        """The pod-template-hash most of the Deployment's own pods carry."""
+        _, core, _ = cluster.apis()
+        labels = deployment.get("spec", {}).get("selector", {}).get("matchLabels") or {}
+        selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        listed = await cluster.call(
+            "list",
+            core.list_namespaced_pod,
+            deployment["metadata"]["namespace"],
+            label_selector=selector,
+            deadline=deadline,
+        )
+        hashes: dict[str, int] = {}
+        for pod in listed.get("items", []):
+            pod_labels = pod.get("metadata", {}).get("labels") or {}
+            if TRACK_LABEL in pod_labels or POD_TEMPLATE_HASH not in pod_labels:
+                continue
+            hashes[pod_labels[POD_TEMPLATE_HASH]] = hashes.get(pod_labels[POD_TEMPLATE_HASH], 0) + 1
+        if not hashes:
+            raise RunFailed(
+                f"Deployment {deployment['metadata']['name']} has no pods whose traffic the "
+                "Service could keep while green starts"
+            )
+        return max(sorted(hashes), key=lambda h: hashes[h])
+
+    async def _set_selector(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        name: str,
+        selector: Mapping[str, str],
+        deadline: float,
+        run: StepRun | None = None,
+    ) -> None:
+        """Points a Service at `selector`, recording (with `run`) the selector it had first."""
+        _, core, _ = cluster.apis()
+
+        def change(obj: dict[str, Any]) -> bool:
+            spec = obj.setdefault("spec", {})
+            current = dict(spec.get("selector") or {})
+            if run is not None:
+                _record(obj, run, lambda: {"selector": current})
+            if current == dict(selector) and run is None:
+                return False
+            spec["selector"] = dict(selector)
+            return True
+
+        await self._update(
+            cluster,
+            core.read_namespaced_service,
+            core.replace_namespaced_service,
+            (name, namespace),
+            change,
+            deadline,
+        )
 
     async def _create_sibling(
         self,

@@ -18,7 +18,7 @@ from controlplane.executors import FIELD_MANAGER, StepRun
 from controlplane.plans import HealthGate, Phase, PlanInvalid, StepState
 from tests.executors.conftest import NAMESPACE, Rig, node, plan, workload
 from tests.kubeapi import KubeApiServer
-from tests.kubeapi.objects import deployment, pod, pod_disruption_budget
+from tests.kubeapi.objects import deployment, pod, pod_disruption_budget, service
 
 
 def _deployment(kube: KubeApiServer, name: str) -> dict[str, Any]:
@@ -399,3 +399,76 @@ async def test_a_cancel_mid_canary_stops_it_at_the_next_stage_and_rolls_back(
     assert _image(kube, "llm") == "repo/llm:1"
     assert _deployment(kube, "llm")["spec"]["replicas"] == 4
     assert kube.cluster.get("Deployment", NAMESPACE, "llm-canary") is None
+
+
+def _service_selector(kube: KubeApiServer, name: str) -> dict[str, str]:
+    found = kube.cluster.get("Service", NAMESPACE, name)
+    assert found is not None
+    return dict(found["spec"]["selector"])
+
+
+def _blue_green_step(image: str, delay_s: float = 0.5) -> tuple[str, list[Any], dict[str, Any]]:
+    return (
+        "rollout",
+        [workload("llm")],
+        {
+            "container": "main",
+            "image": image,
+            "strategy": "blue_green",
+            "service": "llm",
+            "scale_down_delay_s": delay_s,
+        },
+    )
+
+
+async def test_blue_green_checks_green_switches_the_service_and_folds_back(
+    rig: Rig, kube: KubeApiServer
+) -> None:
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    kube.cluster.put(service("llm", namespace=NAMESPACE, selector={"app": "llm"}))
+    _ready(kube, "llm", 2)
+    selectors: list[dict[str, str]] = []
+    submitted = await rig.desk.submit(
+        plan(_blue_green_step("repo/llm:2", delay_s=1.0)), "planner", validate_only=False
+    )
+
+    def switched() -> bool:
+        selector = _service_selector(kube, "llm")
+        if not selectors or selectors[-1] != selector:
+            selectors.append(selector)
+        return selector.get("sentinel.io/track") == "green"
+
+    await asyncio.to_thread(kube.cluster.wait_for, switched, 30)
+    green = kube.cluster.get("Deployment", NAMESPACE, "llm-green")
+    assert green is not None and green["status"]["availableReplicas"] == 2
+    assert _image(kube, "llm") == "repo/llm:1"  # blue untouched while green serves
+    done = await rig.terminal(submitted.plan.plan_id)
+    assert done.phase == Phase.COMPLETED, done.status_message
+    # Pinned to blue's pods while green started, then green, then the Service's own again.
+    pinned = next(i for i, s in enumerate(selectors) if "pod-template-hash" in s)
+    assert set(selectors[pinned]) == {"app", "pod-template-hash"}
+    assert selectors[-1] == {"app": "llm", "sentinel.io/track": "green"}
+    assert pinned < len(selectors) - 1
+    assert _service_selector(kube, "llm") == {"app": "llm"}
+    assert _image(kube, "llm") == "repo/llm:2"
+    assert kube.cluster.get("Deployment", NAMESPACE, "llm-green") is None
+    assert done.steps[0].node_results[0].output["stages"] == [
+        "green ready, before the switch",
+        "after the switch to green",
+    ]
+
+
+async def test_blue_green_failing_analysis_switches_back_and_removes_green(
+    rig: Rig, kube: KubeApiServer
+) -> None:
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    kube.cluster.put(service("llm", namespace=NAMESPACE, selector={"app": "llm"}))
+    _ready(kube, "llm", 2)
+    draft = plan(_blue_green_step("repo/llm:2"))
+    draft.health_gates = (HealthGate("latency", "sample.host.load1 < 100.0", 5.0),)
+    done = await rig.run(draft)
+    assert done.phase == Phase.FAILED, done.status_message
+    assert "analysis green ready, before the switch" in done.status_message
+    assert _service_selector(kube, "llm") == {"app": "llm"}
+    assert _image(kube, "llm") == "repo/llm:1"
+    assert kube.cluster.get("Deployment", NAMESPACE, "llm-green") is None
