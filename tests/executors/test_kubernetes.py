@@ -244,7 +244,7 @@ async def test_targets_and_parameters_are_checked_at_submission(rig: Rig) -> Non
         (
             "rollout",
             [workload("llm", kind="StatefulSet")],
-            {"image": "x", "strategy": "blue_green"},
+            {"image": "x", "strategy": "blue_green", "weights": [50]},
         ),
         ("drain", [workload("llm")], {"force": "yes"}),
     )
@@ -261,9 +261,10 @@ async def test_targets_and_parameters_are_checked_at_submission(rig: Rig) -> Non
             "rollout acts on Deployment, not 'StatefulSet'",
         ),
         ("plan.steps[1].parameters.container", "required: the name of the container to change"),
+        ("plan.steps[1].parameters.weights", "only a canary rollout has weights"),
         (
-            "plan.steps[1].parameters.strategy",
-            "'blue_green' is not available yet; supported: rolling, canary",
+            "plan.steps[1].parameters.service",
+            "required: the Service that selects the Deployment's pods",
         ),
         ("plan.steps[2].targets[0].kubernetes.kind", "drain acts on Node, not 'Deployment'"),
         ("plan.steps[2].parameters.force", "must be true or false"),
