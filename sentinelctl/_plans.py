@@ -69,6 +69,10 @@ async def _submit(args: argparse.Namespace) -> None:
         # Servers before PlannedCommand.summary leave it empty.
         what = command.summary or f"{command.action} on {command.node_id}"
         print(f"  step {command.step_index} wave {command.wave}: {what}")
+        for change in command.changes:
+            print(f"      {change.field}: {change.before} -> {change.after}")
+        if command.dry_run_error:
+            print(f"      dry run failed: {command.dry_run_error}")
 
 
 async def _plans(args: argparse.Namespace) -> None:

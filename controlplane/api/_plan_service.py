@@ -249,14 +249,19 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             plan=plan_to_proto(submission.plan), replayed=submission.replayed
         )
         for command in submission.preview:
-            response.preview.add(
+            planned = response.preview.add(
                 step_index=command.step_index,
                 step_id=command.step_id,
                 action=command.action,
                 node_id=command.node_id,
                 wave=command.wave,
                 summary=command.summary,
+                dry_run_error=command.dry_run_error,
             )
+            for change in command.changes:
+                planned.changes.add(
+                    **{"field": change.field, "from": change.before, "to": change.after}
+                )
         return response
 
     async def _get(self, plan_id: str, context: grpc.aio.ServicerContext) -> Plan:

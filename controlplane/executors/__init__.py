@@ -13,8 +13,10 @@ from controlplane.executors._kubernetes import FIELD_MANAGER, KubernetesExecutor
 from controlplane.executors._node_actions import NODE_ACTIONS, NodeAction
 from controlplane.executors._protocol import (
     Analysis,
+    DryRun,
     Executor,
     Executors,
+    FieldChange,
     KubernetesObject,
     Problems,
     RunOutcome,
@@ -32,8 +34,10 @@ __all__ = [
     "Analysis",
     "ClusterConfigError",
     "ClusterSpec",
+    "DryRun",
     "Executor",
     "Executors",
+    "FieldChange",
     "KubeClusters",
     "KubernetesExecutor",
     "KubernetesObject",

@@ -11,6 +11,7 @@ from typing import Any
 
 from controlplane.executors._node_actions import NODE_ACTIONS
 from controlplane.executors._protocol import (
+    DryRun,
     Problems,
     RunOutcome,
     StepRun,
@@ -70,6 +71,10 @@ class AgentExecutor:
     def preview(self, action: str, parameters: Mapping[str, Any], target: Target) -> str:
         shown = " ".join(f"{name}={parameters[name]!r}" for name in sorted(parameters))
         return f"{action} on {target.node_id} {shown}".rstrip()
+
+    async def dry_run(self, run: StepRun) -> DryRun:
+        """Agents have no dry run: what a node action would do is its preview's summary."""
+        return DryRun()
 
     async def withdraw(self, run: StepRun) -> bool:
         """Withdraws the step's command for the node if no agent has received it yet."""

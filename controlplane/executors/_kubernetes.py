@@ -33,6 +33,8 @@ from controlplane.executors._kube_checks import (
     check_target,
 )
 from controlplane.executors._protocol import (
+    DryRun,
+    FieldChange,
     KubernetesObject,
     Problems,
     RunOutcome,
@@ -214,6 +216,138 @@ class KubernetesExecutor:
     async def withdraw(self, run: StepRun) -> bool:
         """Runs act at once; there is never a queued one to withdraw."""
         return False
+
+    async def dry_run(self, run: StepRun) -> DryRun:
+        """Asks the API server for a server-side dry run (`dryRun=All`) of the run's writes
+        and compares what it answered with what is stored."""
+        target = run.target.kubernetes
+        assert target is not None
+        cluster = self._clusters.get(target.cluster)
+        if cluster is None:
+            return DryRun(error=f"cluster {target.cluster!r} is not configured")
+        remaining = (run.deadline - dt.datetime.now(dt.UTC)).total_seconds()
+        deadline = time.monotonic() + remaining
+        try:
+            if target.kind == "Node":
+                changes = await self._dry_run_node(cluster, target, run, deadline)
+            else:
+                changes = await self._dry_run_workload(cluster, target, run, deadline)
+        except (RunFailed, KubeError, TimeoutError) as exc:
+            return DryRun(error=str(exc) or "the dry run timed out")
+        return DryRun(tuple(changes))
+
+    async def _dry_run_write(
+        self,
+        cluster: Cluster,
+        read: Callable[..., Any],
+        replace: Callable[..., Any],
+        args: tuple[Any, ...],
+        change: Callable[[dict[str, Any]], None],
+        deadline: float,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(as stored, as the API server would store it after `change`) without storing."""
+        stored: dict[str, Any] = await cluster.call("get", read, *args, deadline=deadline)
+        edited = copy.deepcopy(stored)
+        change(edited)
+        would: dict[str, Any] = await cluster.call(
+            "update",
+            replace,
+            *args,
+            edited,
+            dry_run="All",
+            field_manager=FIELD_MANAGER,
+            deadline=deadline,
+        )
+        return stored, would
+
+    async def _dry_run_workload(
+        self, cluster: Cluster, target: KubernetesObject, run: StepRun, deadline: float
+    ) -> list[FieldChange]:
+        workload = _Workload(cluster, target.kind)
+        p = run.parameters
+        args = (target.name, target.namespace)
+        if run.action == "scale":
+
+            def scale(obj: dict[str, Any]) -> None:
+                obj.setdefault("spec", {})["replicas"] = int(p["replicas"])
+
+            before, after = await self._dry_run_write(
+                cluster, workload.read_scale, workload.replace_scale, args, scale, deadline
+            )
+            return _diff(before, after, ("spec.replicas",))
+
+        def change(obj: dict[str, Any]) -> None:
+            if run.action == "rollout":
+                _apply_rollout(obj, p)
+            elif run.action == "restart":
+                template = obj.setdefault("spec", {}).setdefault("template", {})
+                annotations = template.setdefault("metadata", {}).setdefault("annotations", {})
+                annotations[RESTARTED_AT] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+        before, after = await self._dry_run_write(
+            cluster, workload.read, workload.replace, args, change, deadline
+        )
+        fields = ["spec.strategy", f"spec.template.metadata.annotations.{RESTARTED_AT}"]
+        for container in (
+            after.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
+        ):
+            fields += [
+                f"containers.{container['name']}.image",
+                f"containers.{container['name']}.env",
+            ]
+        changes = _diff(before, after, tuple(fields))
+        strategy = p.get("strategy", "rolling")
+        if run.action == "rollout" and strategy in ("canary", "blue_green"):
+            track = "canary" if strategy == "canary" else "green"
+            changes.append(
+                FieldChange(
+                    f"Deployment {target.namespace}/{_sibling_name(target.name, track)}",
+                    "absent",
+                    "created during the rollout, removed at its end",
+                )
+            )
+        if run.action == "rollout" and strategy == "blue_green":
+            _, core, _ = cluster.apis()
+            service = await cluster.call(
+                "get",
+                core.read_namespaced_service,
+                str(p["service"]),
+                target.namespace,
+                deadline=deadline,
+            )
+            selector = _show(service.get("spec", {}).get("selector"))
+            changes.append(
+                FieldChange(
+                    f"Service {target.namespace}/{p['service']} spec.selector",
+                    selector,
+                    f"pinned to blue's pods, then green's, then {selector} again",
+                )
+            )
+        return changes
+
+    async def _dry_run_node(
+        self, cluster: Cluster, target: KubernetesObject, run: StepRun, deadline: float
+    ) -> list[FieldChange]:
+        _, core, _ = cluster.apis()
+
+        def change(obj: dict[str, Any]) -> None:
+            obj.setdefault("spec", {})["unschedulable"] = run.action != "uncordon"
+
+        before, after = await self._dry_run_write(
+            cluster, core.read_node, core.replace_node, (target.name,), change, deadline
+        )
+        changes = _diff(before, after, ("spec.unschedulable",))
+        if run.action == "drain":
+            listed = await cluster.call(
+                "list",
+                core.list_pod_for_all_namespaces,
+                field_selector=f"spec.nodeName={target.name}",
+                deadline=deadline,
+            )
+            for pod in listed.get("items", []):
+                if not _skipped_by_drain(pod):
+                    changes.append(FieldChange(f"pod {_pod_key(pod)}", target.name, "evicted"))
+        return changes
 
     # --- running ---------------------------------------------------------------------------
 
@@ -1132,3 +1266,41 @@ def _sibling(stable: Mapping[str, Any], name: str, track: str, run: StepRun) -> 
     }
     _apply_rollout(body, run.parameters)
     return body
+
+
+def _field(obj: Mapping[str, Any], path: str) -> Any:
+    """A field by dotted path; `containers.<name>.<field>` looks the container up by name."""
+    if path.startswith("containers."):
+        _, name, field = path.split(".", 2)
+        containers = obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers")
+        for container in containers or []:
+            if container.get("name") == name:
+                return container.get(field)
+        return None
+    if path.startswith("spec.template.metadata.annotations."):
+        key = path.removeprefix("spec.template.metadata.annotations.")
+        template = obj.get("spec", {}).get("template", {})
+        return (template.get("metadata", {}).get("annotations") or {}).get(key)
+    value: Any = obj
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _diff(
+    before: Mapping[str, Any], after: Mapping[str, Any], fields: tuple[str, ...]
+) -> list[FieldChange]:
+    changes = []
+    for path in fields:
+        old, new = _field(before, path), _field(after, path)
+        if old != new and not (old in (None, False, []) and new in (None, False, [])):
+            changes.append(FieldChange(path, _show(old), _show(new)))
+    return changes

@@ -114,6 +114,24 @@ class RunOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldChange:
+    """One field a run would change: where, what it holds now, what it would hold."""
+
+    field: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    """What a run would change, as its target's owner (an API server) answered a dry run; or
+    why the dry run could not be made."""
+
+    changes: tuple[FieldChange, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Undo:
     """The action and parameters that put a target back as a run found it."""
 
@@ -149,6 +167,11 @@ class Executor(Protocol):
 
     async def run(self, run: StepRun) -> RunOutcome:
         """Runs (or attaches to the run already under way for) one step on one target."""
+        ...
+
+    async def dry_run(self, run: StepRun) -> DryRun:
+        """What `run` would change, asked of the target's owner without changing anything;
+        empty where the target has no dry run (the preview's summary says what it does)."""
         ...
 
     async def withdraw(self, run: StepRun) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -13,11 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from controlplane.executors import Executors
+from controlplane.executors import Executors, FieldChange, StepRun, Target
 from controlplane.plans._gates import gate_expression_problem
 from controlplane.plans._model import (
     Phase,
     Plan,
+    Step,
     Transition,
     Violation,
     new_plan_id,
@@ -36,6 +38,9 @@ from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
 from controlplane.store import Store
 
 log = logging.getLogger(__name__)
+
+DRY_RUNS_IN_PARALLEL = 8
+DRY_RUN_TIMEOUT_S = 15.0
 
 
 class PlanStateError(Exception):
@@ -62,6 +67,9 @@ class PlannedCommand:
     """The node, or for a target that is not a node its key."""
     wave: int
     summary: str = ""
+    changes: tuple[FieldChange, ...] = ()
+    """What a dry run says the run would change (validate_only submissions only)."""
+    dry_run_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +194,7 @@ class PlanDesk:
         if validate_only:
             stored.plan_id = ""
             stored.transitions = outcome.transitions
-            return Submission(stored, preview)
+            return Submission(stored, await self._dry_runs(stored, preview, now))
         log.info(
             "plan %s from %s: %s",
             stored.plan_id,
@@ -195,6 +203,33 @@ class PlanDesk:
             extra={"plan_id": stored.plan_id, "request_id": stored.request_id},
         )
         return Submission(stored, preview)
+
+    async def _dry_runs(
+        self, plan: Plan, preview: tuple[PlannedCommand, ...], now: dt.datetime
+    ) -> tuple[PlannedCommand, ...]:
+        """The preview with what each run would change, asked of its executor (a server-side
+        dry run on Kubernetes), a few at a time and each bounded in time."""
+        gate = asyncio.Semaphore(DRY_RUNS_IN_PARALLEL)
+        runs = [(step, target) for step in plan.steps for target in step.targets]
+
+        async def one(command: PlannedCommand, step: Step, target: Target) -> PlannedCommand:
+            run = StepRun(
+                plan_id="dry-run",
+                step_index=step.index,
+                action=step.action,
+                parameters=step.parameters,
+                target=target,
+                deadline=now + dt.timedelta(seconds=min(step.timeout_s, DRY_RUN_TIMEOUT_S)),
+            )
+            async with gate:
+                result = await self._executors.for_target(target).dry_run(run)
+            return dataclasses.replace(command, changes=result.changes, dry_run_error=result.error)
+
+        return tuple(
+            await asyncio.gather(
+                *(one(c, step, target) for c, (step, target) in zip(preview, runs, strict=True))
+            )
+        )
 
     def _replay(self, existing: Plan, digest: str) -> Submission:
         if digest_of(existing) != digest:

@@ -473,3 +473,55 @@ async def test_blue_green_failing_analysis_switches_back_and_removes_green(
     assert _service_selector(kube, "llm") == {"app": "llm"}
     assert _image(kube, "llm") == "repo/llm:1"
     assert kube.cluster.get("Deployment", NAMESPACE, "llm-green") is None
+
+
+async def test_a_validate_only_submission_dry_runs_every_write_and_changes_nothing(
+    rig: Rig, kube: KubeApiServer
+) -> None:
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    _ready(kube, "llm", 2)
+    kube.cluster.put(
+        pod("dcgm-exporter", namespace=NAMESPACE, node="gpu-1", owner_kind="DaemonSet")
+    )
+
+    def versions() -> tuple[str, str]:
+        gpu1 = kube.cluster.get("Node", None, "gpu-1")
+        assert gpu1 is not None
+        return (
+            _deployment(kube, "llm")["metadata"]["resourceVersion"],
+            gpu1["metadata"]["resourceVersion"],
+        )
+
+    before = versions()
+    kube.cluster.clear_requests()
+    submission = await rig.desk.submit(
+        plan(
+            ("scale", [workload("llm")], {"replicas": 5}),
+            ("rollout", [workload("llm")], {"container": "main", "image": "repo/llm:2"}),
+            ("drain", [node("gpu-1")], {}),
+            ("rollout", [workload("ghost")], {"container": "main", "image": "repo/x:2"}),
+        ),
+        "planner",
+        validate_only=True,
+    )
+    by_step = {c.step_index: c for c in submission.preview}
+    assert [(c.field, c.before, c.after) for c in by_step[0].changes] == [
+        ("spec.replicas", "2", "5")
+    ]
+    assert [(c.field, c.before, c.after) for c in by_step[1].changes] == [
+        ("containers.main.image", "repo/llm:1", "repo/llm:2")
+    ]
+    drained = [(c.field, c.after) for c in by_step[2].changes]
+    assert drained[0] == ("spec.unschedulable", "true")
+    llm_on_gpu1 = sorted(
+        f"pod {NAMESPACE}/{p['metadata']['name']}"
+        for p in kube.cluster.list("Pod", NAMESPACE)
+        if p["spec"].get("nodeName") == "gpu-1" and p["metadata"]["name"].startswith("llm-")
+    )
+    assert sorted(field for field, after in drained[1:]) == llm_on_gpu1
+    assert "404 NotFound" in by_step[3].dry_run_error
+    # Nothing was stored: every write was a dry run and no object's version moved.
+    writes = [r for r in kube.cluster.requests if r.verb not in ("get", "list", "watch")]
+    assert writes and all(r.dry_run for r in writes)
+    assert versions() == before
+    assert _image(kube, "llm") == "repo/llm:1"

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from controlplane.executors import (
+    DryRun,
     Executors,
+    FieldChange,
     KubernetesObject,
     Problems,
     RunOutcome,
@@ -99,6 +101,12 @@ class ReplicaExecutor:
             outcome = RunOutcome(True, "SUCCEEDED", output={"previous": previous}, reference=name)
         self._started[key] = outcome
         return outcome
+
+    async def dry_run(self, run: StepRun) -> DryRun:
+        before = self.cluster.replicas.get(run.target.key, 1)
+        after = int(run.parameters["replicas"])
+        changes = () if before == after else (FieldChange("replicas", str(before), str(after)),)
+        return DryRun(changes)
 
     async def withdraw(self, run: StepRun) -> bool:
         self.cluster.withdrawn.append(run.target.key)

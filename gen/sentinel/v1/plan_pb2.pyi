@@ -483,6 +483,8 @@ class PlannedCommand(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     WAVE_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_ERROR_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     step_id: _builtins.str
     action: _builtins.str
@@ -493,6 +495,13 @@ class PlannedCommand(_message.Message):
     """
     summary: _builtins.str
     """What the executor of the target's kind will do, in one line for people."""
+    dry_run_error: _builtins.str
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldChange]:
+        """Only for validate_only: what a dry run of this command says it would change (on
+        Kubernetes, the API server's answer to a dryRun=All write), or why none could be made.
+        """
+
     def __init__(
         self,
         *,
@@ -502,14 +511,45 @@ class PlannedCommand(_message.Message):
         node_id: _builtins.str = ...,
         wave: _builtins.int = ...,
         summary: _builtins.str = ...,
+        changes: _abc.Iterable[Global___FieldChange] | None = ...,
+        dry_run_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "node_id", b"node_id", "step_id", b"step_id", "step_index", b"step_index", "summary", b"summary", "wave", b"wave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "changes", b"changes", "dry_run_error", b"dry_run_error", "node_id", b"node_id", "step_id", b"step_id", "step_index", b"step_index", "summary", b"summary", "wave", b"wave"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlannedCommand: _TypeAlias = PlannedCommand  # noqa: Y015
+
+@_typing.final
+class FieldChange(_message.Message):
+    """One field a command would change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """Where, e.g. "spec.replicas" or "containers.main.image"."""
+    before: _builtins.str
+    """What it holds now and what it would hold, as text ("unset" when absent)."""
+    after: _builtins.str
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        before: _builtins.str = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldChange: _TypeAlias = FieldChange  # noqa: Y015
 
 @_typing.final
 class GetPlanRequest(_message.Message):
