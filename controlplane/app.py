@@ -186,7 +186,9 @@ class ControlPlane:
             )
         ]
         if self.clusters:
-            executors.append(KubernetesExecutor(self.clusters))
+            executors.append(
+                KubernetesExecutor(self.clusters, opt_in_label=settings.kubernetes_opt_in_label)
+            )
         self.executors = Executors(executors)
         self.plans = PlanDesk(
             self.store,

@@ -73,6 +73,9 @@ class ControlPlaneSettings:
     kubernetes_clusters: str = ""
     """Kubernetes clusters plans may act on: comma-separated `NAME=KUBECONFIG[#CONTEXT]` or
     `NAME=in-cluster`; empty: none (steps on Kubernetes objects are refused at submission)."""
+    kubernetes_opt_in_label: str = ""
+    """`KEY=VALUE` a Deployment or StatefulSet must carry for plans to change it (e.g.
+    `sentinel.io/managed=true`); empty: any workload in an allowed namespace."""
     kubernetes_probe_interval_s: float = 30.0
     """How often every cluster's API server is asked for its version (reachability metric)."""
     plan_rate_window_s: float = 3600.0

@@ -168,8 +168,24 @@ class KubernetesExecutor:
     kind = TargetKind.KUBERNETES
     actions = frozenset(KINDS)
 
-    def __init__(self, clusters: KubeClusters) -> None:
+    def __init__(self, clusters: KubeClusters, *, opt_in_label: str = "") -> None:
         self._clusters = clusters
+        key, _, value = opt_in_label.partition("=")
+        self._opt_in = (key.strip(), value.strip()) if key.strip() else None
+
+    def _check_opt_in(self, obj: Mapping[str, Any]) -> None:
+        """Refuses to change a workload without the opt-in label (rollback is always allowed:
+        it only puts back what a run changed)."""
+        if self._opt_in is None:
+            return
+        key, value = self._opt_in
+        labels = obj.get("metadata", {}).get("labels") or {}
+        if labels.get(key) != value:
+            metadata = obj.get("metadata", {})
+            raise RunFailed(
+                f"{obj.get('kind', 'object')} {metadata.get('namespace')}/{metadata.get('name')} "
+                f"does not carry the opt-in label {key}={value}: plans may not change it"
+            )
 
     # --- the protocol: checks, preview, undo -------------------------------------------------
 
@@ -277,6 +293,7 @@ class KubernetesExecutor:
             return _diff(before, after, ("spec.replicas",))
 
         def change(obj: dict[str, Any]) -> None:
+            self._check_opt_in(obj)
             if run.action == "rollout":
                 _apply_rollout(obj, p)
             elif run.action == "restart":
@@ -471,6 +488,7 @@ class KubernetesExecutor:
         previous: dict[str, Any] = {}
 
         def change(obj: dict[str, Any]) -> bool:
+            self._check_opt_in(obj)
             before = json.dumps(obj, sort_keys=True)
             spec = obj.setdefault("spec", {})
             template = spec.setdefault("template", {})
@@ -666,6 +684,7 @@ class KubernetesExecutor:
         stable: dict[str, Any] = {}
 
         def record(obj: dict[str, Any]) -> bool:
+            self._check_opt_in(obj)
             before = json.dumps(obj, sort_keys=True)
             replicas = obj.get("spec", {}).get("replicas", 1)
             previous.update(
@@ -749,6 +768,7 @@ class KubernetesExecutor:
         stable: dict[str, Any] = {}
 
         def record(obj: dict[str, Any]) -> bool:
+            self._check_opt_in(obj)
             before = json.dumps(obj, sort_keys=True)
             replicas = obj.get("spec", {}).get("replicas", 1)
             previous.update(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.executors import FIELD_MANAGER, StepRun
+from controlplane.executors import FIELD_MANAGER, KubeClusters, KubernetesExecutor, StepRun
 from controlplane.plans import HealthGate, Phase, PlanInvalid, StepState
 from tests.executors.conftest import NAMESPACE, Rig, node, plan, workload
 from tests.kubeapi import KubeApiServer
@@ -525,3 +525,36 @@ async def test_a_validate_only_submission_dry_runs_every_write_and_changes_nothi
     assert writes and all(r.dry_run for r in writes)
     assert versions() == before
     assert _image(kube, "llm") == "repo/llm:1"
+
+
+async def test_with_an_opt_in_label_only_labelled_workloads_are_changed(
+    clusters: KubeClusters, kube: KubeApiServer
+) -> None:
+    executor = KubernetesExecutor(clusters, opt_in_label="sentinel.io/managed=true")
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=1))
+    kube.cluster.put(
+        deployment(
+            "asr",
+            namespace=NAMESPACE,
+            replicas=1,
+            labels={"app": "asr", "sentinel.io/managed": "true"},
+        )
+    )
+
+    def scale(name: str) -> StepRun:
+        return StepRun(
+            plan_id="plan-opt-in",
+            step_index=0,
+            action="scale",
+            parameters={"replicas": 2},
+            target=workload(name),
+            deadline=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20),
+        )
+
+    refused = await executor.run(scale("llm"))
+    assert not refused.succeeded
+    assert "does not carry the opt-in label sentinel.io/managed=true" in refused.message
+    assert _deployment(kube, "llm")["spec"]["replicas"] == 1
+    allowed = await executor.run(scale("asr"))
+    assert allowed.succeeded, allowed.message
+    assert _deployment(kube, "asr")["spec"]["replicas"] == 2

@@ -163,6 +163,18 @@ def test_safe_plan_passes_every_guardrail() -> None:
             "steps[0].parameters.replicas",
         ),
         (
+            plan(k8s_step("rollout", "prod-a", "inference", container="m", max_surge="50%")),
+            plan(k8s_step("rollout", "prod-a", "inference", container="m", max_surge="25%")),
+            "rollout-max-surge",
+            "steps[0].parameters.max_surge",
+        ),
+        (
+            plan(k8s_step("rollout", "prod-a", "inference", container="m", max_surge=11.0)),
+            plan(k8s_step("rollout", "prod-a", "inference", container="m", max_surge=10.0)),
+            "rollout-max-surge",
+            "steps[0].parameters.max_surge",
+        ),
+        (
             plan(node_step("set_gpu_power_limit", [f"n{i}" for i in range(26)], watts=300)),
             plan(node_step("set_gpu_power_limit", [f"n{i}" for i in range(25)], watts=300)),
             "blast-radius",
