@@ -259,9 +259,7 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
                 dry_run_error=command.dry_run_error,
             )
             for change in command.changes:
-                planned.changes.add(
-                    **{"field": change.field, "from": change.before, "to": change.after}
-                )
+                planned.changes.add(field=change.field, before=change.before, after=change.after)
         return response
 
     async def _get(self, plan_id: str, context: grpc.aio.ServicerContext) -> Plan:

@@ -11,7 +11,7 @@ import pathlib
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from sentinel.v1 import plan_pb2
 
 from tests.conftest import ControlPlaneFactory, Pki
@@ -107,3 +107,43 @@ async def test_a_bad_cluster_setting_stops_the_control_plane_with_the_reason(
         await control_plane_factory(kubernetes_clusters="lab")
     with pytest.raises(ValueError, match="no kubeconfig file at"):
         await control_plane_factory(kubernetes_clusters=f"lab={tmp_path / 'missing'}")
+
+
+async def test_the_readme_canary_example_is_a_valid_plan_with_a_dry_run(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    kube: KubeApiServer,
+    kubeconfig: pathlib.Path,
+) -> None:
+    kube.cluster.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "inference"}})
+    kube.cluster.put(
+        deployment(
+            "llm-server",
+            namespace="inference",
+            replicas=4,
+            image="ghcr.io/example/llm-server:2.0",
+            container="llm-server",
+        )
+    )
+    example = pathlib.Path(__file__).parents[2] / "deploy/examples/plan-canary-rollout.json"
+    draft = json_format.Parse(example.read_text(), plan_pb2.Plan())
+    cp = await control_plane_factory(kubernetes_clusters=f"kind={kubeconfig}#lab")
+    async with plan_client(pki, cp.port) as planner:
+        response = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=draft, validate_only=True)
+        )
+    assert response.plan.phase == plan_pb2.PLAN_PHASE_APPROVED
+    (command,) = response.preview
+    assert command.dry_run_error == ""
+    assert [(c.field, c.before, c.after) for c in command.changes] == [
+        (
+            "containers.llm-server.image",
+            "ghcr.io/example/llm-server:2.0",
+            "ghcr.io/example/llm-server:2.1",
+        ),
+        (
+            "Deployment inference/llm-server-canary",
+            "absent",
+            "created during the rollout, removed at its end",
+        ),
+    ]
