@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from sentinel.v1 import plan_pb2, plan_pb2_grpc
 
+from controlplane.analysis import DEFAULT_CONSECUTIVE_ERROR_LIMIT, PrometheusGate
 from controlplane.api._errors import abort
 from controlplane.api._paging import PageError, decode_token, encode_token, page_size
 from controlplane.auth import current_principal
@@ -98,6 +99,22 @@ def plan_to_proto(plan: Plan) -> plan_pb2.Plan:
     for gate in plan.health_gates:
         out_gate = message.health_gates.add(name=gate.name, expression=gate.expression)
         out_gate.window.FromTimedelta(dt.timedelta(seconds=gate.window_s))
+        if gate.prometheus is not None:
+            _prometheus_to_proto(gate.prometheus, out_gate.prometheus)
+    for record in plan.measurements:
+        measured = message.measurements.add(
+            gate=record.gate,
+            step_index=record.step_index,
+            target=record.target,
+            point=record.point,
+            query=record.query,
+            condition=record.condition,
+            verdict=record.verdict,
+            message=record.message,
+        )
+        measured.value.CopyFrom(json_format.ParseDict(record.value, struct_pb2.Value()))
+        measured.start_time.FromDatetime(dt.datetime.fromisoformat(record.started_at))
+        measured.end_time.FromDatetime(dt.datetime.fromisoformat(record.finished_at))
     message.limits.max_nodes_in_parallel = plan.limits.max_nodes_in_parallel
     message.limits.max_replicas_in_parallel = plan.limits.max_replicas_in_parallel
     if plan.limits.deadline_s:
@@ -109,6 +126,35 @@ def plan_to_proto(plan: Plan) -> plan_pb2.Plan:
             rule_id=violation.rule_id, message=violation.message, field=violation.field
         )
     return message
+
+
+def _prometheus_to_proto(gate: PrometheusGate, out: plan_pb2.PrometheusQuery) -> None:
+    out.address = gate.address
+    out.query = gate.query
+    out.success_condition = gate.success_condition
+    out.failure_condition = gate.failure_condition
+    out.interval.FromTimedelta(dt.timedelta(seconds=gate.interval_s))
+    out.count = gate.count
+    out.failure_limit = gate.failure_limit
+    out.inconclusive_limit = gate.inconclusive_limit
+    out.consecutive_error_limit = gate.consecutive_error_limit
+    out.timeout.FromTimedelta(dt.timedelta(seconds=gate.timeout_s))
+
+
+def _prometheus_from_proto(name: str, query: plan_pb2.PrometheusQuery) -> PrometheusGate:
+    return PrometheusGate(
+        name=name,
+        address=query.address,
+        query=query.query,
+        success_condition=query.success_condition,
+        failure_condition=query.failure_condition,
+        interval_s=_seconds(query.interval) if query.HasField("interval") else 60.0,
+        count=query.count or 1,
+        failure_limit=query.failure_limit,
+        inconclusive_limit=query.inconclusive_limit,
+        consecutive_error_limit=(query.consecutive_error_limit or DEFAULT_CONSECUTIVE_ERROR_LIMIT),
+        timeout_s=_seconds(query.timeout) if query.HasField("timeout") else 10.0,
+    )
 
 
 def transition_to_proto(transition: Transition) -> plan_pb2.PlanTransition:
@@ -184,7 +230,12 @@ def plan_from_proto(
     gates = []
     for gate in source.health_gates:
         window_s = _seconds(gate.window) if gate.HasField("window") else 30.0
-        gates.append(HealthGate(gate.name, gate.expression, window_s))
+        prometheus = (
+            _prometheus_from_proto(gate.name, gate.prometheus)
+            if gate.HasField("prometheus")
+            else None
+        )
+        gates.append(HealthGate(gate.name, gate.expression, window_s, prometheus))
     limits = Limits(
         max_nodes_in_parallel=source.limits.max_nodes_in_parallel or 1,
         max_replicas_in_parallel=source.limits.max_replicas_in_parallel,

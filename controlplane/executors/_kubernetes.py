@@ -701,10 +701,23 @@ class KubernetesExecutor:
         canary = _sibling_name(name, "canary")
         weights = [int(w) for w in p.get("weights", DEFAULT_WEIGHTS)]
         stages: list[str] = []
+        promoted = json.dumps(stable, sort_keys=True) == json.dumps(
+            _with_rollout(stable, p), sort_keys=True
+        )
         try:
             await self._create_sibling(workload, stable, canary, "canary", run, deadline)
-            for weight in weights:
+            # A run repeated after a restart goes on from where the cluster is: stages the
+            # canary already passed are not walked back (that would shrink it), and a stable
+            # that already has the new spec was being promoted.
+            existing = await workload.cluster.call(
+                "get", workload.read, canary, namespace, deadline=deadline
+            )
+            reached = int(existing.get("spec", {}).get("replicas") or 0)
+            for weight in [] if promoted else weights:
                 share = total if weight >= 100 else min(total, math.ceil(total * weight / 100))
+                if share < reached:
+                    stages.append(f"canary at {weight}% ({share}/{total} replicas): passed before")
+                    continue
                 # Grow the canary before shrinking the stable: capacity never dips.
                 await self._scale(workload, namespace, canary, share, deadline)
                 await self._wait_ready(workload, namespace, canary, deadline)
@@ -1324,3 +1337,9 @@ def _diff(
         if old != new and not (old in (None, False, []) and new in (None, False, [])):
             changes.append(FieldChange(path, _show(old), _show(new)))
     return changes
+
+
+def _with_rollout(obj: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    changed = copy.deepcopy(dict(obj))
+    _apply_rollout(changed, parameters)
+    return changed

@@ -15,14 +15,16 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from controlplane.analysis import GateVerdict, Measurement, run_gate
 from controlplane.executors import Executors, StepRun, Target
 from controlplane.plans._gates import HealthGates
 from controlplane.plans._lease import Lease, LeaseLost
-from controlplane.plans._model import NodeResult, Phase, Plan, Step, StepState
+from controlplane.plans._model import AnalysisRecord, NodeResult, Phase, Plan, Step, StepState
 from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
 from processkit import log_context
 
@@ -218,8 +220,7 @@ class PipelineController:
                     why = "; ".join(f"{r.node_id}: {r.outcome} {r.message}".strip() for r in failed)
                     self._step_finished(step, "failed", started)
                     return await self._fail(plan, step, f"step {step.step_id} failed on {why}")
-                wave_nodes = [t.node_id for t in wave if t.node_id]
-                gate_problem = await self._gates.check(plan.health_gates, wave_nodes)
+                gate_problem = await self._judge(plan, step, wave, f"after wave {first // size}")
                 if gate_problem is not None:
                     self._step_finished(step, "gate_failed", started)
                     return await self._fail(plan, step, f"step {step.step_id}: {gate_problem}")
@@ -278,19 +279,45 @@ class PipelineController:
         """The plan's gates at one point of a progressive run: None when it may go on."""
         if plan.cancel_requested:  # adopted from the store while the wave runs
             return f"cancelled: {plan.cancel_requested}"
-        if not plan.health_gates:
-            return None
-        nodes = [target.node_id] if target.node_id else []
-        if not nodes:
-            # Telemetry of the nodes a workload runs on is not mapped to agents yet: without
-            # data a gate is inconclusive, never a pass.
-            names = ", ".join(gate.name for gate in plan.health_gates)
-            return (
-                f"step {step.step_id} at {point}: health gate(s) {names} inconclusive: no node "
-                f"telemetry is mapped to {target.key}"
-            )
-        problem = await self._gates.check(plan.health_gates, nodes)
+        problem = await self._judge(plan, step, [target], point)
         return None if problem is None else f"step {step.step_id} at {point}: {problem}"
+
+    async def _judge(
+        self, plan: Plan, step: Step, targets: Sequence[Target], point: str
+    ) -> str | None:
+        """Runs the plan's gates for `targets`: telemetry gates on the nodes' fresh samples,
+        Prometheus gates per target (each measurement kept with the plan). None when all pass;
+        else why not. Missing data is inconclusive, never a pass."""
+        telemetry = tuple(g for g in plan.health_gates if g.prometheus is None)
+        if telemetry:
+            unmapped = [t.key for t in targets if not t.node_id]
+            if unmapped:
+                # The nodes a workload's pods run on are not mapped to agents yet.
+                names = ", ".join(gate.name for gate in telemetry)
+                return (
+                    f"health gate(s) {names} inconclusive: no node telemetry is mapped to "
+                    f"{', '.join(unmapped)}"
+                )
+            problem = await self._gates.check(telemetry, [t.node_id for t in targets])
+            if problem is not None:
+                return problem
+        for gate in plan.health_gates:
+            if gate.prometheus is None:
+                continue
+            for target in targets:
+
+                def keep(measurement: Measurement, target: Target = target) -> None:
+                    plan.measurements.append(_analysis_record(measurement, step, target, point))
+
+                outcome = await run_gate(
+                    gate.prometheus, _gate_variables(plan, target), on_measurement=keep
+                )
+                if outcome.verdict != GateVerdict.PASSED:
+                    return (
+                        f"analysis gate {gate.name!r} {outcome.verdict.value} on {target.key} "
+                        f"({point}): {outcome.reason}"
+                    )
+        return None
 
     async def _do(self, run: StepRun) -> NodeResult:
         outcome = await self._executors.for_target(run.target).run(run)
@@ -368,3 +395,47 @@ def _done_message(targets: Sequence[Target]) -> str:
     if nodes == len(targets):
         return f"done on {nodes} node(s)"
     return f"done on {len(targets)} target(s)"
+
+
+def _gate_variables(plan: Plan, target: Target) -> dict[str, str]:
+    """What a Prometheus gate's placeholders stand for, for one target."""
+    k = target.kubernetes
+    if k is not None:
+        return {
+            "namespace": k.namespace,
+            "name": k.name,
+            "cluster": k.cluster,
+            "plan_id": plan.plan_id,
+        }
+    return {"name": target.node_id, "plan_id": plan.plan_id}
+
+
+def _plain_number(value: float) -> float | str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return value
+
+
+def _analysis_record(
+    measurement: Measurement, step: Step, target: Target, point: str
+) -> AnalysisRecord:
+    value: Any = measurement.value
+    if isinstance(value, tuple):
+        value = [_plain_number(v) for v in value]
+    elif isinstance(value, float):
+        value = _plain_number(value)
+    return AnalysisRecord(
+        gate=measurement.gate,
+        step_index=step.index,
+        target=target.key,
+        point=point,
+        query=measurement.query,
+        value=value,
+        condition=measurement.condition,
+        verdict=measurement.verdict.value.upper(),
+        message=measurement.message,
+        started_at=measurement.started_at.isoformat(),
+        finished_at=measurement.finished_at.isoformat(),
+    )

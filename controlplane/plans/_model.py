@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.analysis import PrometheusGate
 from controlplane.executors import Target
 
 
@@ -109,12 +110,31 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class AnalysisRecord:
+    """One analysis measurement as the plan keeps it: JSON-safe (NaN and infinities as text)."""
+
+    gate: str
+    step_index: int
+    target: str
+    point: str
+    query: str
+    value: Any
+    condition: str
+    verdict: str
+    message: str
+    started_at: str
+    finished_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class HealthGate:
-    """A CEL condition on fresh telemetry that must hold after each wave."""
+    """A check after each wave and at each stage of a progressive rollout: a CEL condition on
+    the touched nodes' fresh telemetry, or (with `prometheus`) a Prometheus query gate."""
 
     name: str
     expression: str
     window_s: float
+    prometheus: PrometheusGate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +191,7 @@ class Plan:
     # Execution bookkeeping, stored with the steps.
     cancel_requested: str = ""  # who asked and why, while EXECUTING
     started_at: dt.datetime | None = None
+    measurements: list[AnalysisRecord] = field(default_factory=list)
 
     @property
     def node_ids(self) -> list[str]:
@@ -192,6 +213,7 @@ class Plan:
     def copy(self) -> Plan:
         return dataclasses.replace(
             self,
+            measurements=list(self.measurements),
             steps=[
                 dataclasses.replace(
                     s, node_results=[dataclasses.replace(r) for r in s.node_results]
@@ -230,7 +252,12 @@ def plan_document(plan: Plan) -> dict[str, Any]:
             for step in plan.steps
         ],
         "health_gates": [
-            {"name": g.name, "expression": g.expression, "window_seconds": g.window_s}
+            {
+                "name": g.name,
+                "expression": g.expression,
+                "window_seconds": g.window_s,
+                "prometheus": dataclasses.asdict(g.prometheus) if g.prometheus else None,
+            }
             for g in plan.health_gates
         ],
         "limits": {
@@ -266,6 +293,7 @@ def body_of(plan: Plan) -> dict[str, Any]:
         "limits": dataclasses.asdict(plan.limits),
         "cancel_requested": plan.cancel_requested,
         "started_at": plan.started_at.isoformat() if plan.started_at else None,
+        "measurements": [dataclasses.asdict(m) for m in plan.measurements],
     }
 
 
@@ -287,8 +315,19 @@ def apply_body(plan: Plan, body: dict[str, Any]) -> None:
         )
         for i, s in enumerate(body["steps"])
     ]
-    plan.health_gates = tuple(HealthGate(**g) for g in body["health_gates"])
+    plan.health_gates = tuple(_gate_from(g) for g in body["health_gates"])
     plan.limits = Limits(**body["limits"])
     plan.cancel_requested = body.get("cancel_requested", "")
     started = body.get("started_at")
     plan.started_at = dt.datetime.fromisoformat(started) if started else None
+    plan.measurements = [AnalysisRecord(**m) for m in body.get("measurements", [])]
+
+
+def _gate_from(data: dict[str, Any]) -> HealthGate:
+    prometheus = data.get("prometheus")
+    return HealthGate(
+        data["name"],
+        data["expression"],
+        data["window_s"],
+        PrometheusGate(**prometheus) if prometheus else None,
+    )

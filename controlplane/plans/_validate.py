@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from controlplane.analysis import check_gate
 from controlplane.executors import Executors, TargetKind
 from controlplane.plans._model import Plan
 
@@ -129,6 +130,13 @@ def validate_plan(
         elif gate.name in names:
             bad(f"{at}.name", f"duplicate gate name {gate.name!r}")
         names.add(gate.name)
+        if gate.prometheus is not None:
+            if gate.expression.strip():
+                bad(f"{at}.expression", "give an expression or a prometheus query, not both")
+            for path, message in check_gate(gate.prometheus):
+                if path != "name":  # the gate's own name, checked above
+                    bad(f"{at}.prometheus.{path}", message)
+            continue
         if not gate.expression.strip():
             bad(f"{at}.expression", "required: a CEL expression over `sample`")
         else:

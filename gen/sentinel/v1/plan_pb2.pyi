@@ -100,6 +100,7 @@ class Plan(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    MEASUREMENTS_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     request_id: _builtins.str
     source: _builtins.str
@@ -126,6 +127,12 @@ class Plan(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def measurements(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalysisMeasurement]:
+        """Every analysis measurement taken while the plan ran (Prometheus gates), in order: what was
+        asked, what came back, the condition and the verdict.
+        """
+
     def __init__(
         self,
         *,
@@ -145,14 +152,78 @@ class Plan(_message.Message):
         submitted_by: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         status_message: _builtins.str = ...,
+        measurements: _abc.Iterable[Global___AnalysisMeasurement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "limits", b"limits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "phase", b"phase", "plan_id", b"plan_id", "rationale", b"rationale", "request_id", b"request_id", "source", b"source", "status_message", b"status_message", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "update_time", b"update_time", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "measurements", b"measurements", "phase", b"phase", "plan_id", b"plan_id", "rationale", b"rationale", "request_id", b"request_id", "source", b"source", "status_message", b"status_message", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "update_time", b"update_time", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class AnalysisMeasurement(_message.Message):
+    """One measurement of an analysis gate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATE_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    gate: _builtins.str
+    """The gate's name, and the step and target it was measured for."""
+    step_index: _builtins.int
+    target: _builtins.str
+    point: _builtins.str
+    """Where in the run: "after wave 0", "canary at 10% (1/10 replicas)", ..."""
+    query: _builtins.str
+    """The query as sent, placeholders resolved."""
+    condition: _builtins.str
+    """The condition(s) evaluated."""
+    verdict: _builtins.str
+    """PASSED, FAILED, INCONCLUSIVE or ERROR."""
+    message: _builtins.str
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The raw result: a list of numbers (vector), a number (scalar), or null; NaN and infinities
+        as the strings "NaN", "+Inf", "-Inf".
+        """
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        gate: _builtins.str = ...,
+        step_index: _builtins.int = ...,
+        target: _builtins.str = ...,
+        point: _builtins.str = ...,
+        query: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+        condition: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        message: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "end_time", b"end_time", "gate", b"gate", "message", b"message", "point", b"point", "query", b"query", "start_time", b"start_time", "step_index", b"step_index", "target", b"target", "value", b"value", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalysisMeasurement: _TypeAlias = AnalysisMeasurement  # noqa: Y015
 
 @_typing.final
 class PlanStep(_message.Message):
@@ -304,6 +375,7 @@ class HealthGate(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EXPRESSION_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    PROMETHEUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expression: _builtins.str
     """CEL expression over the latest telemetry sample of each node a step touched (`sample`, the
@@ -315,20 +387,87 @@ class HealthGate(_message.Message):
         which fails the gate (never a pass).
         """
 
+    @_builtins.property
+    def prometheus(self) -> Global___PrometheusQuery:
+        """Instead of an expression over telemetry: a PromQL query judged as Argo Rollouts' analysis
+        judges it. Measured after each wave and at each stage of a progressive rollout.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         expression: _builtins.str = ...,
         window: _duration_pb2.Duration | None = ...,
+        prometheus: Global___PrometheusQuery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "name", b"name", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "name", b"name", "prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthGate: _TypeAlias = HealthGate  # noqa: Y015
+
+@_typing.final
+class PrometheusQuery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    SUCCESS_CONDITION_FIELD_NUMBER: _builtins.int
+    FAILURE_CONDITION_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_LIMIT_FIELD_NUMBER: _builtins.int
+    INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_ERROR_LIMIT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """Prometheus base URL, e.g. "http://prometheus.monitoring:9090"."""
+    query: _builtins.str
+    """Instant PromQL; {{namespace}}, {{name}}, {{cluster}} and {{plan_id}} are replaced by the
+    target's.
+    """
+    success_condition: _builtins.str
+    """CEL over `result` (a list of numbers, or a number); false fails the measurement unless a
+    failure condition is given.
+    """
+    failure_condition: _builtins.str
+    """CEL over `result`; true fails the measurement."""
+    count: _builtins.int
+    """Measurements to take (errors are retried and do not count); default 1."""
+    failure_limit: _builtins.int
+    inconclusive_limit: _builtins.int
+    consecutive_error_limit: _builtins.int
+    """Errors in a row tolerated before the gate is inconclusive; default 4."""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Per query; default 10 s."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        query: _builtins.str = ...,
+        success_condition: _builtins.str = ...,
+        failure_condition: _builtins.str = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        count: _builtins.int = ...,
+        failure_limit: _builtins.int = ...,
+        inconclusive_limit: _builtins.int = ...,
+        consecutive_error_limit: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "consecutive_error_limit", b"consecutive_error_limit", "count", b"count", "failure_condition", b"failure_condition", "failure_limit", b"failure_limit", "inconclusive_limit", b"inconclusive_limit", "interval", b"interval", "query", b"query", "success_condition", b"success_condition", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrometheusQuery: _TypeAlias = PrometheusQuery  # noqa: Y015
 
 @_typing.final
 class PlanLimits(_message.Message):
