@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import pathlib
@@ -81,11 +82,13 @@ from controlplane.identity import (
 )
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.plans import (
+    AnalysisRecord,
     FleetView,
     HealthGates,
     Lease,
     Phase,
     PipelineController,
+    Plan,
     PlanChange,
     PlanDesk,
     PlanLimitsConfig,
@@ -219,6 +222,7 @@ class ControlPlane:
                 action, result
             ).observe(seconds),
             on_phase_counts=self._publish_plan_counts,
+            on_measurement=self._audit_measurement,
         )
         # Identity (issue 4): revocations are checked in memory on every call; a refresh that
         # learns another control plane's revocation closes the sessions it covers here too.
@@ -278,6 +282,23 @@ class ControlPlane:
             self.metrics.plan_transitions.labels(transition.to_phase.value.lower()).inc()
         if change.plan.phase == Phase.APPROVED or change.plan.cancel_requested:
             self.controller.wake()
+
+    async def _audit_measurement(self, plan: Plan, record: AnalysisRecord) -> None:
+        detail = json.dumps(
+            {
+                "gate": record.gate,
+                "step": record.step_index,
+                "target": record.target,
+                "point": record.point,
+                "query": record.query,
+                "value": record.value,
+                "condition": record.condition,
+            },
+            separators=(",", ":"),
+        )
+        await self.audit.record(
+            "pipeline-controller", "plan.analysis", f"plan/{plan.plan_id}", record.verdict, detail
+        )
 
     def _publish_plan_counts(self, counts: dict[str, int]) -> None:
         for phase in Phase:

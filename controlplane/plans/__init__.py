@@ -17,6 +17,7 @@ from controlplane.plans._lease import Fence, Lease, LeaseLost
 from controlplane.plans._model import (
     ALLOWED_TRANSITIONS,
     TERMINAL,
+    AnalysisRecord,
     HealthGate,
     IllegalTransition,
     Limits,
@@ -42,6 +43,7 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "GATE_VARIABLES",
     "TERMINAL",
+    "AnalysisRecord",
     "Fence",
     "FleetView",
     "HealthGate",

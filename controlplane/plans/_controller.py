@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from controlplane.analysis import GateVerdict, Measurement, run_gate
@@ -51,6 +51,7 @@ class PipelineController:
         interval_s: float = 1.0,
         on_step_finished: Callable[[str, str, float], None] | None = None,
         on_phase_counts: Callable[[dict[str, int]], None] | None = None,
+        on_measurement: Callable[[Plan, AnalysisRecord], Awaitable[None]] | None = None,
     ) -> None:
         self._repository = repository
         self._lease = lease
@@ -59,6 +60,7 @@ class PipelineController:
         self._interval_s = interval_s
         self._on_step_finished = on_step_finished
         self._on_phase_counts = on_phase_counts
+        self._on_measurement = on_measurement
         self._wake = asyncio.Event()
         self._driving: dict[str, asyncio.Task[None]] = {}
 
@@ -306,8 +308,11 @@ class PipelineController:
                 continue
             for target in targets:
 
-                def keep(measurement: Measurement, target: Target = target) -> None:
-                    plan.measurements.append(_analysis_record(measurement, step, target, point))
+                async def keep(measurement: Measurement, target: Target = target) -> None:
+                    record = _analysis_record(measurement, step, target, point)
+                    plan.measurements.append(record)
+                    if self._on_measurement is not None:
+                        await self._on_measurement(plan, record)
 
                 outcome = await run_gate(
                     gate.prometheus, _gate_variables(plan, target), on_measurement=keep

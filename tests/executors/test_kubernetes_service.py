@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import pathlib
 
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
-from sentinel.v1 import plan_pb2
+from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
+from tests.analysis.conftest import RunningPrometheus, prometheus  # noqa: F401 (fixture)
 from tests.conftest import ControlPlaneFactory, Pki
 from tests.executors.conftest import NAMESPACE
 from tests.kubeapi import KubeApiServer
@@ -34,6 +36,20 @@ def _scale_step(cluster: str, name: str, replicas: int) -> plan_pb2.PlanStep:
     step.parameters.CopyFrom(parameters)
     step.timeout.FromTimedelta(dt.timedelta(seconds=20))
     return step
+
+
+async def audit_events(pki: Pki, port: int, method: str) -> list[audit_pb2.AuditEvent]:
+    """The audit events of `method`, as an operator lists them, once some are there."""
+    async with grpc.aio.secure_channel(
+        f"localhost:{port}", pki.channel_credentials("operator", "auditor")
+    ) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        for _ in range(100):  # the audit log is written in the background
+            response = await stub.ListAuditEvents(audit_pb2.ListAuditEventsRequest(method=method))
+            if response.events:
+                return list(response.events)
+            await asyncio.sleep(0.05)
+    return []
 
 
 def _plan(*steps: plan_pb2.PlanStep) -> plan_pb2.Plan:
@@ -147,3 +163,38 @@ async def test_the_readme_canary_example_is_a_valid_plan_with_a_dry_run(
             "created during the rollout, removed at its end",
         ),
     ]
+
+
+async def test_prometheus_gate_measurements_are_shown_by_get_plan_and_audited(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    kube: KubeApiServer,
+    kubeconfig: pathlib.Path,
+    prometheus: RunningPrometheus,  # noqa: F811
+) -> None:
+    await prometheus.set_value("service-gate", 0.5)
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=1))
+    cp = await control_plane_factory(
+        kubernetes_clusters=f"lab={kubeconfig}#lab", audit_flush_interval_s=0.05
+    )
+    draft = _plan(_scale_step("lab", "llm", 2))
+    gate = draft.health_gates.add(name="errors")
+    gate.prometheus.address = prometheus.address
+    gate.prometheus.query = 'gate_test_value{case="service-gate"}'
+    gate.prometheus.success_condition = "result[0] < 1.0"
+    gate.prometheus.count = 1
+    async with plan_client(pki, cp.port) as planner:
+        submitted = await planner.SubmitPlan(plan_pb2.SubmitPlanRequest(plan=draft))
+        done = await wait_terminal(planner, submitted.plan.plan_id)
+        shown = await planner.GetPlan(plan_pb2.GetPlanRequest(plan_id=done.plan_id))
+    assert done.phase == plan_pb2.PLAN_PHASE_COMPLETED, done.status_message
+    [measurement] = shown.plan.measurements
+    assert (measurement.gate, measurement.point, measurement.verdict) == (
+        "errors",
+        "after wave 0",
+        "PASSED",
+    )
+    assert [v.number_value for v in measurement.value.list_value.values] == [0.5]
+    events = await audit_events(pki, cp.port, method="plan.analysis")
+    assert [(e.target, e.outcome) for e in events] == [(f"plan/{done.plan_id}", "PASSED")]
+    assert json.loads(events[0].detail)["query"] == 'gate_test_value{case="service-gate"}'
