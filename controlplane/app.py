@@ -223,6 +223,7 @@ class ControlPlane:
             ).observe(seconds),
             on_phase_counts=self._publish_plan_counts,
             on_measurement=self._audit_measurement,
+            agent_on_kubernetes_node=self.registry.agent_on_kubernetes_node,
         )
         # Identity (issue 4): revocations are checked in memory on every call; a refresh that
         # learns another control plane's revocation closes the sessions it covers here too.

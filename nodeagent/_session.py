@@ -166,7 +166,9 @@ class AgentSession:
                 node_id=self._settings.node_id,
                 agent_version=AGENT_VERSION,
                 capabilities=capabilities(sampler.gpu_available),
-                host=encode.host_inventory(sampler.host_inventory),
+                host=encode.host_inventory(
+                    sampler.host_inventory, self._settings.kubernetes_node_name
+                ),
                 gpus=encode.gpu_inventory(sampler.gpu_inventory),
                 resume=agent_pb2.ResumeState(
                     next_telemetry_seq=next_seq,

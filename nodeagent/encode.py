@@ -183,9 +183,12 @@ def _fill_host(message: telemetry_pb2.HostTelemetry, host: HostSnapshot) -> None
     message.boot_time_unix_seconds = host.boot_time_unix_seconds
 
 
-def host_inventory(inventory: HostInventory) -> fleet_pb2.HostInventory:
-    """The host part of the hello."""
+def host_inventory(
+    inventory: HostInventory, kubernetes_node_name: str = ""
+) -> fleet_pb2.HostInventory:
+    """The host part of the hello, with the Kubernetes node this host is (if set)."""
     return fleet_pb2.HostInventory(
+        kubernetes_node_name=kubernetes_node_name,
         hostname=inventory.hostname,
         os=inventory.os,
         kernel_version=inventory.kernel_version,

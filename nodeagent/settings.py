@@ -56,3 +56,7 @@ class AgentSettings:
     port 7444."""
     trust_domain: str = "sentinel.local"
     """SPIFFE trust domain of the identity requested at enrollment."""
+    kubernetes_node_name: str = ""
+    """The Kubernetes node this host is, when it runs in a cluster (a DaemonSet fills it from
+    the downward API, `spec.nodeName`); lets the control plane judge a workload by the
+    telemetry of the nodes its pods run on."""

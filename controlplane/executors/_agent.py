@@ -4,6 +4,7 @@ a restart attaches to the same command instead of sending a second one."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +72,10 @@ class AgentExecutor:
     def preview(self, action: str, parameters: Mapping[str, Any], target: Target) -> str:
         shown = " ".join(f"{name}={parameters[name]!r}" for name in sorted(parameters))
         return f"{action} on {target.node_id} {shown}".rstrip()
+
+    async def placement(self, target: Target, deadline: dt.datetime) -> list[str]:
+        """A node target is its own agent."""
+        return []
 
     async def dry_run(self, run: StepRun) -> DryRun:
         """Agents have no dry run: what a node action would do is its preview's summary."""

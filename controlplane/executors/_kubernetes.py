@@ -233,6 +233,34 @@ class KubernetesExecutor:
         """Runs act at once; there is never a queued one to withdraw."""
         return False
 
+    async def placement(self, target: Target, deadline: dt.datetime) -> list[str]:
+        """The nodes the workload's pods (stable and canary or green alike) run on."""
+        k = target.kubernetes
+        assert k is not None
+        if k.kind == "Node":
+            return [k.name]
+        cluster = self._clusters.get(k.cluster)
+        if cluster is None:
+            raise LookupError(f"cluster {k.cluster!r} is not configured")
+        until = time.monotonic() + (deadline - dt.datetime.now(dt.UTC)).total_seconds()
+        workload = _Workload(cluster, k.kind)
+        _, core, _ = cluster.apis()
+        try:
+            obj = await cluster.call("get", workload.read, k.name, k.namespace, deadline=until)
+            labels = obj.get("spec", {}).get("selector", {}).get("matchLabels") or {}
+            selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+            listed = await cluster.call(
+                "list",
+                core.list_namespaced_pod,
+                k.namespace,
+                label_selector=selector,
+                deadline=until,
+            )
+        except (KubeError, TimeoutError) as exc:
+            raise LookupError(f"where {target.key} runs is unknown: {exc}") from exc
+        nodes = {pod.get("spec", {}).get("nodeName") for pod in listed.get("items", [])}
+        return sorted(node for node in nodes if node)
+
     async def dry_run(self, run: StepRun) -> DryRun:
         """Asks the API server for a server-side dry run (`dryRun=All`) of the run's writes
         and compares what it answered with what is stored."""

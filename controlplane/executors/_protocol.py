@@ -169,6 +169,12 @@ class Executor(Protocol):
         """Runs (or attaches to the run already under way for) one step on one target."""
         ...
 
+    async def placement(self, target: Target, deadline: dt.datetime) -> list[str]:
+        """The Kubernetes nodes `target` runs on (a workload's pods), so that the telemetry of
+        their agents can judge it; empty for a node target, whose own agent is known. Raises
+        LookupError, with the reason, when it cannot be found out."""
+        ...
+
     async def dry_run(self, run: StepRun) -> DryRun:
         """What `run` would change, asked of the target's owner without changing anything;
         empty where the target has no dry run (the preview's summary says what it does)."""

@@ -145,6 +145,16 @@ class AgentRegistry:
         agent = self._agents.get(node_id)
         return agent is not None and agent.state.cordoned
 
+    def agent_on_kubernetes_node(self, name: str) -> str | None:
+        """The node id of the agent that reported being Kubernetes node `name` (the most
+        recently seen one, should two claim it), or None."""
+        claims = [
+            (agent.state.last_seen, node_id)
+            for node_id, agent in self._agents.items()
+            if (agent.state.inventory.get("host") or {}).get("kubernetesNodeName") == name
+        ]
+        return max(claims)[1] if claims else None
+
     async def set_cordoned(self, node_id: str, cordoned: bool) -> None:
         """Records the node's place in Sentinel's scheduling view (after its agent acted)."""
         agent = self._agents.get(node_id)

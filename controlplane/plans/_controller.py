@@ -52,6 +52,7 @@ class PipelineController:
         on_step_finished: Callable[[str, str, float], None] | None = None,
         on_phase_counts: Callable[[dict[str, int]], None] | None = None,
         on_measurement: Callable[[Plan, AnalysisRecord], Awaitable[None]] | None = None,
+        agent_on_kubernetes_node: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self._repository = repository
         self._lease = lease
@@ -61,6 +62,7 @@ class PipelineController:
         self._on_step_finished = on_step_finished
         self._on_phase_counts = on_phase_counts
         self._on_measurement = on_measurement
+        self._agent_on_kubernetes_node = agent_on_kubernetes_node
         self._wake = asyncio.Event()
         self._driving: dict[str, asyncio.Task[None]] = {}
 
@@ -292,15 +294,11 @@ class PipelineController:
         else why not. Missing data is inconclusive, never a pass."""
         telemetry = tuple(g for g in plan.health_gates if g.prometheus is None)
         if telemetry:
-            unmapped = [t.key for t in targets if not t.node_id]
-            if unmapped:
-                # The nodes a workload's pods run on are not mapped to agents yet.
+            nodes, unknown = await self._agents_of(plan, step, targets)
+            if unknown:
                 names = ", ".join(gate.name for gate in telemetry)
-                return (
-                    f"health gate(s) {names} inconclusive: no node telemetry is mapped to "
-                    f"{', '.join(unmapped)}"
-                )
-            problem = await self._gates.check(telemetry, [t.node_id for t in targets])
+                return f"health gate(s) {names} inconclusive: {'; '.join(unknown)}"
+            problem = await self._gates.check(telemetry, nodes)
             if problem is not None:
                 return problem
         for gate in plan.health_gates:
@@ -323,6 +321,34 @@ class PipelineController:
                         f"({point}): {outcome.reason}"
                     )
         return None
+
+    async def _agents_of(
+        self, plan: Plan, step: Step, targets: Sequence[Target]
+    ) -> tuple[list[str], list[str]]:
+        """The agents whose telemetry judges `targets` (a node's own agent; for a workload, the
+        agents of the Kubernetes nodes its pods run on), and why some could not be found."""
+        agents: dict[str, None] = {}
+        unknown: list[str] = []
+        for target in targets:
+            if target.node_id:
+                agents.setdefault(target.node_id, None)
+                continue
+            try:
+                placed = await self._executors.for_target(target).placement(
+                    target, self._command_deadline(plan, step)
+                )
+            except LookupError as exc:
+                unknown.append(str(exc))
+                continue
+            if not placed:
+                unknown.append(f"{target.key} has no pods on any node")
+            for kubernetes_node in placed:
+                agent = self._agent_on_kubernetes_node(kubernetes_node)
+                if agent is None:
+                    unknown.append(f"no agent reports being Kubernetes node {kubernetes_node}")
+                else:
+                    agents.setdefault(agent, None)
+        return list(agents), unknown
 
     async def _do(self, run: StepRun) -> NodeResult:
         outcome = await self._executors.for_target(run.target).run(run)

@@ -16,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 
 from tests.analysis.conftest import RunningPrometheus, prometheus  # noqa: F401 (fixture)
-from tests.conftest import ControlPlaneFactory, Pki
+from tests.conftest import AgentFactory, ControlPlaneFactory, Pki
 from tests.executors.conftest import NAMESPACE
 from tests.kubeapi import KubeApiServer
 from tests.kubeapi.objects import deployment
@@ -198,3 +198,51 @@ async def test_prometheus_gate_measurements_are_shown_by_get_plan_and_audited(
     events = await audit_events(pki, cp.port, method="plan.analysis")
     assert [(e.target, e.outcome) for e in events] == [(f"plan/{done.plan_id}", "PASSED")]
     assert json.loads(events[0].detail)["query"] == 'gate_test_value{case="service-gate"}'
+
+
+async def test_a_telemetry_gate_judges_a_rollout_by_the_agents_of_the_nodes_its_pods_run_on(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    kube: KubeApiServer,
+    kubeconfig: pathlib.Path,
+) -> None:
+    # Agents on Kubernetes nodes gpu-0 and gpu-1 (gpu-2 has none); pods are spread over all
+    # three, so a gate over them can only be judged once gpu-2 is cordoned out of placement.
+    kube.cluster.update(
+        "Node", None, "gpu-2", lambda node: node["spec"].__setitem__("unschedulable", True)
+    )
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    cp = await control_plane_factory(kubernetes_clusters=f"lab={kubeconfig}#lab")
+    await agent_factory("node-a", cp.port, kubernetes_node_name="gpu-0")
+    await agent_factory("node-b", cp.port, kubernetes_node_name="gpu-1")
+
+    def rollout(image: str, gate: str) -> plan_pb2.Plan:
+        step = plan_pb2.PlanStep(action="rollout")
+        step.targets.add().kubernetes.CopyFrom(
+            plan_pb2.KubernetesObject(
+                cluster="lab", namespace=NAMESPACE, kind="Deployment", name="llm"
+            )
+        )
+        step.parameters.update({"container": "main", "image": image})
+        step.timeout.FromTimedelta(dt.timedelta(seconds=30))
+        draft = _plan(step)
+        added = draft.health_gates.add(name="gpu-nodes", expression=gate)
+        added.window.FromTimedelta(dt.timedelta(seconds=10))
+        return draft
+
+    async with plan_client(pki, cp.port) as planner:
+        healthy = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=rollout("repo/llm:2", "sample.seq > 0"))
+        )
+        done = await wait_terminal(planner, healthy.plan.plan_id)
+        assert done.phase == plan_pb2.PLAN_PHASE_COMPLETED, done.status_message
+        picky = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(plan=rollout("repo/llm:3", "node_id != 'node-b'"))
+        )
+        refused = await wait_terminal(planner, picky.plan.plan_id)
+    assert refused.phase == plan_pb2.PLAN_PHASE_ROLLED_BACK, refused.status_message
+    assert "health gate 'gpu-nodes' failed on node-b" in refused.status_message
+    stored = kube.cluster.get("Deployment", NAMESPACE, "llm")
+    assert stored is not None
+    assert stored["spec"]["template"]["spec"]["containers"][0]["image"] == "repo/llm:2"

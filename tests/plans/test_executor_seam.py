@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,9 @@ class ReplicaExecutor:
             outcome = RunOutcome(True, "SUCCEEDED", output={"previous": previous}, reference=name)
         self._started[key] = outcome
         return outcome
+
+    async def placement(self, target: Target, deadline: dt.datetime) -> list[str]:
+        return []
 
     async def dry_run(self, run: StepRun) -> DryRun:
         before = self.cluster.replicas.get(run.target.key, 1)

@@ -122,6 +122,7 @@ class HostInventory(_message.Message):
     PHYSICAL_CPUS_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     BOOT_TIME_UNIX_SECONDS_FIELD_NUMBER: _builtins.int
+    KUBERNETES_NODE_NAME_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     os: _builtins.str
     kernel_version: _builtins.str
@@ -130,6 +131,11 @@ class HostInventory(_message.Message):
     physical_cpus: _builtins.int
     memory_total_bytes: _builtins.int
     boot_time_unix_seconds: _builtins.int
+    kubernetes_node_name: _builtins.str
+    """The Kubernetes node this host is, when the agent runs in a cluster (the agent's setting,
+    filled from the downward API by its DaemonSet); empty otherwise. The control plane maps a
+    workload's pods to agents with it, for telemetry gates on Kubernetes steps.
+    """
     def __init__(
         self,
         *,
@@ -141,10 +147,11 @@ class HostInventory(_message.Message):
         physical_cpus: _builtins.int = ...,
         memory_total_bytes: _builtins.int = ...,
         boot_time_unix_seconds: _builtins.int = ...,
+        kubernetes_node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "boot_time_unix_seconds", b"boot_time_unix_seconds", "hostname", b"hostname", "kernel_version", b"kernel_version", "logical_cpus", b"logical_cpus", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "physical_cpus", b"physical_cpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "boot_time_unix_seconds", b"boot_time_unix_seconds", "hostname", b"hostname", "kernel_version", b"kernel_version", "kubernetes_node_name", b"kubernetes_node_name", "logical_cpus", b"logical_cpus", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "physical_cpus", b"physical_cpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
