@@ -101,6 +101,12 @@ def plan_to_proto(plan: Plan) -> plan_pb2.Plan:
         out_gate.window.FromTimedelta(dt.timedelta(seconds=gate.window_s))
         if gate.prometheus is not None:
             _prometheus_to_proto(gate.prometheus, out_gate.prometheus)
+            out_gate.on_inconclusive = (
+                plan_pb2.INCONCLUSIVE_ACTION_PAUSE
+                if gate.pause_on_inconclusive
+                else plan_pb2.INCONCLUSIVE_ACTION_ROLLBACK
+            )
+            out_gate.pause_timeout.FromTimedelta(dt.timedelta(seconds=gate.pause_timeout_s))
     for record in plan.measurements:
         measured = message.measurements.add(
             gate=record.gate,
@@ -235,7 +241,17 @@ def plan_from_proto(
             if gate.HasField("prometheus")
             else None
         )
-        gates.append(HealthGate(gate.name, gate.expression, window_s, prometheus))
+        pause_timeout_s = _seconds(gate.pause_timeout) if gate.HasField("pause_timeout") else 3600.0
+        gates.append(
+            HealthGate(
+                gate.name,
+                gate.expression,
+                window_s,
+                prometheus,
+                pause_on_inconclusive=gate.on_inconclusive == plan_pb2.INCONCLUSIVE_ACTION_PAUSE,
+                pause_timeout_s=pause_timeout_s,
+            )
+        )
     limits = Limits(
         max_nodes_in_parallel=source.limits.max_nodes_in_parallel or 1,
         max_replicas_in_parallel=source.limits.max_replicas_in_parallel,

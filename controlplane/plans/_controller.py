@@ -62,6 +62,7 @@ class PipelineController:
         self._on_step_finished = on_step_finished
         self._on_phase_counts = on_phase_counts
         self._on_measurement = on_measurement
+        self._pause_lock = asyncio.Lock()
         self._agent_on_kubernetes_node = agent_on_kubernetes_node
         self._wake = asyncio.Event()
         self._driving: dict[str, asyncio.Task[None]] = {}
@@ -162,7 +163,9 @@ class PipelineController:
                     return
                 plan.started_at = _utcnow()
                 plan = await self._save(plan, Phase.EXECUTING, "execution started")
-            elif plan.phase == Phase.EXECUTING:
+            elif plan.phase in (Phase.EXECUTING, Phase.PAUSED):
+                # A plan found PAUSED (after a restart) goes on running its step: the run is
+                # repeatable, and its analysis point waits for the operator again.
                 plan = await self._execute(plan)
             elif plan.phase == Phase.ROLLING_BACK:
                 plan = await self._roll_back(plan)
@@ -315,12 +318,47 @@ class PipelineController:
                 outcome = await run_gate(
                     gate.prometheus, _gate_variables(plan, target), on_measurement=keep
                 )
+                where = f"analysis gate {gate.name!r} {outcome.verdict.value} on {target.key}"
+                if outcome.verdict == GateVerdict.INCONCLUSIVE and gate.pause_on_inconclusive:
+                    ended = await self._pause(
+                        plan, f"{where} ({point}): {outcome.reason}", gate.pause_timeout_s
+                    )
+                    if ended is None:
+                        continue  # an operator let it go on
+                    return f"{where} ({point}): {outcome.reason}; {ended}"
                 if outcome.verdict != GateVerdict.PASSED:
                     return (
                         f"analysis gate {gate.name!r} {outcome.verdict.value} on {target.key} "
                         f"({point}): {outcome.reason}"
                     )
         return None
+
+    async def _pause(self, plan: Plan, why: str, timeout_s: float) -> str | None:
+        """Pauses the plan for an operator; None when one resumed it (approve), else why the
+        pause ended without that (a cancel, or the timeout), with the plan EXECUTING again and
+        its cancel set, so that it rolls back."""
+        async with self._pause_lock:
+            if plan.phase != Phase.PAUSED:
+                plan.paused_until = _utcnow() + dt.timedelta(seconds=timeout_s)
+                plan.status_message = f"paused for an operator: {why}"
+                await self._save(plan, Phase.PAUSED, plan.status_message)
+        while True:
+            stored = await self._repository.get(plan.plan_id)
+            async with self._pause_lock:
+                _adopt(plan, stored)
+                if plan.phase != Phase.PAUSED:
+                    return None
+                ended = ""
+                if plan.cancel_requested:
+                    ended = f"pause ended: {plan.cancel_requested}"
+                elif plan.paused_until is not None and _utcnow() >= plan.paused_until:
+                    ended = f"pause timed out after {timeout_s:g} s without an operator"
+                    plan.cancel_requested = ended
+                if ended:
+                    plan.paused_until = None
+                    await self._save(plan, Phase.EXECUTING, ended)
+                    return ended
+            await asyncio.sleep(self._interval_s)
 
     async def _agents_of(
         self, plan: Plan, step: Step, targets: Sequence[Target]
@@ -470,3 +508,12 @@ def _analysis_record(
         started_at=measurement.started_at.isoformat(),
         finished_at=measurement.finished_at.isoformat(),
     )
+
+
+def _adopt(plan: Plan, stored: Plan) -> None:
+    """Takes what the API may change on a running plan (approve/cancel of a pause)."""
+    plan.phase, plan.version = stored.phase, stored.version
+    plan.transitions, plan.updated_at = stored.transitions, stored.updated_at
+    plan.cancel_requested = stored.cancel_requested
+    plan.paused_until = stored.paused_until
+    plan.status_message = stored.status_message

@@ -301,9 +301,15 @@ class PlanDesk:
     async def approve(self, plan_id: str, principal: str, reason: str) -> Plan:
         for _ in range(5):
             plan = await self.repository.get(plan_id)
+            if plan.phase == Phase.PAUSED:
+                try:
+                    return await self._resume(plan, principal, reason)
+                except PlanConflict:
+                    continue
             if plan.phase != Phase.AWAITING_APPROVAL:
                 raise PlanStateError(
-                    f"plan {plan_id} is {plan.phase}; only a plan AWAITING_APPROVAL can be approved"
+                    f"plan {plan_id} is {plan.phase}; only a plan AWAITING_APPROVAL (or PAUSED) "
+                    "can be approved"
                 )
             if plan.submitted_by == principal:
                 raise SelfApproval(
@@ -319,6 +325,15 @@ class PlanDesk:
                 continue
         raise PlanConflict(f"plan {plan_id} kept changing; try again")
 
+    async def _resume(self, plan: Plan, principal: str, reason: str) -> Plan:
+        """An operator lets a paused plan go on (the controller sees it EXECUTING again)."""
+        why = f"resumed by {principal}" + (f": {reason}" if reason else "")
+        plan.paused_until = None
+        plan.status_message = why
+        return await self.repository.save(
+            plan, to_phase=Phase.EXECUTING, actor=principal, reason=why
+        )
+
     async def cancel(self, plan_id: str, principal: str, reason: str) -> Plan:
         """Cancels a plan that has not started; a running plan is stopped and rolled back by
         the controller (the returned plan says the cancel was requested)."""
@@ -331,7 +346,7 @@ class PlanDesk:
                     return await self.repository.save(
                         plan, to_phase=Phase.CANCELLED, actor=principal, reason=why
                     )
-                if plan.phase == Phase.EXECUTING:
+                if plan.phase in (Phase.EXECUTING, Phase.PAUSED):
                     if not plan.cancel_requested:
                         plan.cancel_requested = why
                         plan.status_message = f"cancel requested ({why}); rolling back"

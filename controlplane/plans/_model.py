@@ -29,6 +29,7 @@ class Phase(enum.StrEnum):
     ROLLING_BACK = "ROLLING_BACK"
     ROLLED_BACK = "ROLLED_BACK"
     CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"
 
     @property
     def terminal(self) -> bool:
@@ -45,7 +46,10 @@ ALLOWED_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.VALIDATING: frozenset({Phase.APPROVED, Phase.REJECTED, Phase.AWAITING_APPROVAL}),
     Phase.AWAITING_APPROVAL: frozenset({Phase.APPROVED, Phase.CANCELLED}),
     Phase.APPROVED: frozenset({Phase.EXECUTING, Phase.CANCELLED}),
-    Phase.EXECUTING: frozenset({Phase.COMPLETED, Phase.FAILED, Phase.ROLLING_BACK}),
+    Phase.EXECUTING: frozenset({Phase.COMPLETED, Phase.FAILED, Phase.ROLLING_BACK, Phase.PAUSED}),
+    # An operator's approve resumes it; a cancel or the pause's timeout resume it too, and
+    # the controller then rolls it back from EXECUTING.
+    Phase.PAUSED: frozenset({Phase.EXECUTING}),
     Phase.ROLLING_BACK: frozenset({Phase.ROLLED_BACK, Phase.FAILED}),
 }
 
@@ -135,6 +139,9 @@ class HealthGate:
     expression: str
     window_s: float
     prometheus: PrometheusGate | None = None
+    pause_on_inconclusive: bool = False
+    """An inconclusive Prometheus gate pauses the plan for an operator instead of failing."""
+    pause_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +199,7 @@ class Plan:
     cancel_requested: str = ""  # who asked and why, while EXECUTING
     started_at: dt.datetime | None = None
     measurements: list[AnalysisRecord] = field(default_factory=list)
+    paused_until: dt.datetime | None = None
 
     @property
     def node_ids(self) -> list[str]:
@@ -257,6 +265,8 @@ def plan_document(plan: Plan) -> dict[str, Any]:
                 "expression": g.expression,
                 "window_seconds": g.window_s,
                 "prometheus": dataclasses.asdict(g.prometheus) if g.prometheus else None,
+                "pause_on_inconclusive": g.pause_on_inconclusive,
+                "pause_timeout_seconds": g.pause_timeout_s,
             }
             for g in plan.health_gates
         ],
@@ -294,6 +304,7 @@ def body_of(plan: Plan) -> dict[str, Any]:
         "cancel_requested": plan.cancel_requested,
         "started_at": plan.started_at.isoformat() if plan.started_at else None,
         "measurements": [dataclasses.asdict(m) for m in plan.measurements],
+        "paused_until": plan.paused_until.isoformat() if plan.paused_until else None,
     }
 
 
@@ -321,6 +332,8 @@ def apply_body(plan: Plan, body: dict[str, Any]) -> None:
     started = body.get("started_at")
     plan.started_at = dt.datetime.fromisoformat(started) if started else None
     plan.measurements = [AnalysisRecord(**m) for m in body.get("measurements", [])]
+    paused_until = body.get("paused_until")
+    plan.paused_until = dt.datetime.fromisoformat(paused_until) if paused_until else None
 
 
 def _gate_from(data: dict[str, Any]) -> HealthGate:
@@ -330,4 +343,6 @@ def _gate_from(data: dict[str, Any]) -> HealthGate:
         data["expression"],
         data["window_s"],
         PrometheusGate(**prometheus) if prometheus else None,
+        data.get("pause_on_inconclusive", False),
+        data.get("pause_timeout_s", 3600.0),
     )

@@ -284,7 +284,12 @@ class PlanRepository:
 
     async def active_plan_ids(self) -> list[str]:
         """Plans the controller has work on, oldest first."""
-        active = [Phase.APPROVED.value, Phase.EXECUTING.value, Phase.ROLLING_BACK.value]
+        active = [
+            Phase.APPROVED.value,
+            Phase.EXECUTING.value,
+            Phase.PAUSED.value,
+            Phase.ROLLING_BACK.value,
+        ]
 
         def read(db: Connection) -> list[str]:
             return list(

@@ -21,6 +21,7 @@ MAX_TEXT = 10_000
 MAX_STEP_TIMEOUT_S = 24 * 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_GATE_WINDOW_S = 3600.0
+MAX_PAUSE_S = 7 * 24 * 3600.0
 
 
 class PlanInvalid(ValueError):
@@ -130,6 +131,10 @@ def validate_plan(
         elif gate.name in names:
             bad(f"{at}.name", f"duplicate gate name {gate.name!r}")
         names.add(gate.name)
+        if gate.pause_on_inconclusive and gate.prometheus is None:
+            bad(f"{at}.on_inconclusive", "PAUSE applies to prometheus gates only")
+        if not 0 < gate.pause_timeout_s <= MAX_PAUSE_S:
+            bad(f"{at}.pause_timeout", f"must be within (0, {MAX_PAUSE_S:g}] seconds")
         if gate.prometheus is not None:
             if gate.expression.strip():
                 bad(f"{at}.expression", "give an expression or a prometheus query, not both")

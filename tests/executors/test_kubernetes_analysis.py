@@ -6,6 +6,8 @@ value, condition, verdict) is kept with the plan and shown by GetPlan."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -130,3 +132,76 @@ async def test_a_failing_gate_after_a_wave_rolls_the_plan_back(
     )
     stored = kube.cluster.get("Deployment", NAMESPACE, "llm")
     assert stored is not None and stored["spec"]["replicas"] == 1
+
+
+def _pausing(running: RunningPrometheus, case: str, timeout_s: float) -> HealthGate:
+    gate = _gate(running, f'gate_test_value{{case="{case}"}}', "result[0] < 1.0")
+    return dataclasses.replace(gate, pause_on_inconclusive=True, pause_timeout_s=timeout_s)
+
+
+async def _phase_becomes(rig: Rig, plan_id: str, phase: Phase) -> None:
+    async def follow() -> None:
+        async for current, _ in rig.desk.watch(plan_id):
+            if current.phase == phase:
+                return
+
+    await asyncio.wait_for(follow(), 30)
+
+
+async def test_an_inconclusive_gate_that_pauses_waits_for_an_operator_who_lets_it_go_on(
+    rig: Rig,
+    kube: KubeApiServer,
+    prometheus: RunningPrometheus,  # noqa: F811
+) -> None:
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    draft = plan(_canary([50, 100]))
+    draft.health_gates = (_pausing(prometheus, "pause-approved", 600),)
+    submitted = await rig.desk.submit(draft, "planner", validate_only=False)
+    plan_id = submitted.plan.plan_id
+    await _phase_becomes(rig, plan_id, Phase.PAUSED)
+    paused = await rig.desk.get(plan_id)
+    assert "paused for an operator: analysis gate 'errors' inconclusive" in paused.status_message
+    canary = kube.cluster.get("Deployment", NAMESPACE, "llm-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 1  # held at the first stage
+    # The operator finds the missing metric fixed and lets it go on; later stages measure it.
+    await prometheus.set_value("pause-approved", 0.5)
+    await rig.desk.approve(plan_id, "operator-b", "looked at it")
+    done = await rig.terminal(plan_id)
+    assert done.phase == Phase.COMPLETED, done.status_message
+    phases = [(t.from_phase, t.to_phase) for t in done.transitions]
+    assert (Phase.EXECUTING, Phase.PAUSED) in phases
+    assert (Phase.PAUSED, Phase.EXECUTING) in phases
+    stored = kube.cluster.get("Deployment", NAMESPACE, "llm")
+    assert stored is not None
+    assert stored["spec"]["template"]["spec"]["containers"][0]["image"] == "repo/llm:2"
+
+
+async def test_a_paused_plan_rolls_back_when_cancelled_or_when_the_pause_times_out(
+    rig: Rig,
+    kube: KubeApiServer,
+    prometheus: RunningPrometheus,  # noqa: F811
+) -> None:
+    kube.cluster.put(deployment("llm", namespace=NAMESPACE, replicas=2, image="repo/llm:1"))
+    draft = plan(_canary([50, 100]))
+    draft.health_gates = (_pausing(prometheus, "pause-cancelled", 600),)
+    submitted = await rig.desk.submit(draft, "planner", validate_only=False)
+    await _phase_becomes(rig, submitted.plan.plan_id, Phase.PAUSED)
+    await rig.desk.cancel(submitted.plan.plan_id, "operator-b", "not today")
+    cancelled = await rig.terminal(submitted.plan.plan_id)
+    assert cancelled.phase == Phase.FAILED, cancelled.status_message
+    assert "cancelled by operator-b: not today" in cancelled.status_message
+    assert [(t.from_phase, t.to_phase, t.reason) for t in cancelled.transitions][-2] == (
+        Phase.PAUSED,
+        Phase.EXECUTING,
+        "pause ended: cancelled by operator-b: not today",
+    )
+
+    timed = plan(_canary([50, 100]))
+    timed.health_gates = (_pausing(prometheus, "pause-timeout", 1.0),)
+    done = await rig.run(timed)
+    assert done.phase == Phase.FAILED, done.status_message
+    assert "pause timed out after 1 s without an operator" in done.status_message
+    stored = kube.cluster.get("Deployment", NAMESPACE, "llm")
+    assert stored is not None
+    assert stored["spec"]["template"]["spec"]["containers"][0]["image"] == "repo/llm:1"
+    assert kube.cluster.get("Deployment", NAMESPACE, "llm-canary") is None

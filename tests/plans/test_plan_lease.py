@@ -102,6 +102,7 @@ async def test_state_machine_allows_exactly_the_designed_transitions() -> None:
         ("APPROVED", "EXECUTING"), ("APPROVED", "CANCELLED"),
         ("EXECUTING", "COMPLETED"), ("EXECUTING", "FAILED"), ("EXECUTING", "ROLLING_BACK"),
         ("ROLLING_BACK", "ROLLED_BACK"), ("ROLLING_BACK", "FAILED"),
+        ("EXECUTING", "PAUSED"), ("PAUSED", "EXECUTING"),
     }  # fmt: skip
     allowed = set()
     for current in Phase:

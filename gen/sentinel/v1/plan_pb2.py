@@ -27,17 +27,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sentinel/v1/plan.proto\x12\x0bsentinel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x04\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x11\n\trationale\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05steps\x18\x07 \x03(\x0b\x32\x15.sentinel.v1.PlanStep\x12-\n\x0chealth_gates\x18\x08 \x03(\x0b\x32\x17.sentinel.v1.HealthGate\x12\'\n\x06limits\x18\t \x01(\x0b\x32\x17.sentinel.v1.PlanLimits\x12%\n\x05phase\x18\n \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12\x30\n\x0btransitions\x18\x0b \x03(\x0b\x32\x1b.sentinel.v1.PlanTransition\x12\x30\n\nviolations\x18\x0c \x03(\x0b\x32\x1c.sentinel.v1.PolicyViolation\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csubmitted_by\x18\x0e \x01(\t\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0estatus_message\x18\x10 \x01(\t\x12\x36\n\x0cmeasurements\x18\x11 \x03(\x0b\x32 .sentinel.v1.AnalysisMeasurement\"\x9f\x02\n\x13\x41nalysisMeasurement\x12\x0c\n\x04gate\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\r\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05point\x18\x04 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\t\x12%\n\x05value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tcondition\x18\x07 \x01(\t\x12\x0f\n\x07verdict\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x02\n\x08PlanStep\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.sentinel.v1.Target\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.sentinel.v1.StepState\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x31\n\x0cnode_results\x18\x08 \x03(\x0b\x32\x1b.sentinel.v1.StepNodeResult\"\xde\x01\n\x0eStepNodeResult\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sentinel.v1.StepState\x12\x12\n\ncommand_id\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x13rollback_command_id\x18\x07 \x01(\t\x12\x18\n\x10rollback_outcome\x18\x08 \x01(\t\"X\n\x06Target\x12\x11\n\x07node_id\x18\x01 \x01(\tH\x00\x12\x33\n\nkubernetes\x18\x02 \x01(\x0b\x32\x1d.sentinel.v1.KubernetesObjectH\x00\x42\x06\n\x04kind\"R\n\x10KubernetesObject\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x8b\x01\n\nHealthGate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\nprometheus\x18\x04 \x01(\x0b\x32\x1c.sentinel.v1.PrometheusQuery\"\xa3\x02\n\x0fPrometheusQuery\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x19\n\x11success_condition\x18\x03 \x01(\t\x12\x19\n\x11\x66\x61ilure_condition\x18\x04 \x01(\t\x12+\n\x08interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x63ount\x18\x06 \x01(\r\x12\x15\n\rfailure_limit\x18\x07 \x01(\r\x12\x1a\n\x12inconclusive_limit\x18\x08 \x01(\r\x12\x1f\n\x17\x63onsecutive_error_limit\x18\t \x01(\r\x12*\n\x07timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"z\n\nPlanLimits\x12\x1d\n\x15max_nodes_in_parallel\x18\x01 \x01(\r\x12 \n\x18max_replicas_in_parallel\x18\x02 \x01(\r\x12+\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaf\x01\n\x0ePlanTransition\x12*\n\nfrom_phase\x18\x01 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12(\n\x08to_phase\x18\x02 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"B\n\x0fPolicyViolation\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"_\n\x11SubmitPlanRequest\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"u\n\x12SubmitPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12,\n\x07preview\x18\x02 \x03(\x0b\x32\x1b.sentinel.v1.PlannedCommand\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\xb7\x01\n\x0ePlannedCommand\x12\x12\n\nstep_index\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0c\n\x04wave\x18\x05 \x01(\r\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12)\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x18.sentinel.v1.FieldChange\x12\x15\n\rdry_run_error\x18\x08 \x01(\t\";\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"!\n\x0eGetPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"2\n\x0fGetPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\"\x80\x01\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\"N\n\x11ListPlansResponse\x12 \n\x05plans\x18\x01 \x03(\x0b\x32\x11.sentinel.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"e\n\x11WatchPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12/\n\ntransition\x18\x02 \x01(\x0b\x32\x1b.sentinel.v1.PlanTransition\"5\n\x12\x41pprovePlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13\x41pprovePlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\"4\n\x11\x43\x61ncelPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan*\xcc\x02\n\tPlanPhase\x12\x1a\n\x16PLAN_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_PHASE_PENDING\x10\x01\x12\x19\n\x15PLAN_PHASE_VALIDATING\x10\x02\x12 \n\x1cPLAN_PHASE_AWAITING_APPROVAL\x10\x03\x12\x17\n\x13PLAN_PHASE_APPROVED\x10\x04\x12\x17\n\x13PLAN_PHASE_REJECTED\x10\x05\x12\x18\n\x14PLAN_PHASE_EXECUTING\x10\x06\x12\x18\n\x14PLAN_PHASE_COMPLETED\x10\x07\x12\x15\n\x11PLAN_PHASE_FAILED\x10\x08\x12\x1b\n\x17PLAN_PHASE_ROLLING_BACK\x10\t\x12\x1a\n\x16PLAN_PHASE_ROLLED_BACK\x10\n\x12\x18\n\x14PLAN_PHASE_CANCELLED\x10\x0b*\xa4\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x1a\n\x16STEP_STATE_ROLLED_BACK\x10\x05\x32\xdd\x03\n\x0bPlanService\x12M\n\nSubmitPlan\x12\x1e.sentinel.v1.SubmitPlanRequest\x1a\x1f.sentinel.v1.SubmitPlanResponse\x12\x44\n\x07GetPlan\x12\x1b.sentinel.v1.GetPlanRequest\x1a\x1c.sentinel.v1.GetPlanResponse\x12J\n\tListPlans\x12\x1d.sentinel.v1.ListPlansRequest\x1a\x1e.sentinel.v1.ListPlansResponse\x12L\n\tWatchPlan\x12\x1d.sentinel.v1.WatchPlanRequest\x1a\x1e.sentinel.v1.WatchPlanResponse0\x01\x12P\n\x0b\x41pprovePlan\x12\x1f.sentinel.v1.ApprovePlanRequest\x1a .sentinel.v1.ApprovePlanResponse\x12M\n\nCancelPlan\x12\x1e.sentinel.v1.CancelPlanRequest\x1a\x1f.sentinel.v1.CancelPlanResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sentinel/v1/plan.proto\x12\x0bsentinel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x04\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x11\n\trationale\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05steps\x18\x07 \x03(\x0b\x32\x15.sentinel.v1.PlanStep\x12-\n\x0chealth_gates\x18\x08 \x03(\x0b\x32\x17.sentinel.v1.HealthGate\x12\'\n\x06limits\x18\t \x01(\x0b\x32\x17.sentinel.v1.PlanLimits\x12%\n\x05phase\x18\n \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12\x30\n\x0btransitions\x18\x0b \x03(\x0b\x32\x1b.sentinel.v1.PlanTransition\x12\x30\n\nviolations\x18\x0c \x03(\x0b\x32\x1c.sentinel.v1.PolicyViolation\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csubmitted_by\x18\x0e \x01(\t\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0estatus_message\x18\x10 \x01(\t\x12\x36\n\x0cmeasurements\x18\x11 \x03(\x0b\x32 .sentinel.v1.AnalysisMeasurement\"\x9f\x02\n\x13\x41nalysisMeasurement\x12\x0c\n\x04gate\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\r\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05point\x18\x04 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\t\x12%\n\x05value\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tcondition\x18\x07 \x01(\t\x12\x0f\n\x07verdict\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x02\n\x08PlanStep\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.sentinel.v1.Target\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05state\x18\x06 \x01(\x0e\x32\x16.sentinel.v1.StepState\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x31\n\x0cnode_results\x18\x08 \x03(\x0b\x32\x1b.sentinel.v1.StepNodeResult\"\xde\x01\n\x0eStepNodeResult\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sentinel.v1.StepState\x12\x12\n\ncommand_id\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x13rollback_command_id\x18\x07 \x01(\t\x12\x18\n\x10rollback_outcome\x18\x08 \x01(\t\"X\n\x06Target\x12\x11\n\x07node_id\x18\x01 \x01(\tH\x00\x12\x33\n\nkubernetes\x18\x02 \x01(\x0b\x32\x1d.sentinel.v1.KubernetesObjectH\x00\x42\x06\n\x04kind\"R\n\x10KubernetesObject\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xf7\x01\n\nHealthGate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\nprometheus\x18\x04 \x01(\x0b\x32\x1c.sentinel.v1.PrometheusQuery\x12\x38\n\x0fon_inconclusive\x18\x05 \x01(\x0e\x32\x1f.sentinel.v1.InconclusiveAction\x12\x30\n\rpause_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa3\x02\n\x0fPrometheusQuery\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x19\n\x11success_condition\x18\x03 \x01(\t\x12\x19\n\x11\x66\x61ilure_condition\x18\x04 \x01(\t\x12+\n\x08interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x63ount\x18\x06 \x01(\r\x12\x15\n\rfailure_limit\x18\x07 \x01(\r\x12\x1a\n\x12inconclusive_limit\x18\x08 \x01(\r\x12\x1f\n\x17\x63onsecutive_error_limit\x18\t \x01(\r\x12*\n\x07timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"z\n\nPlanLimits\x12\x1d\n\x15max_nodes_in_parallel\x18\x01 \x01(\r\x12 \n\x18max_replicas_in_parallel\x18\x02 \x01(\r\x12+\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaf\x01\n\x0ePlanTransition\x12*\n\nfrom_phase\x18\x01 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12(\n\x08to_phase\x18\x02 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"B\n\x0fPolicyViolation\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"_\n\x11SubmitPlanRequest\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"u\n\x12SubmitPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12,\n\x07preview\x18\x02 \x03(\x0b\x32\x1b.sentinel.v1.PlannedCommand\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\xb7\x01\n\x0ePlannedCommand\x12\x12\n\nstep_index\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0c\n\x04wave\x18\x05 \x01(\r\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12)\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x18.sentinel.v1.FieldChange\x12\x15\n\rdry_run_error\x18\x08 \x01(\t\";\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"!\n\x0eGetPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"2\n\x0fGetPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\"\x80\x01\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.sentinel.v1.PlanPhase\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\"N\n\x11ListPlansResponse\x12 \n\x05plans\x18\x01 \x03(\x0b\x32\x11.sentinel.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\"e\n\x11WatchPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\x12/\n\ntransition\x18\x02 \x01(\x0b\x32\x1b.sentinel.v1.PlanTransition\"5\n\x12\x41pprovePlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13\x41pprovePlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan\"4\n\x11\x43\x61ncelPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelPlanResponse\x12\x1f\n\x04plan\x18\x01 \x01(\x0b\x32\x11.sentinel.v1.Plan*\xe3\x02\n\tPlanPhase\x12\x1a\n\x16PLAN_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_PHASE_PENDING\x10\x01\x12\x19\n\x15PLAN_PHASE_VALIDATING\x10\x02\x12 \n\x1cPLAN_PHASE_AWAITING_APPROVAL\x10\x03\x12\x17\n\x13PLAN_PHASE_APPROVED\x10\x04\x12\x17\n\x13PLAN_PHASE_REJECTED\x10\x05\x12\x18\n\x14PLAN_PHASE_EXECUTING\x10\x06\x12\x18\n\x14PLAN_PHASE_COMPLETED\x10\x07\x12\x15\n\x11PLAN_PHASE_FAILED\x10\x08\x12\x1b\n\x17PLAN_PHASE_ROLLING_BACK\x10\t\x12\x1a\n\x16PLAN_PHASE_ROLLED_BACK\x10\n\x12\x18\n\x14PLAN_PHASE_CANCELLED\x10\x0b\x12\x15\n\x11PLAN_PHASE_PAUSED\x10\x0c*\xa4\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x1a\n\x16STEP_STATE_ROLLED_BACK\x10\x05*z\n\x12InconclusiveAction\x12#\n\x1fINCONCLUSIVE_ACTION_UNSPECIFIED\x10\x00\x12 \n\x1cINCONCLUSIVE_ACTION_ROLLBACK\x10\x01\x12\x1d\n\x19INCONCLUSIVE_ACTION_PAUSE\x10\x02\x32\xdd\x03\n\x0bPlanService\x12M\n\nSubmitPlan\x12\x1e.sentinel.v1.SubmitPlanRequest\x1a\x1f.sentinel.v1.SubmitPlanResponse\x12\x44\n\x07GetPlan\x12\x1b.sentinel.v1.GetPlanRequest\x1a\x1c.sentinel.v1.GetPlanResponse\x12J\n\tListPlans\x12\x1d.sentinel.v1.ListPlansRequest\x1a\x1e.sentinel.v1.ListPlansResponse\x12L\n\tWatchPlan\x12\x1d.sentinel.v1.WatchPlanRequest\x1a\x1e.sentinel.v1.WatchPlanResponse0\x01\x12P\n\x0b\x41pprovePlan\x12\x1f.sentinel.v1.ApprovePlanRequest\x1a .sentinel.v1.ApprovePlanResponse\x12M\n\nCancelPlan\x12\x1e.sentinel.v1.CancelPlanRequest\x1a\x1f.sentinel.v1.CancelPlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sentinel.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANPHASE']._serialized_start=3646
-  _globals['_PLANPHASE']._serialized_end=3978
-  _globals['_STEPSTATE']._serialized_start=3981
-  _globals['_STEPSTATE']._serialized_end=4145
+  _globals['_PLANPHASE']._serialized_start=3754
+  _globals['_PLANPHASE']._serialized_end=4109
+  _globals['_STEPSTATE']._serialized_start=4112
+  _globals['_STEPSTATE']._serialized_end=4276
+  _globals['_INCONCLUSIVEACTION']._serialized_start=4278
+  _globals['_INCONCLUSIVEACTION']._serialized_end=4400
   _globals['_PLAN']._serialized_start=135
   _globals['_PLAN']._serialized_end=747
   _globals['_ANALYSISMEASUREMENT']._serialized_start=750
@@ -51,43 +53,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KUBERNETESOBJECT']._serialized_start=1634
   _globals['_KUBERNETESOBJECT']._serialized_end=1716
   _globals['_HEALTHGATE']._serialized_start=1719
-  _globals['_HEALTHGATE']._serialized_end=1858
-  _globals['_PROMETHEUSQUERY']._serialized_start=1861
-  _globals['_PROMETHEUSQUERY']._serialized_end=2152
-  _globals['_PLANLIMITS']._serialized_start=2154
-  _globals['_PLANLIMITS']._serialized_end=2276
-  _globals['_PLANTRANSITION']._serialized_start=2279
-  _globals['_PLANTRANSITION']._serialized_end=2454
-  _globals['_POLICYVIOLATION']._serialized_start=2456
-  _globals['_POLICYVIOLATION']._serialized_end=2522
-  _globals['_SUBMITPLANREQUEST']._serialized_start=2524
-  _globals['_SUBMITPLANREQUEST']._serialized_end=2619
-  _globals['_SUBMITPLANRESPONSE']._serialized_start=2621
-  _globals['_SUBMITPLANRESPONSE']._serialized_end=2738
-  _globals['_PLANNEDCOMMAND']._serialized_start=2741
-  _globals['_PLANNEDCOMMAND']._serialized_end=2924
-  _globals['_FIELDCHANGE']._serialized_start=2926
-  _globals['_FIELDCHANGE']._serialized_end=2985
-  _globals['_GETPLANREQUEST']._serialized_start=2987
-  _globals['_GETPLANREQUEST']._serialized_end=3020
-  _globals['_GETPLANRESPONSE']._serialized_start=3022
-  _globals['_GETPLANRESPONSE']._serialized_end=3072
-  _globals['_LISTPLANSREQUEST']._serialized_start=3075
-  _globals['_LISTPLANSREQUEST']._serialized_end=3203
-  _globals['_LISTPLANSRESPONSE']._serialized_start=3205
-  _globals['_LISTPLANSRESPONSE']._serialized_end=3283
-  _globals['_WATCHPLANREQUEST']._serialized_start=3285
-  _globals['_WATCHPLANREQUEST']._serialized_end=3320
-  _globals['_WATCHPLANRESPONSE']._serialized_start=3322
-  _globals['_WATCHPLANRESPONSE']._serialized_end=3423
-  _globals['_APPROVEPLANREQUEST']._serialized_start=3425
-  _globals['_APPROVEPLANREQUEST']._serialized_end=3478
-  _globals['_APPROVEPLANRESPONSE']._serialized_start=3480
-  _globals['_APPROVEPLANRESPONSE']._serialized_end=3534
-  _globals['_CANCELPLANREQUEST']._serialized_start=3536
-  _globals['_CANCELPLANREQUEST']._serialized_end=3588
-  _globals['_CANCELPLANRESPONSE']._serialized_start=3590
-  _globals['_CANCELPLANRESPONSE']._serialized_end=3643
-  _globals['_PLANSERVICE']._serialized_start=4148
-  _globals['_PLANSERVICE']._serialized_end=4625
+  _globals['_HEALTHGATE']._serialized_end=1966
+  _globals['_PROMETHEUSQUERY']._serialized_start=1969
+  _globals['_PROMETHEUSQUERY']._serialized_end=2260
+  _globals['_PLANLIMITS']._serialized_start=2262
+  _globals['_PLANLIMITS']._serialized_end=2384
+  _globals['_PLANTRANSITION']._serialized_start=2387
+  _globals['_PLANTRANSITION']._serialized_end=2562
+  _globals['_POLICYVIOLATION']._serialized_start=2564
+  _globals['_POLICYVIOLATION']._serialized_end=2630
+  _globals['_SUBMITPLANREQUEST']._serialized_start=2632
+  _globals['_SUBMITPLANREQUEST']._serialized_end=2727
+  _globals['_SUBMITPLANRESPONSE']._serialized_start=2729
+  _globals['_SUBMITPLANRESPONSE']._serialized_end=2846
+  _globals['_PLANNEDCOMMAND']._serialized_start=2849
+  _globals['_PLANNEDCOMMAND']._serialized_end=3032
+  _globals['_FIELDCHANGE']._serialized_start=3034
+  _globals['_FIELDCHANGE']._serialized_end=3093
+  _globals['_GETPLANREQUEST']._serialized_start=3095
+  _globals['_GETPLANREQUEST']._serialized_end=3128
+  _globals['_GETPLANRESPONSE']._serialized_start=3130
+  _globals['_GETPLANRESPONSE']._serialized_end=3180
+  _globals['_LISTPLANSREQUEST']._serialized_start=3183
+  _globals['_LISTPLANSREQUEST']._serialized_end=3311
+  _globals['_LISTPLANSRESPONSE']._serialized_start=3313
+  _globals['_LISTPLANSRESPONSE']._serialized_end=3391
+  _globals['_WATCHPLANREQUEST']._serialized_start=3393
+  _globals['_WATCHPLANREQUEST']._serialized_end=3428
+  _globals['_WATCHPLANRESPONSE']._serialized_start=3430
+  _globals['_WATCHPLANRESPONSE']._serialized_end=3531
+  _globals['_APPROVEPLANREQUEST']._serialized_start=3533
+  _globals['_APPROVEPLANREQUEST']._serialized_end=3586
+  _globals['_APPROVEPLANRESPONSE']._serialized_start=3588
+  _globals['_APPROVEPLANRESPONSE']._serialized_end=3642
+  _globals['_CANCELPLANREQUEST']._serialized_start=3644
+  _globals['_CANCELPLANREQUEST']._serialized_end=3696
+  _globals['_CANCELPLANRESPONSE']._serialized_start=3698
+  _globals['_CANCELPLANRESPONSE']._serialized_end=3751
+  _globals['_PLANSERVICE']._serialized_start=4403
+  _globals['_PLANSERVICE']._serialized_end=4880
 # @@protoc_insertion_point(module_scope)

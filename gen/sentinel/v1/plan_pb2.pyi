@@ -40,6 +40,11 @@ class _PlanPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanPhase.V
     PLAN_PHASE_ROLLING_BACK: _PlanPhase.ValueType  # 9
     PLAN_PHASE_ROLLED_BACK: _PlanPhase.ValueType  # 10
     PLAN_PHASE_CANCELLED: _PlanPhase.ValueType  # 11
+    PLAN_PHASE_PAUSED: _PlanPhase.ValueType  # 12
+    """Executing, stopped at an analysis gate that was inconclusive and says to pause: an operator
+    approves (it goes on) or cancels (it rolls back); without either it rolls back after the
+    gate's pause_timeout.
+    """
 
 class PlanPhase(_PlanPhase, metaclass=_PlanPhaseEnumTypeWrapper): ...
 
@@ -55,6 +60,11 @@ PLAN_PHASE_FAILED: PlanPhase.ValueType  # 8
 PLAN_PHASE_ROLLING_BACK: PlanPhase.ValueType  # 9
 PLAN_PHASE_ROLLED_BACK: PlanPhase.ValueType  # 10
 PLAN_PHASE_CANCELLED: PlanPhase.ValueType  # 11
+PLAN_PHASE_PAUSED: PlanPhase.ValueType  # 12
+"""Executing, stopped at an analysis gate that was inconclusive and says to pause: an operator
+approves (it goes on) or cancels (it rolls back); without either it rolls back after the
+gate's pause_timeout.
+"""
 Global___PlanPhase: _TypeAlias = PlanPhase  # noqa: Y015
 
 class _StepState:
@@ -79,6 +89,23 @@ STEP_STATE_SUCCEEDED: StepState.ValueType  # 3
 STEP_STATE_FAILED: StepState.ValueType  # 4
 STEP_STATE_ROLLED_BACK: StepState.ValueType  # 5
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
+
+class _InconclusiveAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InconclusiveActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InconclusiveAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INCONCLUSIVE_ACTION_UNSPECIFIED: _InconclusiveAction.ValueType  # 0
+    INCONCLUSIVE_ACTION_ROLLBACK: _InconclusiveAction.ValueType  # 1
+    INCONCLUSIVE_ACTION_PAUSE: _InconclusiveAction.ValueType  # 2
+
+class InconclusiveAction(_InconclusiveAction, metaclass=_InconclusiveActionEnumTypeWrapper): ...
+
+INCONCLUSIVE_ACTION_UNSPECIFIED: InconclusiveAction.ValueType  # 0
+INCONCLUSIVE_ACTION_ROLLBACK: InconclusiveAction.ValueType  # 1
+INCONCLUSIVE_ACTION_PAUSE: InconclusiveAction.ValueType  # 2
+Global___InconclusiveAction: _TypeAlias = InconclusiveAction  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
@@ -376,10 +403,16 @@ class HealthGate(_message.Message):
     EXPRESSION_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     PROMETHEUS_FIELD_NUMBER: _builtins.int
+    ON_INCONCLUSIVE_FIELD_NUMBER: _builtins.int
+    PAUSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expression: _builtins.str
     """CEL expression over the latest telemetry sample of each node a step touched (`sample`, the
     TelemetrySample as a map, and `node_id`); it must hold for every node.
+    """
+    on_inconclusive: Global___InconclusiveAction.ValueType
+    """What an inconclusive verdict of a prometheus gate does: roll back (the default) or pause the
+    plan for an operator, for at most pause_timeout (default 1 h), then roll back.
     """
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
@@ -393,6 +426,8 @@ class HealthGate(_message.Message):
         judges it. Measured after each wave and at each stage of a progressive rollout.
         """
 
+    @_builtins.property
+    def pause_timeout(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -400,10 +435,12 @@ class HealthGate(_message.Message):
         expression: _builtins.str = ...,
         window: _duration_pb2.Duration | None = ...,
         prometheus: Global___PrometheusQuery | None = ...,
+        on_inconclusive: Global___InconclusiveAction.ValueType = ...,
+        pause_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pause_timeout", b"pause_timeout", "prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "name", b"name", "prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "name", b"name", "on_inconclusive", b"on_inconclusive", "pause_timeout", b"pause_timeout", "prometheus", b"prometheus", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
