@@ -309,7 +309,7 @@ class ControlPlane:
         settings = self.settings
         credentials = ReloadingServerCredentials(settings.tls).credentials()
         file_policies = await asyncio.to_thread(load_policy_files, settings.policy_paths)
-        await asyncio.to_thread(self.clusters.check_files)
+        await asyncio.to_thread(self.clusters.prepare)
         await asyncio.to_thread(self.store.migrate)
         await self.policies.install_files(file_policies)
         await self.registry.load()

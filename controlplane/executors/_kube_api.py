@@ -250,8 +250,9 @@ class KubeClusters:
     def __bool__(self) -> bool:
         return bool(self._clusters)
 
-    def check_files(self) -> None:
-        """Refuses to start with a kubeconfig that is not there (blocking: file system)."""
+    def prepare(self) -> None:
+        """Refuses to start with a kubeconfig that is not there, and makes every cluster's
+        client (blocking: reads files; call it off the event loop, before serving)."""
         for cluster in self._clusters.values():
             spec = cluster.spec
             if not spec.in_cluster and not pathlib.Path(spec.kubeconfig).is_file():
@@ -259,6 +260,13 @@ class KubeClusters:
                     f"kubernetes_clusters: cluster {spec.name}: no kubeconfig file at "
                     f"{spec.kubeconfig!r}"
                 )
+            try:
+                cluster.apis()
+            except Exception as exc:  # the client's ConfigException, YAML and file errors
+                raise ClusterConfigError(
+                    f"kubernetes_clusters: cluster {spec.name}: cannot load its configuration: "
+                    f"{exc}"
+                ) from exc
 
     async def probe(self, timeout_s: float = 5.0) -> dict[str, bool]:
         """Asks every API server for its version; records and returns who answered."""

@@ -248,7 +248,7 @@ class KubernetesExecutor:
         try:
             obj = await cluster.call("get", workload.read, k.name, k.namespace, deadline=until)
             labels = obj.get("spec", {}).get("selector", {}).get("matchLabels") or {}
-            selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+            selector = _label_selector(labels)
             listed = await cluster.call(
                 "list",
                 core.list_namespaced_pod,
@@ -426,16 +426,17 @@ class KubernetesExecutor:
         read: Callable[..., Any],
         replace: Callable[..., Any],
         args: tuple[Any, ...],
-        change: Callable[[dict[str, Any]], bool],
+        change: Callable[[dict[str, Any]], None],
         deadline: float,
     ) -> dict[str, Any]:
         """Reads, changes and replaces one object with its resourceVersion as precondition;
-        on a 409 conflict reads again and retries. `change` edits the object in place and says
-        whether anything needs writing."""
+        on a 409 conflict reads again and retries. `change` edits a copy of the object in
+        place; nothing is written when the copy comes out equal to what was read."""
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
             obj: dict[str, Any] = await cluster.call("get", read, *args, deadline=deadline)
             edited = copy.deepcopy(obj)
-            if not change(edited):
+            change(edited)
+            if edited == obj:
                 return obj
             try:
                 written: dict[str, Any] = await cluster.call(
@@ -515,9 +516,8 @@ class KubernetesExecutor:
             return await self._blue_green(workload, target, run, deadline)
         previous: dict[str, Any] = {}
 
-        def change(obj: dict[str, Any]) -> bool:
+        def change(obj: dict[str, Any]) -> None:
             self._check_opt_in(obj)
-            before = json.dumps(obj, sort_keys=True)
             spec = obj.setdefault("spec", {})
             template = spec.setdefault("template", {})
             if run.action == "scale":
@@ -540,7 +540,6 @@ class KubernetesExecutor:
                 _annotations(obj)[ANNOTATION_CHANGE] = json.dumps(
                     change_record, sort_keys=True, separators=(",", ":")
                 )
-            return json.dumps(obj, sort_keys=True) != before
 
         args = (target.name, target.namespace)
         try:
@@ -565,11 +564,9 @@ class KubernetesExecutor:
                 note = await self._put_back(cluster, target, run, previous, deadline)
                 raise RunFailed(f"{failure}{note}") from failure
             raise
-        status = obj.get("status", {})
         output: dict[str, Any] = {
             "previous": previous,
-            "resource_version": obj.get("metadata", {}).get("resourceVersion", ""),
-            "ready_replicas": status.get("readyReplicas", 0),
+            **_final_state(obj),
             "message": f"{run.action} done: {_describe_status(obj)}",
         }
         if run.action == "scale":
@@ -581,12 +578,8 @@ class KubernetesExecutor:
     ) -> None:
         """Sets the replicas through the scale subresource."""
 
-        def change(scale: dict[str, Any]) -> bool:
-            spec = scale.setdefault("spec", {})
-            if spec.get("replicas") == replicas:
-                return False
-            spec["replicas"] = replicas
-            return True
+        def change(scale: dict[str, Any]) -> None:
+            scale.setdefault("spec", {})["replicas"] = replicas
 
         await self._update(
             workload.cluster,
@@ -634,13 +627,11 @@ class KubernetesExecutor:
             _, core, _ = cluster.apis()
             unschedulable = bool(previous.get("unschedulable", False))
 
-            def node_change(obj: dict[str, Any]) -> bool:
+            def node_change(obj: dict[str, Any]) -> None:
                 spec = obj.setdefault("spec", {})
-                if bool(spec.get("unschedulable", False)) == unschedulable:
-                    return False
-                _record(obj, run, dict)
-                spec["unschedulable"] = unschedulable
-                return True
+                if bool(spec.get("unschedulable", False)) != unschedulable:
+                    _record(obj, run, dict)
+                    spec["unschedulable"] = unschedulable
 
             await self._update(
                 cluster, core.read_node, core.replace_node, (target.name,), node_change, deadline
@@ -648,14 +639,13 @@ class KubernetesExecutor:
             return
         workload = _Workload(cluster, target.kind)
 
-        def change(obj: dict[str, Any]) -> bool:
-            before = json.dumps(obj, sort_keys=True)
+        def change(obj: dict[str, Any]) -> None:
+            restored = copy.deepcopy(obj)
             if "containers" in previous or "strategy" in previous:
+                _restore_rollout(restored, previous)
+            if restored != obj:
                 _restore_rollout(obj, previous)
-            if json.dumps(obj, sort_keys=True) == before:
-                return False
-            _record(obj, run, dict)
-            return True
+                _record(obj, run, dict)
 
         await self._update(
             cluster,
@@ -711,15 +701,13 @@ class KubernetesExecutor:
         previous: dict[str, Any] = {}
         stable: dict[str, Any] = {}
 
-        def record(obj: dict[str, Any]) -> bool:
+        def record(obj: dict[str, Any]) -> None:
             self._check_opt_in(obj)
-            before = json.dumps(obj, sort_keys=True)
             replicas = obj.get("spec", {}).get("replicas", 1)
             previous.update(
                 _record(obj, run, lambda: {**_rollout_previous(obj, p), "replicas": replicas})
             )
             stable.update(copy.deepcopy(obj))
-            return json.dumps(obj, sort_keys=True) != before
 
         namespace, name = target.namespace, target.name
         await self._update(
@@ -729,9 +717,7 @@ class KubernetesExecutor:
         canary = _sibling_name(name, "canary")
         weights = [int(w) for w in p.get("weights", DEFAULT_WEIGHTS)]
         stages: list[str] = []
-        promoted = json.dumps(stable, sort_keys=True) == json.dumps(
-            _with_rollout(stable, p), sort_keys=True
-        )
+        promoted = stable == _with_rollout(stable, p)
         try:
             await self._create_sibling(workload, stable, canary, "canary", run, deadline)
             # A run repeated after a restart goes on from where the cluster is: stages the
@@ -757,17 +743,12 @@ class KubernetesExecutor:
                     raise RunFailed(f"analysis at {point}: {why}")
                 stages.append(point)
 
-            def promote(obj: dict[str, Any]) -> bool:
-                before = json.dumps(obj, sort_keys=True)
-                _apply_rollout(obj, p)
-                return json.dumps(obj, sort_keys=True) != before
-
             await self._update(
                 workload.cluster,
                 workload.read,
                 workload.replace,
                 (name, namespace),
-                promote,
+                lambda obj: _apply_rollout(obj, p),
                 deadline,
             )
             await self._scale(workload, namespace, name, total, deadline)
@@ -779,8 +760,7 @@ class KubernetesExecutor:
         return {
             "previous": previous,
             "stages": stages,
-            "resource_version": obj.get("metadata", {}).get("resourceVersion", ""),
-            "ready_replicas": obj.get("status", {}).get("readyReplicas", 0),
+            **_final_state(obj),
             "message": f"canary promoted after {len(stages)} stage(s): {_describe_status(obj)}",
         }
 
@@ -808,9 +788,8 @@ class KubernetesExecutor:
         previous: dict[str, Any] = {}
         stable: dict[str, Any] = {}
 
-        def record(obj: dict[str, Any]) -> bool:
+        def record(obj: dict[str, Any]) -> None:
             self._check_opt_in(obj)
-            before = json.dumps(obj, sort_keys=True)
             replicas = obj.get("spec", {}).get("replicas", 1)
             previous.update(
                 _record(
@@ -824,7 +803,6 @@ class KubernetesExecutor:
                 )
             )
             stable.update(copy.deepcopy(obj))
-            return json.dumps(obj, sort_keys=True) != before
 
         await self._update(
             cluster, workload.read, workload.replace, (name, namespace), record, deadline
@@ -863,13 +841,13 @@ class KubernetesExecutor:
                 )
             await asyncio.sleep(delay)
 
-            def promote(obj: dict[str, Any]) -> bool:
-                before = json.dumps(obj, sort_keys=True)
-                _apply_rollout(obj, p)
-                return json.dumps(obj, sort_keys=True) != before
-
             await self._update(
-                cluster, workload.read, workload.replace, (name, namespace), promote, deadline
+                cluster,
+                workload.read,
+                workload.replace,
+                (name, namespace),
+                lambda obj: _apply_rollout(obj, p),
+                deadline,
             )
             obj = await self._wait_ready(workload, namespace, name, deadline)
             await self._set_selector(cluster, namespace, service_name, original, deadline, run)
@@ -880,8 +858,7 @@ class KubernetesExecutor:
         return {
             "previous": previous,
             "stages": stages,
-            "resource_version": obj.get("metadata", {}).get("resourceVersion", ""),
-            "ready_replicas": obj.get("status", {}).get("readyReplicas", 0),
+            **_final_state(obj),
             "message": f"blue/green switched and folded back: {_describe_status(obj)}",
         }
 
@@ -891,7 +868,7 @@ class KubernetesExecutor:
         """The pod-template-hash most of the Deployment's own pods carry."""
         _, core, _ = cluster.apis()
         labels = deployment.get("spec", {}).get("selector", {}).get("matchLabels") or {}
-        selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        selector = _label_selector(labels)
         listed = await cluster.call(
             "list",
             core.list_namespaced_pod,
@@ -924,15 +901,12 @@ class KubernetesExecutor:
         """Points a Service at `selector`, recording (with `run`) the selector it had first."""
         _, core, _ = cluster.apis()
 
-        def change(obj: dict[str, Any]) -> bool:
+        def change(obj: dict[str, Any]) -> None:
             spec = obj.setdefault("spec", {})
             current = dict(spec.get("selector") or {})
             if run is not None:
                 _record(obj, run, lambda: {"selector": current})
-            if current == dict(selector) and run is None:
-                return False
             spec["selector"] = dict(selector)
-            return True
 
         await self._update(
             cluster,
@@ -1025,15 +999,15 @@ class KubernetesExecutor:
         _, core, _ = cluster.apis()
         previous: dict[str, Any] = {}
 
-        def change(obj: dict[str, Any]) -> bool:
+        def change(obj: dict[str, Any]) -> None:
             spec = obj.setdefault("spec", {})
             current = bool(spec.get("unschedulable", False))
-            recorded = _record(obj, run, lambda: {"unschedulable": current})
-            previous.update(recorded)
-            if current == unschedulable and recorded.get("unschedulable") == current:
-                return False  # nothing to do, and nothing recorded that needs writing
-            spec["unschedulable"] = unschedulable
-            return True
+            record = _change_record(obj)
+            before = record["previous"] if record.get("run") == _run_id(run) else None
+            previous.update(before or {"unschedulable": current})
+            if current != unschedulable:  # only a real change is recorded and written
+                _record(obj, run, lambda: {"unschedulable": current})
+                spec["unschedulable"] = unschedulable
 
         await self._update(
             cluster, core.read_node, core.replace_node, (target.name,), change, deadline
@@ -1371,3 +1345,16 @@ def _with_rollout(obj: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict
     changed = copy.deepcopy(dict(obj))
     _apply_rollout(changed, parameters)
     return changed
+
+
+def _label_selector(labels: Mapping[str, str]) -> str:
+    """matchLabels as the `labelSelector` query parameter writes them."""
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def _final_state(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's output says of the workload it left behind."""
+    return {
+        "resource_version": obj.get("metadata", {}).get("resourceVersion", ""),
+        "ready_replicas": obj.get("status", {}).get("readyReplicas", 0),
+    }

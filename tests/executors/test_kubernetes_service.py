@@ -18,7 +18,7 @@ from sentinel.v1 import audit_pb2, audit_pb2_grpc, plan_pb2
 from tests.analysis.conftest import RunningPrometheus, prometheus  # noqa: F401 (fixture)
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki
 from tests.executors.conftest import NAMESPACE
-from tests.kubeapi import KubeApiServer
+from tests.kubeapi import KubeApiServer, write_kubeconfig
 from tests.kubeapi.objects import deployment
 from tests.plan_helpers import plan_client, wait_terminal
 from tests.telemetry.test_metrics import scrape
@@ -123,6 +123,9 @@ async def test_a_bad_cluster_setting_stops_the_control_plane_with_the_reason(
         await control_plane_factory(kubernetes_clusters="lab")
     with pytest.raises(ValueError, match="no kubeconfig file at"):
         await control_plane_factory(kubernetes_clusters=f"lab={tmp_path / 'missing'}")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", {"lab": "http://127.0.0.1:1"})
+    with pytest.raises(ValueError, match="cluster lab: cannot load its configuration"):
+        await control_plane_factory(kubernetes_clusters=f"lab={kubeconfig}#no-such-context")
 
 
 async def test_the_readme_canary_example_is_a_valid_plan_with_a_dry_run(
