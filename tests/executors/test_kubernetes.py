@@ -118,7 +118,7 @@ async def test_a_conflicting_write_is_read_again_and_retried(rig: Rig, kube: Kub
     assert _image(kube, "llm") == "repo/llm:2"
     codes = [r.code for r in _writes(kube, "deployments")]
     assert codes[:2] == [409, 409]
-    assert codes[2] == 200
+    assert codes[-1] == 200  # (a status update in between may add a real 409 before it)
 
 
 async def test_restart_stamps_the_pod_template_as_kubectl_does(
@@ -155,7 +155,9 @@ async def test_a_run_repeated_after_a_restart_keeps_the_state_recorded_before_th
     expected = {"containers": {"main": {"image": "repo/llm:1", "env": []}}, "strategy": defaulted}
     assert first.output["previous"] == expected
     assert again.output["previous"] == expected
-    assert len(_writes(kube, "deployments")) == 1  # the second run wrote nothing
+    # The second run wrote nothing. (A write may meet a 409 when the cluster's controller
+    # updated the status in between; it is read again and retried: count what was stored.)
+    assert [r.code for r in _writes(kube, "deployments") if r.code != 409] == [200]
 
 
 async def test_a_drain_blocked_by_a_budget_names_it_and_uncordons_the_node(

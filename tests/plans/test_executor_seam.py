@@ -8,7 +8,6 @@ protocol. (Nothing is mocked: the executor below is a complete, if in-memory, ex
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -29,22 +28,11 @@ from controlplane.executors import (
     Undo,
 )
 from controlplane.plans import (
-    FleetView,
-    HealthGates,
-    Lease,
-    Limits,
     Phase,
-    PipelineController,
-    Plan,
-    PlanDesk,
     PlanInvalid,
-    PlanLimitsConfig,
-    Step,
     StepState,
 )
-from controlplane.policy import PolicyEngine
-from controlplane.store import Store
-from controlplane.telemetry import Sample
+from tests.plan_rig import PlanRig, draft_plan, plan_rig
 
 
 @dataclass
@@ -127,78 +115,18 @@ def _target(name: str, cluster: str = "lab") -> Target:
     return Target(kubernetes=KubernetesObject(cluster, "models", "Deployment", name))
 
 
-def _plan(*steps: tuple[str, list[Target], dict[str, Any]], parallel: int = 1) -> Plan:
-    return Plan(
-        plan_id="",
-        request_id="",
-        source="test",
-        rationale="",
-        confidence=0.9,
-        expire_at=None,
-        steps=[
-            Step(i, f"s{i}", action, tuple(targets), parameters, 30.0)
-            for i, (action, targets, parameters) in enumerate(steps)
-        ],
-        health_gates=(),
-        limits=Limits(max_nodes_in_parallel=parallel),
-    )
-
-
 @dataclass
-class Rig:
-    desk: PlanDesk
-    controller: PipelineController
+class Rig(PlanRig):
+    """The desk and controller, and the pretend cluster the test executor changes."""
+
     cluster: Deployments
-
-
-def _no_telemetry(node_id: str) -> Sample[dict[str, Any]] | None:
-    return None
 
 
 @pytest.fixture
 async def rig(database_url: str) -> AsyncIterator[Rig]:
-    store = Store(database_url)
-    store.migrate()
     cluster = Deployments(replicas={"k8s/lab/models/Deployment/llm": 2})
-    executors = Executors([ReplicaExecutor(cluster)])
-    desk = PlanDesk(
-        store,
-        PolicyEngine(),
-        FleetView(
-            fleet_size=lambda: 0,
-            connected_nodes=lambda: 0,
-            cordoned_nodes=frozenset,
-        ),
-        executors,
-        limits=PlanLimitsConfig(max_steps=10, max_targets=10),
-        rate_window_s=60,
-        poll_interval_s=0.05,
-    )
-    controller = PipelineController(
-        desk.repository,
-        Lease(store, "pipeline-controller", "test", 10),
-        executors,
-        HealthGates(_no_telemetry, dict),
-        interval_s=0.05,
-    )
-    task = asyncio.create_task(controller.run())
-    try:
-        yield Rig(desk, controller, cluster)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        store.close()
-
-
-async def _terminal(desk: PlanDesk, plan_id: str) -> Plan:
-    async def follow() -> Plan:
-        async for plan, _ in desk.watch(plan_id):
-            if plan.phase.terminal:
-                return plan
-        raise AssertionError("watch ended before the plan did")
-
-    return await asyncio.wait_for(follow(), 20)
+    async with plan_rig(database_url, Executors([ReplicaExecutor(cluster)])) as running:
+        yield Rig(running.desk, running.controller, cluster)
 
 
 async def test_a_new_target_kind_is_validated_previewed_and_run_through_its_executor(
@@ -206,13 +134,13 @@ async def test_a_new_target_kind_is_validated_previewed_and_run_through_its_exec
 ) -> None:
     llm, embed = _target("llm"), _target("embed")
     submitted = await rig.desk.submit(
-        _plan(("scale", [llm, embed], {"replicas": 4})), "planner", validate_only=False
+        draft_plan(("scale", [llm, embed], {"replicas": 4})), "planner", validate_only=False
     )
     assert [(c.node_id, c.wave, c.summary) for c in submitted.preview] == [
         (llm.key, 0, f"scale {llm.key} to 4"),
         (embed.key, 1, f"scale {embed.key} to 4"),
     ]
-    plan = await _terminal(rig.desk, submitted.plan.plan_id)
+    plan = await rig.terminal(submitted.plan.plan_id)
     assert plan.phase == Phase.COMPLETED
     assert rig.cluster.replicas == {llm.key: 4, embed.key: 4}
     # One wave at a time, each target once, results filed under the target's key.
@@ -228,7 +156,7 @@ async def test_a_new_target_kind_is_validated_previewed_and_run_through_its_exec
 
 
 async def test_the_executor_judges_its_targets_and_parameters_at_submission(rig: Rig) -> None:
-    bad = _plan(
+    bad = draft_plan(
         ("scale", [_target("llm", cluster="elsewhere")], {"replicas": -1}),
         ("reboot", [_target("llm")], {}),
         ("set_gpu_power_limit", [Target(node_id="node-1")], {"watts": 300}),
@@ -259,11 +187,11 @@ async def test_a_failed_run_rolls_back_what_succeeded_in_reverse_through_undo(ri
     llm, embed, asr = _target("llm"), _target("embed"), _target("asr")
     rig.cluster.refuse.add(asr.key)
     submitted = await rig.desk.submit(
-        _plan(("scale", [llm, embed], {"replicas": 6}), ("scale", [asr], {"replicas": 3})),
+        draft_plan(("scale", [llm, embed], {"replicas": 6}), ("scale", [asr], {"replicas": 3})),
         "planner",
         validate_only=False,
     )
-    plan = await _terminal(rig.desk, submitted.plan.plan_id)
+    plan = await rig.terminal(submitted.plan.plan_id)
     assert plan.phase == Phase.ROLLED_BACK
     assert f"{asr.key}: FAILED {asr.key} refused" in plan.status_message
     # Back to what each target had before the plan, undone last-first.
@@ -283,7 +211,7 @@ async def test_cancel_withdraws_runs_in_flight_and_rolls_back(rig: Rig) -> None:
     llm = _target("llm")
     rig.cluster.hold = asyncio.Event()
     submitted = await rig.desk.submit(
-        _plan(("scale", [llm], {"replicas": 8})), "planner", validate_only=False
+        draft_plan(("scale", [llm], {"replicas": 8})), "planner", validate_only=False
     )
     plan_id = submitted.plan.plan_id
 
@@ -293,7 +221,7 @@ async def test_cancel_withdraws_runs_in_flight_and_rolls_back(rig: Rig) -> None:
     await asyncio.wait_for(rig.cluster.withdrawal.wait(), 10)
     assert rig.cluster.withdrawn == [llm.key]
     rig.cluster.hold.set()  # the run had already started: its result is awaited, then undone
-    plan = await _terminal(rig.desk, plan_id)
+    plan = await rig.terminal(plan_id)
     assert plan.phase == Phase.ROLLED_BACK
     assert rig.cluster.replicas == {llm.key: 2}
     assert "wrong model" in plan.status_message
