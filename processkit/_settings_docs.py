@@ -9,7 +9,8 @@ import itertools
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under each field of a settings dataclass, for --help."""
+    """The one-line docstrings under each field of a settings dataclass, for --help (with `%`
+    doubled: argparse formats help strings)."""
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
@@ -20,5 +21,6 @@ def field_docs(cls: type) -> dict[str, str]:
             and isinstance(following, ast.Expr)
             and isinstance(following.value, ast.Constant)
         ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
+            text = " ".join(str(following.value.value).split())
+            docs[node.target.id] = text.replace("%", "%%")
     return docs

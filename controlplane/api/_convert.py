@@ -69,7 +69,11 @@ def agent_message(state: AgentState) -> fleet_pb2.Agent:
         telemetry_gap_samples=state.telemetry_gap_samples,
         spiffe_id=state.spiffe_id,
         cordoned=state.cordoned,
+        replica_id=state.replica_id,
+        replica_address=state.replica_address,
     )
+    if state.connected_at is not None:
+        agent.connected_time.CopyFrom(timestamp(state.connected_at))
     host = state.inventory.get("host")
     if host:
         json_format.ParseDict(host, agent.host, ignore_unknown_fields=True)

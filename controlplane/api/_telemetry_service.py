@@ -11,7 +11,7 @@ from sentinel.v1 import telemetry_pb2, telemetry_pb2_grpc
 from controlplane.api import _paging
 from controlplane.api._errors import abort
 from controlplane.settings import ControlPlaneSettings
-from controlplane.telemetry import SubscriberTooSlow, TelemetryHub
+from controlplane.telemetry import SubscriberTooSlow, TelemetryHub, TelemetryRelay
 
 _SAMPLE = telemetry_pb2.TelemetrySample.DESCRIPTOR
 _ALWAYS_KEPT = ("seq", "node_id", "collect_time")
@@ -77,16 +77,23 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
     """Latest samples per node and live streams of them, with node and metric filters."""
 
     def __init__(
-        self, settings: ControlPlaneSettings, hub: TelemetryHub[telemetry_pb2.TelemetrySample]
+        self,
+        settings: ControlPlaneSettings,
+        hub: TelemetryHub[telemetry_pb2.TelemetrySample],
+        relay: TelemetryRelay[telemetry_pb2.TelemetrySample] | None = None,
     ) -> None:
         self._settings = settings
         self._hub = hub
+        self._relay = relay
 
     async def GetNodeTelemetry(
         self, request: telemetry_pb2.GetNodeTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> telemetry_pb2.GetNodeTelemetryResponse:
         if not request.node_id:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id: required")
+        if self._relay is not None:
+            # A node held by another replica: have its latest sample relayed here first.
+            await self._relay.fresh((request.node_id,))
         sample = self._hub.latest(request.node_id)
         if sample is None:
             await abort(
@@ -99,6 +106,8 @@ class TelemetryService(telemetry_pb2_grpc.TelemetryServiceServicer):
     async def GetFleetTelemetry(
         self, request: telemetry_pb2.GetFleetTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> telemetry_pb2.GetFleetTelemetryResponse:
+        if self._relay is not None:
+            await self._relay.fresh(request.node_ids)
         try:
             page, token = _paging.paginate(
                 self._hub.latest_all(request.node_ids),

@@ -3,6 +3,12 @@ once (re-sent on every new session until acknowledged), and finished by the agen
 
 `CommandLedger.send` is the internal API the plan executors use: it returns the result, or
 raises `CommandTimeout` when none came before the deadline.
+
+Across replicas the ledger is the only channel: a command for a node whose session another
+replica holds is stored PENDING with a notification on the bus; the holder wakes, reads the
+node's pending commands in creation order and sends them. The holder stores the result with a
+notification; the replica awaiting it wakes and reads it. Notifications only wake: a slow poll
+of the ledger covers any that were lost.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +27,15 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, CommandOut
-from controlplane.store import COMMANDS, CommandRow, Store, fit
+from controlplane.store import COMMANDS, Bus, CommandRow, Store, fit
 
 log = logging.getLogger(__name__)
+
+COMMAND_CHANNEL = "sentinel_command"
+RESULT_CHANNEL = "sentinel_result"
+# With replicas, how often a waiter re-reads its command and a holder looks for pending ones,
+# in case a notification was lost.
+SAFETY_POLL_S = 5.0
 
 
 class CommandState(enum.StrEnum):
@@ -78,13 +90,21 @@ class CommandLedger:
         store: Store,
         session_for: Callable[[str], AgentSession | None],
         on_finished: Callable[[CommandResult, float], None] | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self._store = store
         self._session_for = session_for
         self._on_finished = on_finished
+        self._bus = bus if bus is not None and bus.enabled else None
         self._waiters: dict[str, asyncio.Future[CommandResult]] = {}
         self._node_locks: dict[str, asyncio.Lock] = {}
         self._sent_at: dict[str, float] = {}
+        self._wakeups: set[asyncio.Task[object]] = set()
+        if self._bus is not None:
+            self._bus.subscribe(COMMAND_CHANNEL, lambda _s, node_id: self._wake(node_id))
+            self._bus.subscribe(
+                RESULT_CHANNEL, lambda _s, command_id: self._result_noted(command_id)
+            )
 
     async def send(
         self,
@@ -145,10 +165,7 @@ class CommandLedger:
                     session.send(
                         CommandOut(command_id, plan_id, action, command.parameters, deadline)
                     )
-            remaining = (deadline - _utcnow()).total_seconds()
-            if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(asyncio.shield(future), remaining)
+            return await self._await_result(command_id, future, deadline)
         except TimeoutError:
             await self._expire(command_id)
             if future.done():  # the result raced the deadline; it wins
@@ -159,6 +176,25 @@ class CommandLedger:
         finally:
             self._waiters.pop(command_id, None)
             self._sent_at.pop(command_id, None)
+
+    async def _await_result(
+        self, command_id: str, future: asyncio.Future[CommandResult], deadline: dt.datetime
+    ) -> CommandResult:
+        """The result when it comes (TimeoutError at the deadline). With replicas, the ledger
+        is re-read now and then, in case the holder's notification was lost."""
+        while True:
+            remaining = (deadline - _utcnow()).total_seconds()
+            if remaining <= 0:
+                raise TimeoutError
+            wait = remaining if self._bus is None else min(remaining, SAFETY_POLL_S)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), wait)
+            except TimeoutError:
+                if self._bus is None:
+                    raise
+            stored = await self.get(command_id)
+            if stored is not None and stored[1] is not None:
+                return stored[1]
 
     def _insert_or_find(
         self, db: Connection, node_id: str, command: CommandOut, sending: bool
@@ -178,6 +214,9 @@ class CommandLedger:
         ).first()
         if row is None:
             self._insert(db, node_id, command, sending)
+            if not sending and self._bus is not None:
+                # Another replica may hold the node's session: wake it.
+                self._bus.notify(db, COMMAND_CHANNEL, node_id)
             return True, command.deadline
         if row.node_id != node_id:
             raise ValueError(f"command id {command.command_id} belongs to node {row.node_id}")
@@ -351,6 +390,9 @@ class CommandLedger:
             )
             if written.rowcount != 1:
                 return None
+            if self._bus is not None and result.command_id not in self._waiters:
+                # Whoever awaits it is on another replica (or gone: the ledger keeps it).
+                self._bus.notify(db, RESULT_CHANNEL, result.command_id)
             return CommandResult(
                 result.command_id,
                 node_id,
@@ -369,6 +411,123 @@ class CommandLedger:
         future = self._waiters.get(result.command_id)
         if future is not None and not future.done():
             future.set_result(stored)
+
+    # -- across replicas -------------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._wakeups.add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[object]) -> None:
+        self._wakeups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cross-replica command delivery failed: %s", task.exception())
+
+    def _wake(self, node_id: str) -> None:
+        if self._session_for(node_id) is not None:
+            self._spawn(self.deliver_pending(node_id))
+
+    def _result_noted(self, command_id: str) -> None:
+        future = self._waiters.get(command_id)
+        if future is not None and not future.done():
+            self._spawn(self._fetch_result(command_id))
+
+    async def _fetch_result(self, command_id: str) -> None:
+        stored = await self.get(command_id)
+        future = self._waiters.get(command_id)
+        if stored is not None and stored[1] is not None and future and not future.done():
+            future.set_result(stored[1])
+
+    async def deliver_pending(self, node_id: str) -> int:
+        """Sends, in creation order, the node's commands stored by other replicas and not yet
+        on any session, when this replica holds the node's session."""
+        async with self._node_locks.setdefault(node_id, asyncio.Lock()):
+            session = self._session_for(node_id)
+            if session is None:
+                return 0
+            now = _utcnow()
+
+            def claim(db: Connection) -> list[CommandOut]:
+                rows = db.execute(
+                    select(
+                        COMMANDS.c.command_id,
+                        COMMANDS.c.plan_id,
+                        COMMANDS.c.action,
+                        COMMANDS.c.parameters,
+                        COMMANDS.c.deadline,
+                    )
+                    .where(
+                        COMMANDS.c.node_id == node_id,
+                        COMMANDS.c.state == CommandState.PENDING.value,
+                        COMMANDS.c.deadline > now,
+                    )
+                    .order_by(COMMANDS.c.created_at, COMMANDS.c.command_id)
+                ).all()
+                out = []
+                for row in rows:
+                    # Conditional: a withdraw or another replica's claim may have come first.
+                    claimed = db.execute(
+                        update(COMMANDS)
+                        .where(
+                            COMMANDS.c.command_id == row.command_id,
+                            COMMANDS.c.state == CommandState.PENDING.value,
+                        )
+                        .values(
+                            state=CommandState.SENT.value,
+                            sent_at=now,
+                            deliveries=COMMANDS.c.deliveries + 1,
+                        )
+                    )
+                    if claimed.rowcount == 1:
+                        out.append(
+                            CommandOut(
+                                row.command_id,
+                                row.plan_id,
+                                row.action,
+                                row.parameters,
+                                row.deadline,
+                            )
+                        )
+                return out
+
+            commands = await self._store.run_core(claim)
+            sent = time.monotonic()
+            for command in commands:
+                self._sent_at.setdefault(command.command_id, sent)
+                session.send(command)
+            if commands:
+                log.info(
+                    "sending %d command(s) stored by another replica",
+                    len(commands),
+                    extra={"node_id": node_id},
+                )
+            return len(commands)
+
+    async def run_pending_sweeper(self, interval_s: float = SAFETY_POLL_S) -> None:
+        """With replicas: now and then, delivers pending commands of the nodes held here whose
+        notification was lost (a supervised task)."""
+        if self._bus is None:
+            await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(interval_s)
+            for node_id in await self._store.run_core(self._pending_nodes):
+                if self._session_for(node_id) is not None:
+                    await self.deliver_pending(node_id)
+
+    @staticmethod
+    def _pending_nodes(db: Connection) -> list[str]:
+        now = _utcnow()
+        return list(
+            db.scalars(
+                select(COMMANDS.c.node_id)
+                .where(
+                    COMMANDS.c.state == CommandState.PENDING.value,
+                    COMMANDS.c.deadline > now,
+                )
+                .distinct()
+            )
+        )
 
     async def get(self, command_id: str) -> tuple[CommandState, CommandResult | None] | None:
         """The stored state of a command and its result when finished."""

@@ -34,6 +34,10 @@ class AgentState:
     telemetry_gap_samples: int
     session_id: str = ""
     cordoned: bool = False
+    replica_id: str = ""
+    """The replica holding the node's session ("" when none does)."""
+    replica_address: str = ""
+    connected_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

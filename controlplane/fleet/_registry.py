@@ -3,6 +3,13 @@
 Liveness is judged from what the control plane hears: a node whose session ends or falls silent
 for `suspect_after` becomes Suspect; Suspect for `disconnect_after` makes it Disconnected.
 Status changes are written through to the store at once; `last_seen` is written in batches.
+
+With several replicas on one PostgreSQL, every replica keeps the whole fleet in memory, and the
+`agents` rows are also the agent directory: which replica holds each node's session. A replica
+judges the liveness of the nodes it holds (and of nodes nobody holds); changes are announced on
+the bus, and the other replicas re-read those rows. Every status write is conditional on the
+session the writer believes current, so a replica that lost a node to another never overwrites
+the newer holder's entry.
 """
 
 from __future__ import annotations
@@ -12,17 +19,22 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, AgentState, AgentStatus, HelloInfo
-from controlplane.store import AGENTS, AgentRow, Store
+from controlplane.store import AGENTS, REPLICAS, AgentRow, Bus, Replicas, Store
 
 log = logging.getLogger(__name__)
+
+AGENT_CHANNEL = "sentinel_agent"
+# Seconds between full re-reads of the directory: the safety net under the bus.
+DIRECTORY_REFRESH_S = 30.0
 
 
 def _utcnow() -> dt.datetime:
@@ -41,6 +53,10 @@ class _Agent:
     seq: int
     gaps: int
     session: AgentSession | None = None
+    replica: str = ""
+    """The replica holding the node's session, as the directory says ("" when none)."""
+    session_key: str = ""
+    """The directory's session id for the node: status writes are conditional on it."""
 
     def snapshot(self) -> AgentState:
         return replace(
@@ -48,6 +64,9 @@ class _Agent:
             last_seen=dt.datetime.fromtimestamp(self.last_seen, dt.UTC),
             last_telemetry_seq=self.seq,
             telemetry_gap_samples=self.gaps,
+            replica_id=self.replica,
+            replica_address=self.state.replica_address if self.replica else "",
+            connected_at=self.state.connected_at if self.replica else None,
         )
 
 
@@ -66,8 +85,19 @@ class AgentRegistry:
         disconnect_after_s: float,
         on_status_counts: Callable[[dict[AgentStatus, int]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        replicas: Replicas | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self._store = store
+        self._replicas = replicas
+        self._bus = bus
+        self.replica_id = replicas.replica_id if replicas else ""
+        self._to_reload: set[str] = set()
+        self._reloading: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        if bus is not None:
+            bus.subscribe(AGENT_CHANNEL, self._on_notice)
+            bus.on_connected(lambda: self._reload_soon(None))
         self._suspect_after = suspect_after_s
         self._disconnect_after = disconnect_after_s
         self._on_status_counts = on_status_counts
@@ -85,17 +115,27 @@ class AgentRegistry:
 
         def read(session: Session) -> list[AgentRow]:
             rows = list(session.scalars(select(AgentRow)))
-            session.execute(
-                update(AgentRow)
-                .where(AgentRow.status == AgentStatus.CONNECTED.value)
-                .values(status=AgentStatus.SUSPECT.value)
-            )
+            # Sessions held by a live replica stay as they are; the rest were ours or a dead
+            # replica's, and get the grace period to come back.
+            orphans = [
+                r.node_id
+                for r in rows
+                if r.status == AgentStatus.CONNECTED.value
+                and not self._held_elsewhere(r.replica_id)
+            ]
+            for chunk in range(0, len(orphans), 500):
+                session.execute(
+                    update(AgentRow)
+                    .where(AgentRow.node_id.in_(orphans[chunk : chunk + 500]))
+                    .values(status=AgentStatus.SUSPECT.value, replica_id="", session_id="")
+                )
             return rows
 
         now = self._clock()
         for row in await self._store.run(read):
             status = AgentStatus(row.status)
-            if status is AgentStatus.CONNECTED:
+            held = self._held_elsewhere(row.replica_id)
+            if status is AgentStatus.CONNECTED and not held:
                 status = AgentStatus.SUSPECT
             state = AgentState(
                 node_id=row.node_id,
@@ -109,6 +149,9 @@ class AgentRegistry:
                 last_telemetry_seq=row.last_telemetry_seq,
                 telemetry_gap_samples=row.telemetry_gap_samples,
                 cordoned=row.cordoned,
+                session_id=row.session_id if held else "",
+                replica_address=self._address_of(row.replica_id) if held else "",
+                connected_at=row.connected_at if held else None,
             )
             self._agents[row.node_id] = _Agent(
                 state,
@@ -116,9 +159,36 @@ class AgentRegistry:
                 last_seen=row.last_seen.timestamp(),
                 seq=row.last_telemetry_seq,
                 gaps=row.telemetry_gap_samples,
+                replica=row.replica_id if held else "",
+                session_key=row.session_id if held else "",
             )
             self._counts[status] += 1
         self._publish_counts()
+
+    def _held_elsewhere(self, replica_id: str) -> bool:
+        return (
+            self._replicas is not None
+            and bool(replica_id)
+            and replica_id != self.replica_id
+            and self._replicas.is_live(replica_id)
+        )
+
+    def _address_of(self, replica_id: str) -> str:
+        if self._replicas is None or not replica_id:
+            return ""
+        if replica_id == self.replica_id:
+            return self._replicas.address
+        other = self._replicas.others().get(replica_id)
+        return other.address if other else ""
+
+    def holder_of(self, node_id: str) -> str | None:
+        """The live replica holding the node's session: this one, another, or None."""
+        agent = self._agents.get(node_id)
+        if agent is None:
+            return None
+        if agent.session is not None:
+            return self.replica_id
+        return agent.replica if self._held_elsewhere(agent.replica) else None
 
     def get(self, node_id: str) -> AgentState | None:
         agent = self._agents.get(node_id)
@@ -164,12 +234,14 @@ class AgentRegistry:
         log.info("node %s", "cordoned" if cordoned else "uncordoned", extra={"node_id": node_id})
         self._notify(agent.snapshot())
 
-        def write(db: Session) -> None:
-            db.execute(
-                update(AgentRow).where(AgentRow.node_id == node_id).values(cordoned=cordoned)
-            )
+        bus = self._bus
 
-        await self._store.run(write)
+        def write(db: Connection) -> None:
+            db.execute(update(AGENTS).where(AGENTS.c.node_id == node_id).values(cordoned=cordoned))
+            if bus is not None:
+                bus.notify(db, AGENT_CHANNEL, node_id)
+
+        await self._store.run_core(write)
 
     def session_for(self, node_id: str) -> AgentSession | None:
         agent = self._agents.get(node_id)
@@ -181,63 +253,78 @@ class AgentRegistry:
     # -- sessions -----------------------------------------------------------------------
 
     async def open_session(self, hello: HelloInfo) -> tuple[AgentSession, AgentState]:
-        """Registers a new session for `hello.node_id`, superseding an older one."""
+        """Registers a new session for `hello.node_id`, superseding an older one (here or on
+        another replica: the directory entry is this replica's from now on)."""
         now = _utcnow()
         session = AgentSession(session_id=uuid.uuid4().hex, node_id=hello.node_id)
-        agent = self._agents.get(hello.node_id)
-        seq = agent.seq if agent else 0
+        known = self._agents.get(hello.node_id)
+        held_seq = known.seq if known else 0
+        held_gaps = known.gaps if known else 0
         claimed = max(hello.next_telemetry_seq - 1, 0)
-        if seq > claimed:
-            # The agent never produced the samples we hold: its state directory was reset.
-            # Trust its numbering from here, or every new sample would be dropped as a duplicate.
-            log.warning(
-                "agent telemetry seq restarted (held %d, agent's next is %d): state was reset",
-                seq,
-                hello.next_telemetry_seq,
-                extra={"node_id": hello.node_id},
-            )
-            seq = max((hello.oldest_unacked_seq or hello.next_telemetry_seq) - 1, 0)
+        bus = self._bus
+
+        def upsert(db: Session) -> tuple[int, int, dt.datetime, bool]:
+            # The row is the truth when the node was last held by another replica.
+            row = db.get(AgentRow, hello.node_id, with_for_update=True)
+            seq = max(held_seq, row.last_telemetry_seq if row else 0)
+            gaps = max(held_gaps, row.telemetry_gap_samples if row else 0)
+            if seq > claimed:
+                # The agent never produced the samples we hold: its state directory was reset.
+                # Trust its numbering from here, or every new sample would be dropped as a
+                # duplicate.
+                log.warning(
+                    "agent telemetry seq restarted (held %d, agent's next is %d): state was reset",
+                    seq,
+                    hello.next_telemetry_seq,
+                    extra={"node_id": hello.node_id},
+                )
+                seq = max((hello.oldest_unacked_seq or hello.next_telemetry_seq) - 1, 0)
+            if row is None:
+                row = AgentRow(node_id=hello.node_id, first_seen=now, cordoned=False)
+                db.add(row)
+            row.status = AgentStatus.CONNECTED.value
+            row.last_seen = now
+            row.agent_version = hello.agent_version
+            row.spiffe_id = hello.spiffe_id
+            row.capabilities = list(hello.capabilities)
+            row.inventory = hello.inventory
+            row.last_telemetry_seq = seq
+            row.telemetry_gap_samples = gaps
+            row.replica_id = self.replica_id
+            row.session_id = session.session_id
+            row.connected_at = now
+            if bus is not None:
+                bus.notify(db.connection(), AGENT_CHANNEL, hello.node_id)
+            return seq, gaps, row.first_seen, bool(row.cordoned)
+
+        try:
+            seq, gaps, first_seen, cordoned = await self._store.run(upsert)
+        except IntegrityError:
+            # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
+            # the row exists now, and the second attempt updates it.
+            seq, gaps, first_seen, cordoned = await self._store.run(upsert)
         state = AgentState(
             node_id=hello.node_id,
             status=AgentStatus.CONNECTED,
-            first_seen=agent.state.first_seen if agent else now,
+            first_seen=first_seen,
             last_seen=now,
             agent_version=hello.agent_version,
             spiffe_id=hello.spiffe_id,
             capabilities=hello.capabilities,
             inventory=hello.inventory,
             last_telemetry_seq=seq,
-            telemetry_gap_samples=agent.gaps if agent else 0,
+            telemetry_gap_samples=gaps,
             session_id=session.session_id,
-            cordoned=agent.state.cordoned if agent else False,
+            cordoned=cordoned,
+            replica_address=self._address_of(self.replica_id),
+            connected_at=now,
         )
-
-        def upsert(db: Session) -> None:
-            row = db.get(AgentRow, hello.node_id)
-            if row is None:
-                row = AgentRow(node_id=hello.node_id, first_seen=state.first_seen)
-                db.add(row)
-            row.status = state.status.value
-            row.last_seen = now
-            row.agent_version = state.agent_version
-            row.spiffe_id = state.spiffe_id
-            row.capabilities = list(state.capabilities)
-            row.inventory = state.inventory
-            row.last_telemetry_seq = state.last_telemetry_seq
-            row.telemetry_gap_samples = state.telemetry_gap_samples
-
-        try:
-            await self._store.run(upsert)
-        except IntegrityError:
-            # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
-            # the row exists now, and the second attempt updates it.
-            await self._store.run(upsert)
         # Re-read after the await: another session for the node may have opened meanwhile.
         agent = self._agents.get(hello.node_id)
         if agent is not None and agent.session is not None:
             agent.session.close("superseded by a newer session of the same node")
         if agent is None:
-            agent = _Agent(state, self._clock(), now.timestamp(), seq, 0, session)
+            agent = _Agent(state, self._clock(), now.timestamp(), seq, gaps, session)
             self._agents[hello.node_id] = agent
             self._counts[state.status] += 1
             self._publish_counts()
@@ -246,7 +333,10 @@ class AgentRegistry:
             agent.last_heard = self._clock()
             agent.last_seen = now.timestamp()
             agent.seq = seq
+            agent.gaps = gaps
             self._set_state(agent, state)
+        agent.replica = self.replica_id
+        agent.session_key = session.session_id
         snapshot = agent.snapshot()
         self._notify(snapshot)
         return session, snapshot
@@ -258,8 +348,9 @@ class AgentRegistry:
         if agent is None or agent.session is not session:
             return
         agent.session = None
+        agent.replica = ""
         agent.last_heard = self._clock()
-        await self._change_status(agent, AgentStatus.SUSPECT)
+        await self._change_status(agent, AgentStatus.SUSPECT, leave_directory=True)
 
     def heard_from(self, node_id: str) -> None:
         """Anything received from a node proves it alive."""
@@ -270,8 +361,7 @@ class AgentRegistry:
         agent.last_seen = time.time()
         self._dirty_last_seen.add(node_id)
         if agent.state.status is AgentStatus.SUSPECT and agent.session is not None:
-            self._set_state(agent, replace(agent.state, status=AgentStatus.CONNECTED))
-            self._notify(agent.snapshot())
+            self._spawn_write(self._change_status(agent, AgentStatus.CONNECTED))
 
     def record_telemetry(self, node_id: str, seq: int, gaps: int) -> None:
         """Keeps the in-memory view in step with what the telemetry hub persisted."""
@@ -287,6 +377,10 @@ class AgentRegistry:
         """Applies the liveness rules once."""
         now = self._clock()
         for agent in list(self._agents.values()):
+            if agent.replica and agent.session is None:
+                if not self._held_elsewhere(agent.replica):
+                    await self._release_orphan(agent)
+                continue
             silent = now - agent.last_heard
             status = agent.state.status
             if status is AgentStatus.CONNECTED and silent > self._suspect_after:
@@ -298,7 +392,8 @@ class AgentRegistry:
                 if agent.session is not None:
                     agent.session.close("no message within the liveness grace period")
                     agent.session = None
-                await self._change_status(agent, AgentStatus.DISCONNECTED)
+                    agent.replica = ""
+                await self._change_status(agent, AgentStatus.DISCONNECTED, leave_directory=True)
 
     async def persist_last_seen(self) -> None:
         """Writes the `last_seen` of every node heard from since the last call, in one batch."""
@@ -367,19 +462,176 @@ class AgentRegistry:
             self._publish_counts()
         agent.state = state
 
-    async def _change_status(self, agent: _Agent, status: AgentStatus) -> None:
+    async def _change_status(
+        self, agent: _Agent, status: AgentStatus, *, leave_directory: bool = False
+    ) -> None:
+        """Sets and writes a status; `leave_directory` also clears the directory entry. The
+        write applies only while the directory still names the session this replica knew, so
+        it never overwrites a newer holder's entry (then the row is re-read instead)."""
         session_id = agent.session.session_id if agent.session else ""
         self._set_state(agent, replace(agent.state, status=status, session_id=session_id))
         node_id = agent.state.node_id
         log.info("node is now %s", status.value, extra={"node_id": node_id})
         self._notify(agent.snapshot())
+        key = agent.session_key
+        values: dict[str, object] = {"status": status.value}
+        if leave_directory:
+            values.update(replica_id="", session_id="", connected_at=None)
+            agent.session_key = ""
+        bus = self._bus
 
-        def write(db: Session) -> None:
-            db.execute(
-                update(AgentRow).where(AgentRow.node_id == node_id).values(status=status.value)
+        def write(db: Connection) -> int:
+            result = db.execute(
+                update(AGENTS)
+                .where(AGENTS.c.node_id == node_id, AGENTS.c.session_id == key)
+                .values(**values)
             )
+            if result.rowcount and bus is not None:
+                bus.notify(db, AGENT_CHANNEL, node_id)
+            return int(result.rowcount)
 
-        await self._store.run(write)
+        if await self._store.run_core(write) == 0 and self._replicas is not None:
+            self._reload_soon({node_id})  # another replica holds it now: take its view
+
+    async def _release_orphan(self, agent: _Agent) -> None:
+        """The directory names a holder this replica does not see alive: when the store agrees
+        (its heartbeat row is stale or gone), the entry is cleared and the node gets the usual
+        grace period from now on; otherwise (a replica just started, say) nothing changes."""
+        assert self._replicas is not None
+        node_id, key, holder = agent.state.node_id, agent.session_key, agent.replica
+        horizon = _utcnow() - self._replicas.stale_after
+        status = agent.state.status
+        if status is AgentStatus.CONNECTED:
+            status = AgentStatus.SUSPECT
+        bus = self._bus
+
+        def write(db: Connection) -> int:
+            alive = select(REPLICAS.c.replica_id).where(
+                REPLICAS.c.replica_id == holder, REPLICAS.c.heartbeat_at >= horizon
+            )
+            result = db.execute(
+                update(AGENTS)
+                .where(AGENTS.c.node_id == node_id, AGENTS.c.session_id == key, ~exists(alive))
+                .values(status=status.value, replica_id="", session_id="", connected_at=None)
+            )
+            if result.rowcount and bus is not None:
+                bus.notify(db, AGENT_CHANNEL, node_id)
+            return int(result.rowcount)
+
+        if await self._store.run_core(write) == 0:
+            self._reload_soon({node_id})
+            return
+        log.info("replica %s holding the node is gone", holder, extra={"node_id": node_id})
+        agent.replica = agent.session_key = ""
+        agent.last_heard = self._clock()
+        if status is not agent.state.status:
+            self._set_state(agent, replace(agent.state, status=status, session_id=""))
+        self._notify(agent.snapshot())
+
+    def _spawn_write(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("agent status write failed: %s", task.exception())
+
+    # -- the directory across replicas ---------------------------------------------------------
+
+    def _on_notice(self, _sender: str, node_id: str) -> None:
+        self._reload_soon({node_id})
+
+    def _reload_soon(self, node_ids: set[str] | None) -> None:
+        """Re-reads the rows of `node_ids` (every row when None), coalescing bursts."""
+        if node_ids is None:
+            self._to_reload = {"*"}
+        elif "*" not in self._to_reload:
+            self._to_reload |= node_ids
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self._reload_pending())
+
+    async def _reload_pending(self) -> None:
+        while self._to_reload:
+            wanted, self._to_reload = self._to_reload, set()
+            try:
+                await self.reload(None if "*" in wanted else wanted)
+            except Exception as exc:
+                log.warning("cannot re-read the agent directory: %s", exc)
+                return
+
+    async def run_directory_refresher(self, interval_s: float = DIRECTORY_REFRESH_S) -> None:
+        """Re-reads the whole directory now and then: the safety net under the bus."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.reload(None)
+
+    async def reload(self, node_ids: set[str] | None) -> None:
+        """Takes other replicas' view of the given nodes (all when None) from the store."""
+
+        def read(db: Session) -> list[AgentRow]:
+            query = select(AgentRow)
+            if node_ids is not None:
+                query = query.where(AgentRow.node_id.in_(sorted(node_ids)))
+            return list(db.scalars(query))
+
+        for row in await self._store.run(read):
+            self._apply_row(row)
+
+    def _apply_row(self, row: AgentRow) -> None:
+        agent = self._agents.get(row.node_id)
+        if agent is not None and agent.session is not None:
+            if row.session_id == agent.session.session_id:
+                return  # our own session: our memory is the truth
+            if row.replica_id and row.replica_id != self.replica_id:
+                # The node opened a newer session on another replica: ours is stale.
+                agent.session.close(f"superseded by a newer session on replica {row.replica_id}")
+                agent.session = None
+            else:
+                return  # a write of ours not yet visible, or an older row: keep ours
+        held = self._held_elsewhere(row.replica_id)
+        status = AgentStatus(row.status)
+        state = AgentState(
+            node_id=row.node_id,
+            status=status,
+            first_seen=row.first_seen,
+            last_seen=row.last_seen,
+            agent_version=row.agent_version,
+            spiffe_id=row.spiffe_id,
+            capabilities=tuple(row.capabilities),
+            inventory=row.inventory,
+            last_telemetry_seq=row.last_telemetry_seq,
+            telemetry_gap_samples=row.telemetry_gap_samples,
+            session_id=row.session_id if held else "",
+            cordoned=row.cordoned,
+            replica_address=self._address_of(row.replica_id) if held else "",
+            connected_at=row.connected_at if held else None,
+        )
+        if agent is None:
+            agent = _Agent(
+                state,
+                self._clock(),
+                row.last_seen.timestamp(),
+                row.last_telemetry_seq,
+                row.telemetry_gap_samples,
+            )
+            self._agents[row.node_id] = agent
+            self._counts[status] += 1
+            self._publish_counts()
+        else:
+            before = agent.snapshot()
+            if held or agent.replica != row.replica_id:
+                agent.last_heard = self._clock()
+            agent.last_seen = max(agent.last_seen, row.last_seen.timestamp())
+            agent.seq = max(agent.seq, row.last_telemetry_seq)
+            agent.gaps = max(agent.gaps, row.telemetry_gap_samples)
+            self._set_state(agent, state)
+            if agent.snapshot() == before and agent.replica == row.replica_id:
+                return
+        agent.replica = row.replica_id
+        agent.session_key = row.session_id
+        self._notify(agent.snapshot())
 
     def _publish_counts(self) -> None:
         if self._on_status_counts is not None:

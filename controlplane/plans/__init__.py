@@ -13,7 +13,7 @@ from controlplane.plans._desk import (
     Submission,
 )
 from controlplane.plans._gates import GATE_VARIABLES, HealthGates, gate_expression_problem
-from controlplane.plans._lease import Fence, Lease, LeaseLost
+from controlplane.plans._lease import LEASE_CHANNEL, Fence, Lease, LeaseLost
 from controlplane.plans._model import (
     ALLOWED_TRANSITIONS,
     TERMINAL,
@@ -42,6 +42,7 @@ from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "GATE_VARIABLES",
+    "LEASE_CHANNEL",
     "TERMINAL",
     "AnalysisRecord",
     "Fence",

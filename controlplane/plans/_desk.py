@@ -26,6 +26,7 @@ from controlplane.plans._model import (
     plan_document,
 )
 from controlplane.plans._repository import (
+    PLAN_CHANNEL,
     Decision,
     PlanChange,
     PlanConflict,
@@ -35,7 +36,7 @@ from controlplane.plans._repository import (
 )
 from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig, validate_plan
 from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
-from controlplane.store import Store
+from controlplane.store import Bus, Store
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,15 @@ class PlanDesk:
         check_expression: Callable[[str], str | None] = gate_expression_problem,
         poll_interval_s: float = 1.0,
         on_change: Callable[[PlanChange], None] | None = None,
+        bus: Bus | None = None,
+        on_remote_change: Callable[[str], None] | None = None,
     ) -> None:
-        self.repository = PlanRepository(store, self._changed)
+        replicated = bus is not None and bus.enabled
+        self.repository = PlanRepository(store, self._changed, bus if replicated else None)
+        self._on_remote_change = on_remote_change
+        if bus is not None and replicated:
+            bus.subscribe(PLAN_CHANNEL, lambda _sender, plan_id: self._changed_elsewhere(plan_id))
+            bus.on_connected(self._wake_all_watchers)
         self._policy = policy
         self._fleet = fleet
         self._executors = executors
@@ -260,8 +268,8 @@ class PlanDesk:
 
     async def watch(self, plan_id: str) -> AsyncIterator[tuple[Plan, Transition | None]]:
         """The current plan first, then one item per transition (in order) or step update,
-        until the plan is terminal. Woken by local changes; polls the store for changes made
-        by another control plane."""
+        until the plan is terminal. Woken by changes made here and, through the bus, by other
+        replicas; the poll is the safety net under both."""
         event = asyncio.Event()
         self._watchers.setdefault(plan_id, set()).add(event)
         try:
@@ -289,6 +297,18 @@ class PlanDesk:
                 watchers.discard(event)
                 if not watchers:
                     del self._watchers[plan_id]
+
+    def _changed_elsewhere(self, plan_id: str) -> None:
+        """Another replica changed the plan: wake its watchers and the controller."""
+        for event in self._watchers.get(plan_id, ()):
+            event.set()
+        if self._on_remote_change is not None:
+            self._on_remote_change(plan_id)
+
+    def _wake_all_watchers(self) -> None:
+        for events in self._watchers.values():
+            for event in events:
+                event.set()
 
     def _changed(self, change: PlanChange) -> None:
         for event in self._watchers.get(change.plan.plan_id, ()):

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.store import LEASES, Store
+from controlplane.store import LEASES, Bus, Store
 
 log = logging.getLogger(__name__)
+
+
+LEASE_CHANNEL = "sentinel_lease"
+"""Bus channel announcing a released lease (payload: its name)."""
 
 
 class LeaseLost(Exception):
@@ -53,8 +57,11 @@ class Lease:
     """A named lease in the store that at most one holder has at a time (the controller's
     leadership)."""
 
-    def __init__(self, store: Store, name: str, holder: str, duration_s: float) -> None:
+    def __init__(
+        self, store: Store, name: str, holder: str, duration_s: float, bus: Bus | None = None
+    ) -> None:
         self._store = store
+        self._bus = bus
         self.name = name
         self.holder = holder
         self.duration = dt.timedelta(seconds=duration_s)
@@ -118,5 +125,8 @@ class Lease:
                 )
                 .values(expires_at=dt.datetime.now(dt.UTC))
             )
+            if self._bus is not None:
+                # The other replicas' controllers take over now, not at their next poll.
+                self._bus.notify(db, LEASE_CHANNEL, fence.name)
 
         await self._store.run_core(write)

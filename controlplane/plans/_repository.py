@@ -32,6 +32,7 @@ from controlplane.store import (
     PLAN_TARGETS,
     PLAN_TRANSITIONS,
     PLANS,
+    Bus,
     Store,
     UtcDateTime,
     fit,
@@ -168,12 +169,19 @@ def _transition_rows(
     return rows, audits
 
 
+PLAN_CHANNEL = "sentinel_plan"
+"""Bus channel announcing a change of a plan (payload: its id) to the other replicas."""
+
+
 class PlanRepository:
     """Stores plans with their transitions and targets; writes are fenced and optimistic."""
 
-    def __init__(self, store: Store, on_change: Callable[[PlanChange], None]) -> None:
+    def __init__(
+        self, store: Store, on_change: Callable[[PlanChange], None], bus: Bus | None = None
+    ) -> None:
         self._store = store
         self._on_change = on_change
+        self._bus = bus
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -244,6 +252,8 @@ class PlanRepository:
             decision = decide(self._recent_counts(db, plan.target_keys, since))
             if decision.store:
                 self._insert(db, decision.plan, decision.digest, decision.transitions)
+                if self._bus is not None:
+                    self._bus.notify(db, PLAN_CHANNEL, decision.plan.plan_id)
             return decision
 
         try:
@@ -414,6 +424,8 @@ class PlanRepository:
                 rows, audits = _transition_rows(plan.plan_id, transitions)
                 db.execute(insert(PLAN_TRANSITIONS), rows)
                 db.execute(insert(AUDIT_EVENTS), audits)
+            if self._bus is not None:
+                self._bus.notify(db, PLAN_CHANNEL, plan.plan_id)
 
         await self._store.run_core(write)
         saved = plan.copy()

@@ -1,5 +1,6 @@
 """Persistence of the control plane: schema, migrations and the store thread."""
 
+from controlplane.store._bus import MAX_PAYLOAD, Bus
 from controlplane.store._models import (
     AGENTS,
     AUDIT_EVENTS,
@@ -11,6 +12,7 @@ from controlplane.store._models import (
     PLAN_TRANSITIONS,
     PLANS,
     POLICIES,
+    REPLICAS,
     REVOCATIONS,
     USERS,
     AgentRow,
@@ -22,35 +24,44 @@ from controlplane.store._models import (
     PlanTargetRow,
     PlanTransitionRow,
     PolicyRow,
+    ReplicaRow,
     RevocationRow,
     UserRow,
     UtcDateTime,
 )
+from controlplane.store._replicas import ALL_NODES, Replica, Replicas
 from controlplane.store._store import Store, StoreError
 from controlplane.store._text import fit, has_nul
 
 __all__ = [
     "AGENTS",
+    "ALL_NODES",
     "AUDIT_EVENTS",
     "BOOTSTRAP_TOKENS",
     "COMMANDS",
     "ISSUED_CERTIFICATES",
     "LEASES",
+    "MAX_PAYLOAD",
     "PLANS",
     "PLAN_TARGETS",
     "PLAN_TRANSITIONS",
     "POLICIES",
+    "REPLICAS",
     "REVOCATIONS",
     "USERS",
     "AgentRow",
     "AuditEventRow",
     "Base",
+    "Bus",
     "CommandRow",
     "LeaseRow",
     "PlanRow",
     "PlanTargetRow",
     "PlanTransitionRow",
     "PolicyRow",
+    "Replica",
+    "ReplicaRow",
+    "Replicas",
     "RevocationRow",
     "Store",
     "StoreError",

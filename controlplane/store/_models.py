@@ -52,6 +52,12 @@ class AgentRow(Base):
     telemetry_gap_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     # Cordoned in Sentinel's scheduling view (set by the cordon/uncordon node actions).
     cordoned: Mapped[bool] = mapped_column(default=False)
+    # The agent directory: the replica holding the node's session ("" when none), the session
+    # and when it opened. The most recent connection wins; an entry naming a replica whose
+    # heartbeat is stale is ignored by every reader.
+    replica_id: Mapped[str] = mapped_column(String(64), default="")
+    session_id: Mapped[str] = mapped_column(String(64), default="")
+    connected_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class CommandRow(Base):
@@ -182,6 +188,23 @@ class LeaseRow(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
+class ReplicaRow(Base):
+    """One running control-plane replica: its heartbeat, the address its peers and agents know
+    it by, and which nodes' telemetry its subscribers want relayed from the other replicas."""
+
+    __tablename__ = "replicas"
+
+    replica_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256))
+    started_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    sessions: Mapped[int] = mapped_column(Integer, default=0)
+    # ["*"] for every node, else the node ids wanted (empty: none); bumped version on change.
+    interest: Mapped[list[str]] = mapped_column(JSON, default=list)
+    interest_version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+REPLICAS = cast(Table, ReplicaRow.__table__)
 PLANS = cast(Table, PlanRow.__table__)
 PLAN_TARGETS = cast(Table, PlanTargetRow.__table__)
 PLAN_TRANSITIONS = cast(Table, PlanTransitionRow.__table__)

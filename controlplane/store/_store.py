@@ -122,6 +122,19 @@ class Store:
         """The backend's name: "sqlite" or "postgresql"."""
         return self._engine.dialect.name
 
+    def sqlite_path(self) -> str | None:
+        """The SQLite database file, or None (another backend, or an in-memory database)."""
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return str(pathlib.Path(url.database).resolve())
+
+    def libpq_url(self) -> str:
+        """The PostgreSQL connection string for a plain psycopg connection (the replica bus's
+        listener), password included; never log it."""
+        url = self._engine.url.set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
+
     def migrate(self) -> None:
         """Brings the schema to the newest migration (blocking; call before serving)."""
         config = Config()

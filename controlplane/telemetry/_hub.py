@@ -103,7 +103,11 @@ class TelemetryHub(Generic[P]):
         on_stored: Callable[[str, int, int], None] | None = None,
         on_flush: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_published: Callable[[list[Sample[P]]], None] | None = None,
+        on_subscriptions: Callable[[], None] | None = None,
     ) -> None:
+        self._on_published = on_published
+        self._on_subscriptions = on_subscriptions
         self._store = store
         self._ack_interval = ack_interval_s
         self._send_ack = send_ack
@@ -189,6 +193,7 @@ class TelemetryHub(Generic[P]):
             if self._on_flush is not None:
                 self._on_flush(time.perf_counter() - started)
             count = 0
+            published: list[Sample[P]] = []
             for node_id, node, samples in batch:
                 node.stored = max(node.stored, samples[-1].seq)
                 node.latest = samples[-1]
@@ -196,11 +201,30 @@ class TelemetryHub(Generic[P]):
                 for sample in samples:
                     for subscriber in self._subscribers:
                         subscriber.offer(sample)
+                if self._on_published is not None:
+                    published.extend(samples)
                 if self._on_stored is not None:
                     self._on_stored(node_id, node.stored, node.gaps)
                 # More than one sample at once means the agent is catching up: ack at once.
                 self._ack(node_id, node, force=len(samples) > 1)
+            if published and self._on_published is not None:
+                self._on_published(published)
             return count
+
+    def relay(self, sample: Sample[P]) -> bool:
+        """Takes a sample another replica stored (its node's session is held there): it becomes
+        the node's latest and goes to subscribers, unless it is not newer than what we have."""
+        node = self._nodes.setdefault(sample.node_id, _Node())
+        if node.latest is not None and sample.seq <= node.latest.seq:
+            return False
+        node.latest = sample
+        for subscriber in self._subscribers:
+            subscriber.offer(sample)
+        return True
+
+    def subscribed_nodes(self) -> list[frozenset[str]]:
+        """The node filter of every subscription (an empty set means every node)."""
+        return [s.nodes for s in self._subscribers]
 
     def _ack(self, node_id: str, node: _Node[P], *, force: bool) -> None:
         now = self._clock()
@@ -246,6 +270,8 @@ class TelemetryHub(Generic[P]):
         """Yields accepted samples of the given nodes (all when empty) until cancelled."""
         subscription: _Subscription[P] = _Subscription(frozenset(node_ids), max_backlog)
         self._subscribers.add(subscription)
+        if self._on_subscriptions is not None:
+            self._on_subscriptions()
         try:
             if include_latest:
                 for sample in self.latest_all(node_ids):
@@ -259,6 +285,8 @@ class TelemetryHub(Generic[P]):
                 yield item
         finally:
             self._subscribers.discard(subscription)
+            if self._on_subscriptions is not None:
+                self._on_subscriptions()
 
     @property
     def subscriber_count(self) -> int:

@@ -29,7 +29,7 @@ from controlplane.plans import (
 from controlplane.plans._model import check_transition
 from controlplane.plans._repository import Decision
 from controlplane.store import COMMANDS, Store
-from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
+from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually, needs_postgres
 from tests.plan_helpers import phases, plan, plan_client, step, wait_terminal
 
 
@@ -118,6 +118,7 @@ async def test_state_machine_allows_exactly_the_designed_transitions() -> None:
         check_transition(Phase.PENDING, Phase.CANCELLED)
 
 
+@needs_postgres
 async def test_only_one_of_two_control_planes_drives_plans_and_the_other_takes_over(
     pki: Pki, control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:

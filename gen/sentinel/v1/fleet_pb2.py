@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sentinel/v1/fleet.proto\x12\x0bsentinel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x03\n\x05\x41gent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x33\n\x0f\x66irst_seen_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12(\n\x04host\x18\x08 \x01(\x0b\x32\x1a.sentinel.v1.HostInventory\x12\'\n\x04gpus\x18\t \x03(\x0b\x32\x19.sentinel.v1.GpuInventory\x12\x1a\n\x12last_telemetry_seq\x18\n \x01(\x04\x12\x1d\n\x15telemetry_gap_samples\x18\x0b \x01(\x04\x12\x11\n\tspiffe_id\x18\x0c \x01(\t\x12\x10\n\x08\x63ordoned\x18\r \x01(\x08\"\xe2\x01\n\rHostInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x05 \x01(\r\x12\x15\n\rphysical_cpus\x18\x06 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16\x62oot_time_unix_seconds\x18\x08 \x01(\x04\x12\x1c\n\x14kubernetes_node_name\x18\t \x01(\t\"\xaa\x02\n\x0cGpuInventory\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x15\n\rvbios_version\x18\x06 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x07 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x08 \x01(\x04\x12\"\n\x1apower_limit_min_milliwatts\x18\t \x01(\r\x12\"\n\x1apower_limit_max_milliwatts\x18\n \x01(\r\x12&\n\x1epower_limit_default_milliwatts\x18\x0b \x01(\r\x12\x10\n\x08mig_mode\x18\x0c \x01(\t\"d\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\"Q\n\x12ListAgentsResponse\x12\"\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x12.sentinel.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x0fGetAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x10GetAgentResponse\x12!\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Agent\"\x14\n\x12WatchAgentsRequest\"8\n\x13WatchAgentsResponse\x12!\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Agent*\x80\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41GENT_STATUS_CONNECTED\x10\x01\x12\x18\n\x14\x41GENT_STATUS_SUSPECT\x10\x02\x12\x1d\n\x19\x41GENT_STATUS_DISCONNECTED\x10\x03\x32\xfa\x01\n\x0c\x46leetService\x12M\n\nListAgents\x12\x1e.sentinel.v1.ListAgentsRequest\x1a\x1f.sentinel.v1.ListAgentsResponse\x12G\n\x08GetAgent\x12\x1c.sentinel.v1.GetAgentRequest\x1a\x1d.sentinel.v1.GetAgentResponse\x12R\n\x0bWatchAgents\x12\x1f.sentinel.v1.WatchAgentsRequest\x1a .sentinel.v1.WatchAgentsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sentinel/v1/fleet.proto\x12\x0bsentinel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x04\n\x05\x41gent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x33\n\x0f\x66irst_seen_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12(\n\x04host\x18\x08 \x01(\x0b\x32\x1a.sentinel.v1.HostInventory\x12\'\n\x04gpus\x18\t \x03(\x0b\x32\x19.sentinel.v1.GpuInventory\x12\x1a\n\x12last_telemetry_seq\x18\n \x01(\x04\x12\x1d\n\x15telemetry_gap_samples\x18\x0b \x01(\x04\x12\x11\n\tspiffe_id\x18\x0c \x01(\t\x12\x10\n\x08\x63ordoned\x18\r \x01(\x08\x12\x12\n\nreplica_id\x18\x0e \x01(\t\x12\x17\n\x0freplica_address\x18\x0f \x01(\t\x12\x32\n\x0e\x63onnected_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x01\n\rHostInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x05 \x01(\r\x12\x15\n\rphysical_cpus\x18\x06 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16\x62oot_time_unix_seconds\x18\x08 \x01(\x04\x12\x1c\n\x14kubernetes_node_name\x18\t \x01(\t\"\xaa\x02\n\x0cGpuInventory\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x15\n\rvbios_version\x18\x06 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x07 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x08 \x01(\x04\x12\"\n\x1apower_limit_min_milliwatts\x18\t \x01(\r\x12\"\n\x1apower_limit_max_milliwatts\x18\n \x01(\r\x12&\n\x1epower_limit_default_milliwatts\x18\x0b \x01(\r\x12\x10\n\x08mig_mode\x18\x0c \x01(\t\"d\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\"Q\n\x12ListAgentsResponse\x12\"\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x12.sentinel.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x0fGetAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x10GetAgentResponse\x12!\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Agent\"\x14\n\x12WatchAgentsRequest\"8\n\x13WatchAgentsResponse\x12!\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Agent*\x80\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41GENT_STATUS_CONNECTED\x10\x01\x12\x18\n\x14\x41GENT_STATUS_SUSPECT\x10\x02\x12\x1d\n\x19\x41GENT_STATUS_DISCONNECTED\x10\x03\x32\xfa\x01\n\x0c\x46leetService\x12M\n\nListAgents\x12\x1e.sentinel.v1.ListAgentsRequest\x1a\x1f.sentinel.v1.ListAgentsResponse\x12G\n\x08GetAgent\x12\x1c.sentinel.v1.GetAgentRequest\x1a\x1d.sentinel.v1.GetAgentResponse\x12R\n\x0bWatchAgents\x12\x1f.sentinel.v1.WatchAgentsRequest\x1a .sentinel.v1.WatchAgentsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sentinel.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATUS']._serialized_start=1378
-  _globals['_AGENTSTATUS']._serialized_end=1506
+  _globals['_AGENTSTATUS']._serialized_start=1475
+  _globals['_AGENTSTATUS']._serialized_end=1603
   _globals['_AGENT']._serialized_start=74
-  _globals['_AGENT']._serialized_end=489
-  _globals['_HOSTINVENTORY']._serialized_start=492
-  _globals['_HOSTINVENTORY']._serialized_end=718
-  _globals['_GPUINVENTORY']._serialized_start=721
-  _globals['_GPUINVENTORY']._serialized_end=1019
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1021
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1121
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1123
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1204
-  _globals['_GETAGENTREQUEST']._serialized_start=1206
-  _globals['_GETAGENTREQUEST']._serialized_end=1240
-  _globals['_GETAGENTRESPONSE']._serialized_start=1242
-  _globals['_GETAGENTRESPONSE']._serialized_end=1295
-  _globals['_WATCHAGENTSREQUEST']._serialized_start=1297
-  _globals['_WATCHAGENTSREQUEST']._serialized_end=1317
-  _globals['_WATCHAGENTSRESPONSE']._serialized_start=1319
-  _globals['_WATCHAGENTSRESPONSE']._serialized_end=1375
-  _globals['_FLEETSERVICE']._serialized_start=1509
-  _globals['_FLEETSERVICE']._serialized_end=1759
+  _globals['_AGENT']._serialized_end=586
+  _globals['_HOSTINVENTORY']._serialized_start=589
+  _globals['_HOSTINVENTORY']._serialized_end=815
+  _globals['_GPUINVENTORY']._serialized_start=818
+  _globals['_GPUINVENTORY']._serialized_end=1116
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1118
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1218
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1220
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1301
+  _globals['_GETAGENTREQUEST']._serialized_start=1303
+  _globals['_GETAGENTREQUEST']._serialized_end=1337
+  _globals['_GETAGENTRESPONSE']._serialized_start=1339
+  _globals['_GETAGENTRESPONSE']._serialized_end=1392
+  _globals['_WATCHAGENTSREQUEST']._serialized_start=1394
+  _globals['_WATCHAGENTSREQUEST']._serialized_end=1414
+  _globals['_WATCHAGENTSRESPONSE']._serialized_start=1416
+  _globals['_WATCHAGENTSRESPONSE']._serialized_end=1472
+  _globals['_FLEETSERVICE']._serialized_start=1606
+  _globals['_FLEETSERVICE']._serialized_end=1856
 # @@protoc_insertion_point(module_scope)

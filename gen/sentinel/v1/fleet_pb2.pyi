@@ -62,6 +62,9 @@ class Agent(_message.Message):
     TELEMETRY_GAP_SAMPLES_FIELD_NUMBER: _builtins.int
     SPIFFE_ID_FIELD_NUMBER: _builtins.int
     CORDONED_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_ADDRESS_FIELD_NUMBER: _builtins.int
+    CONNECTED_TIME_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     status: Global___AgentStatus.ValueType
     agent_version: _builtins.str
@@ -75,6 +78,11 @@ class Agent(_message.Message):
     """The SPIFFE id of the certificate the session authenticated with."""
     cordoned: _builtins.bool
     """Cordoned in Sentinel's scheduling view: plans may not start new work on the node."""
+    replica_id: _builtins.str
+    """The control-plane replica holding the node's session (its replica id and the address its
+    peers know it by); empty when no live replica holds one.
+    """
+    replica_address: _builtins.str
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -85,6 +93,10 @@ class Agent(_message.Message):
     def host(self) -> Global___HostInventory: ...
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInventory]: ...
+    @_builtins.property
+    def connected_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current session opened."""
+
     def __init__(
         self,
         *,
@@ -101,10 +113,13 @@ class Agent(_message.Message):
         telemetry_gap_samples: _builtins.int = ...,
         spiffe_id: _builtins.str = ...,
         cordoned: _builtins.bool = ...,
+        replica_id: _builtins.str = ...,
+        replica_address: _builtins.str = ...,
+        connected_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen_time", b"first_seen_time", "host", b"host", "last_seen_time", b"last_seen_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_time", b"connected_time", "first_seen_time", b"first_seen_time", "host", b"host", "last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "cordoned", b"cordoned", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "host", b"host", "last_seen_time", b"last_seen_time", "last_telemetry_seq", b"last_telemetry_seq", "node_id", b"node_id", "session_id", b"session_id", "spiffe_id", b"spiffe_id", "status", b"status", "telemetry_gap_samples", b"telemetry_gap_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "connected_time", b"connected_time", "cordoned", b"cordoned", "first_seen_time", b"first_seen_time", "gpus", b"gpus", "host", b"host", "last_seen_time", b"last_seen_time", "last_telemetry_seq", b"last_telemetry_seq", "node_id", b"node_id", "replica_address", b"replica_address", "replica_id", b"replica_id", "session_id", b"session_id", "spiffe_id", b"spiffe_id", "status", b"status", "telemetry_gap_samples", b"telemetry_gap_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
