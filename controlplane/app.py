@@ -48,6 +48,7 @@ from controlplane.api import (
     EnrollmentPortService,
     EnrollmentService,
     FleetService,
+    HealthPort,
     IdentityService,
     PlanService,
     PolicyService,
@@ -82,6 +83,7 @@ from controlplane.identity import (
 )
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.plans import (
+    LEASE_CHANNEL,
     AnalysisRecord,
     FleetView,
     HealthGates,
@@ -101,8 +103,8 @@ from controlplane.policy import (
     load_policy_files,
 )
 from controlplane.settings import ControlPlaneSettings
-from controlplane.store import Store
-from controlplane.telemetry import TelemetryHub
+from controlplane.store import Bus, Replicas, Store
+from controlplane.telemetry import TelemetryHub, TelemetryRelay
 from processkit import Supervisor, tune_gc_for_long_lived_heap
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,15 @@ log = logging.getLogger(__name__)
 def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str]]:
     """gRPC server options, chosen for thousands of long-lived agent streams."""
     keepalive_ms = int(settings.keepalive_time_s * 1000)
+    age: list[tuple[str, int | str]] = []
+    if settings.max_connection_age_s > 0:
+        # gRPC sends GOAWAY at the age (jittered by +/-10 %), lets open streams run for the
+        # grace, then closes the connection: an agent's stream ends UNAVAILABLE and it
+        # reconnects, through the load balancer, possibly to another replica.
+        age = [
+            ("grpc.max_connection_age_ms", max(1, int(settings.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
     return [
         # A second control plane on the same port must fail loudly, not share it silently.
         ("grpc.so_reuseport", 0),
@@ -123,6 +134,7 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
         ("grpc.http2.min_recv_ping_interval_without_data_ms", max(keepalive_ms // 2, 1000)),
         ("grpc.http2.max_ping_strikes", 3),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        *age,
         *settings.extra_grpc_options,
     ]
 
@@ -141,7 +153,7 @@ def _api_service_names() -> list[str]:
 
 
 def _default_instance_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class ControlPlane:
@@ -153,11 +165,24 @@ class ControlPlane:
         self.metrics = ControlPlaneMetrics()
         self.metrics_registry = self.metrics.registry
         self.store = Store(settings.database_url, threads=settings.store_threads)
+        # Replicas (issue 11): one id per process; the bus is PostgreSQL's LISTEN/NOTIFY.
+        self.instance_id = settings.controller_id or _default_instance_name()
+        self.bus = Bus(self.store, self.instance_id)
+        self.replicas = Replicas(
+            self.store,
+            self.bus,
+            address=settings.replica_address or settings.listen,
+            heartbeat_s=settings.replica_heartbeat_s,
+            stale_after_s=settings.replica_stale_after_s,
+            sessions=lambda: len(self.registry.sessions()),
+        )
         self.registry = AgentRegistry(
             self.store,
             suspect_after_s=settings.suspect_after_s,
             disconnect_after_s=settings.disconnect_after_s,
             on_status_counts=self._publish_agent_counts,
+            replicas=self.replicas,
+            bus=self.bus,
         )
         self.hub: TelemetryHub[telemetry_pb2.TelemetrySample] = TelemetryHub(
             self.store,
@@ -165,10 +190,24 @@ class ControlPlane:
             send_ack=self._send_telemetry_ack,
             on_stored=self.registry.record_telemetry,
             on_flush=self.metrics.store_flush.observe,
+            on_published=lambda samples: self.relay.forward(samples),
+            on_subscriptions=lambda: self.relay.subscriptions_changed(),
+        )
+        self.relay = TelemetryRelay(
+            self.hub,
+            self.store,
+            self.bus,
+            self.replicas,
+            encode=lambda sample: sample.SerializeToString(),
+            decode=telemetry_pb2.TelemetrySample.FromString,
+            holds=lambda node_id: self.registry.session_for(node_id) is not None,
         )
         self.metrics.telemetry_subscribers.set_function(lambda: self.hub.subscriber_count)
         self.commands = CommandLedger(
-            self.store, self.registry.session_for, on_finished=self._command_finished
+            self.store,
+            self.registry.session_for,
+            on_finished=self._command_finished,
+            bus=self.bus,
         )
         self.audit = AuditLog(
             self.store,
@@ -204,19 +243,26 @@ class ControlPlane:
             self.executors,
             limits=PlanLimitsConfig(settings.max_plan_steps, settings.max_plan_targets),
             rate_window_s=settings.plan_rate_window_s,
-            poll_interval_s=settings.reconcile_interval_s,
+            # With replicas, watchers and the controller are woken through the bus; the poll
+            # is the safety net under it.
+            poll_interval_s=max(settings.reconcile_interval_s, 5.0)
+            if self.bus.enabled
+            else settings.reconcile_interval_s,
             on_change=self._plan_changed,
+            bus=self.bus,
+            on_remote_change=lambda _plan_id: self.controller.wake(),
         )
         self.controller = PipelineController(
             self.plans.repository,
             Lease(
                 self.store,
                 "pipeline-controller",
-                settings.controller_id or _default_instance_name(),
+                self.instance_id,
                 settings.controller_lease_s,
+                self.bus,
             ),
             self.executors,
-            HealthGates(self.hub.latest, telemetry_sample_data),
+            HealthGates(self.relay.latest, telemetry_sample_data),
             interval_s=settings.reconcile_interval_s,
             on_step_finished=lambda action, result, seconds: self.metrics.plan_step_duration.labels(
                 action, result
@@ -251,6 +297,9 @@ class ControlPlane:
         self.issuer: CertificateIssuer | None = None
         self._enrollment_server: grpc.aio.Server | None = None
         self.enrollment_port = 0
+        # The plaintext probe port (issue 13), opened once everything reports SERVING.
+        self._health_port: HealthPort | None = None
+        self.health_port = 0
 
     def _close_revoked_sessions(self) -> int:
         return close_revoked_sessions(self.registry.sessions(), self.revocations)
@@ -311,6 +360,7 @@ class ControlPlane:
         file_policies = await asyncio.to_thread(load_policy_files, settings.policy_paths)
         await asyncio.to_thread(self.clusters.prepare)
         await asyncio.to_thread(self.store.migrate)
+        await self.replicas.register()
         await self.policies.install_files(file_policies)
         await self.registry.load()
         await self.revocations.load()
@@ -335,7 +385,7 @@ class ControlPlane:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agent_service, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryService(settings, self.hub), server
+            TelemetryService(settings, self.hub, self.relay), server
         )
         plan_pb2_grpc.add_PlanServiceServicer_to_server(
             PlanService(self.plans, settings.default_step_timeout_s), server
@@ -378,6 +428,13 @@ class ControlPlane:
             self._metrics_http = http_server
             self.metrics_port = http_server.server_port
 
+        self.bus.subscribe(LEASE_CHANNEL, lambda _sender, _name: self.controller.wake())
+        self._supervisor.start("replica-bus", self.bus.run)
+        self._supervisor.start("replica-heartbeat", self.replicas.run_heartbeat)
+        self._supervisor.start("telemetry-relay", self.relay.run)
+        if self.bus.enabled:
+            self._supervisor.start("agent-directory", self.registry.run_directory_refresher)
+            self._supervisor.start("command-pending-sweeper", self.commands.run_pending_sweeper)
         self._supervisor.start(
             "audit-flusher", lambda: self.audit.run_flusher(settings.audit_flush_interval_s)
         )
@@ -404,6 +461,9 @@ class ControlPlane:
         tune_gc_for_long_lived_heap(settings.gc_gen0_threshold)
         for service in ("", *names):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if settings.health_listen:
+            self._health_port = HealthPort(self._health, settings.health_listen)
+            self.health_port = await self._health_port.start()
         log.info(
             "control plane serving on port %d (metrics on %s)",
             self.port,
@@ -471,7 +531,10 @@ class ControlPlane:
         """Tells agents to reconnect later, lets calls finish, then persists what is pending."""
         await self._health.enter_graceful_shutdown()
         AgentService.go_away_all(
-            self.registry, "control plane shutting down", self.settings.reconnect_after_shutdown_s
+            self.registry,
+            "control plane shutting down",
+            self.settings.reconnect_after_shutdown_s,
+            spread_s=self.settings.reconnect_after_shutdown_spread_s,
         )
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
@@ -479,12 +542,19 @@ class ControlPlane:
         if self._enrollment_server is not None:
             await self._enrollment_server.stop(self.settings.shutdown_grace_s)
             self._enrollment_server = None
+        if self._health_port is not None:
+            await self._health_port.stop(0)
+            self._health_port = None
         if self._agent_service is not None:
             await self._agent_service.wait_sessions_closed(self.settings.shutdown_grace_s)
         await self._supervisor.stop()
         await self._flush_audit()
         await self.hub.flush()
         await self.registry.persist_last_seen()
+        try:
+            await self.replicas.deregister()
+        except Exception as exc:
+            log.warning("could not remove this replica's row (it goes stale instead): %s", exc)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
             self._metrics_http.server_close()  # type: ignore[attr-defined]

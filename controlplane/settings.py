@@ -28,6 +28,9 @@ class ControlPlaneSettings:
     """gRPC address (host:port; port 0 picks a free one)."""
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics address; empty disables it."""
+    health_listen: str = ""
+    """Plaintext address serving only grpc.health.v1 (for Kubernetes' gRPC probes, which
+    speak no TLS), reporting what the main port reports; empty disables it."""
     database_url: str = "sqlite:///sentinel.db"
     """SQLAlchemy URL of the store."""
     store_threads: int = 4
@@ -66,7 +69,24 @@ class ControlPlaneSettings:
     shutdown_grace_s: float = 5.0
     """How long in-flight calls get to finish on shutdown."""
     reconnect_after_shutdown_s: float = 2.0
-    """What agents are told to wait before reconnecting after a graceful shutdown."""
+    """What agents are told to wait before reconnecting after a graceful shutdown (the least
+    of the GoAway window)."""
+    reconnect_after_shutdown_spread_s: float = 3.0
+    """Width of the GoAway window: each agent is told a delay drawn uniformly from
+    [reconnect_after_shutdown_s, reconnect_after_shutdown_s + this], so a stopping replica's
+    agents do not all land on the survivors at once; 0 tells every agent the same."""
+    max_connection_age_s: float = 0.0
+    """Age after which gRPC closes a connection (GOAWAY, then `max_connection_age_grace_s`,
+    then the stream ends and the agent reconnects, possibly to another replica; gRPC jitters
+    the age by +/-10 %); spreads agents over replicas after a scale-up. 0: never."""
+    max_connection_age_grace_s: float = 10.0
+    """Time an aged connection's open streams get after its GOAWAY before they are cut."""
+    max_agents: int = 0
+    """Agent sessions this replica holds at most; beyond it new sessions are refused with
+    UNAVAILABLE and a retry-after, so agents go to another replica. 0: no limit."""
+    capacity_retry_after_s: float = 5.0
+    """Least retry-after of a session refused for capacity (drawn uniformly from [this,
+    2 x this], sent as `retry-after-ms` trailing metadata)."""
     policy_paths: str = ""
     """Comma-separated YAML policy files or directories of them, loaded at start (read-only
     through PolicyService); empty loads none."""
@@ -85,7 +105,16 @@ class ControlPlaneSettings:
     controller_lease_s: float = 10.0
     """Leadership lease of the pipeline controller; a stopped leader is replaced after this."""
     controller_id: str = ""
-    """This instance's name in the controller lease; empty derives host:pid:random."""
+    """This replica's id (in the replicas table, the agent directory and the controller
+    lease); empty derives host:pid:random, new for every process."""
+    replica_address: str = ""
+    """The address this replica is known by to peers and shown in the agent directory
+    (GetAgent/ListAgents); empty uses `listen`."""
+    replica_heartbeat_s: float = 1.0
+    """How often this replica writes its heartbeat row and re-reads the others'."""
+    replica_stale_after_s: float = 5.0
+    """A replica whose heartbeat is older than this is dead: the agents it held get the
+    liveness grace period and are free to be held elsewhere."""
     default_step_timeout_s: float = 300.0
     """Deadline of a plan step that names none (agent commands included)."""
     max_plan_steps: int = 100

@@ -3,7 +3,11 @@ reopened after every loss; it re-sends what the spool holds unacknowledged, then
 samples, GPU events and heartbeats, and hands received commands to the command runner.
 
 Reconnects use capped exponential backoff with full jitter, the first retry included, so a
-fleet whose control plane restarts does not come back in one thundering herd.
+fleet whose control plane restarts does not come back in one thundering herd. A delay the
+control plane asks for (GoAway's `reconnect_after`, the `retry-after-ms` trailer of a session
+refused for capacity) replaces the backoff: it is waited in full, plus jitter. A session that
+was open and ends because the server drained its connection (maximum connection age) is routine:
+the agent reconnects at once, through the load balancer, and re-sends what was not acked.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sentinel.v1 import agent_pb2, agent_pb2_grpc
 
 from nodeagent import encode
 from nodeagent._certificates import CertificateKeeper
+from nodeagent._certificates import _retry_after as retry_after
 from nodeagent._state import AgentStateStore
 from nodeagent._telemetry import TelemetrySampler
 from nodeagent.actions import AGENT_VERSION, capabilities
@@ -36,6 +41,12 @@ class SessionRefused(Exception):
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**attempt)], attempt 0 included."""
     return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+def requested_delay(asked_s: float, base_s: float, rng: random.Random) -> float:
+    """A delay the control plane asked for, in full, plus jitter of up to the same again (at
+    least up to `base_s`), so agents told the same delay do not all return in one instant."""
+    return asked_s + rng.uniform(0.0, max(asked_s, base_s))
 
 
 def mtls_credentials(settings: AgentSettings) -> grpc.ChannelCredentials:
@@ -90,6 +101,10 @@ class AgentSession:
         self.sessions_opened = 0
         self.acked_seq = 0
         """Highest telemetry seq the control plane acknowledged."""
+        self._welcomed = False
+        """Whether the current attempt got a welcome (the session was open)."""
+        self._drained = False
+        """Whether the server sent HTTP/2 GOAWAY on the current session's connection."""
 
     def stop(self) -> None:
         """Ends the open session (half-closing the stream) and stops reconnecting."""
@@ -111,21 +126,11 @@ class AgentSession:
             if not await self._certificate_ready():
                 return
             delay: float | None = None
-            welcomed = False
+            self._welcomed = self._drained = False
             try:
-                delay, welcomed = await self._session(state, boot_count)
+                delay = await self._session(state, boot_count)
             except grpc.aio.AioRpcError as exc:
-                level = (
-                    logging.ERROR
-                    if exc.code()
-                    in (
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                    )
-                    else logging.WARNING
-                )
-                log.log(level, "session ended: %s: %s", exc.code().name, exc.details())
+                delay = self._delay_after(exc)
             except (SessionRefused, TimeoutError) as exc:
                 log.warning("session failed: %s", exc or "no welcome in time")
             except OSError as exc:
@@ -133,16 +138,51 @@ class AgentSession:
             finally:
                 self.connected.clear()
                 self.session_id = ""
-            if welcomed:
+            if self._welcomed:
+                # A session that was open resets the backoff, however it ended: a connection
+                # drained after its maximum age, or a replica gone, is retried at once.
                 attempt = 0
             if delay is None:
                 delay = backoff_delay(attempt, s.backoff_base_s, s.backoff_cap_s, self._rng)
                 attempt += 1
             if self._stopping.is_set():
                 return
-            log.info("reconnecting in %.2f s", delay)
+            log.info("reconnecting in %.2f s", delay, extra={"reconnect_delay_s": delay})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _delay_after(self, exc: grpc.aio.AioRpcError) -> float | None:
+        """Logs why a session ended with an error status; returns the delay the control plane
+        asked for (a refusal's `retry-after-ms`), None to use the backoff."""
+        code = exc.code()
+        asked = retry_after(exc)
+        if asked is not None:
+            delay = requested_delay(asked, self._settings.backoff_base_s, self._rng)
+            log.warning(
+                "session refused: %s: %s; retrying in %.2f s as asked",
+                code.name,
+                exc.details(),
+                delay,
+                extra={"status": code.name, "retry_after_s": asked},
+            )
+            return delay
+        if code == grpc.StatusCode.UNAVAILABLE and self._welcomed and self._drained:
+            # gRPC's maximum connection age: GOAWAY, the grace, then the stream is cut. The
+            # spool still holds everything not acked, so nothing is lost by reconnecting.
+            log.info("session ended: the control plane drained the connection (%s)", exc.details())
+            return None
+        level = (
+            logging.ERROR
+            if code
+            in (
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+            else logging.WARNING
+        )
+        log.log(level, "session ended: %s: %s", code.name, exc.details())
+        return None
 
     async def _certificate_ready(self) -> bool:
         """Waits until there is a valid certificate to connect with; False when stopping."""
@@ -179,8 +219,8 @@ class AgentSession:
             )
         )
 
-    async def _session(self, state: AgentStateStore, boot_count: int) -> tuple[float | None, bool]:
-        """One session; returns (delay the control plane asked for, whether it was welcomed)."""
+    async def _session(self, state: AgentStateStore, boot_count: int) -> float | None:
+        """One session; returns the delay the control plane asked for (None: the backoff's)."""
         s = self._settings
         hello = await self._hello(state, boot_count)
         # Read on every attempt, so a renewed certificate on disk is used at the next connect.
@@ -190,7 +230,10 @@ class AgentSession:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
         tasks = Supervisor("session")
         try:
-            await call.write(hello)  # at once: a silent new stream risks being dropped
+            # At once: a silent new stream risks being dropped. A session refused before its
+            # hello (capacity) may already be over; the read below raises its status.
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await call.write(hello)
             first = await asyncio.wait_for(call.read(), s.connect_timeout_s)
             if first is grpc.aio.EOF:
                 await call.wait_for_connection()
@@ -198,6 +241,7 @@ class AgentSession:
             if first.WhichOneof("message") != "welcome":
                 raise SessionRefused(f"expected welcome, got {first.WhichOneof('message')}")
             welcome = first.welcome
+            self._welcomed = True
             self.session_id = welcome.session_id
             self.sessions_opened += 1
             await self._acknowledge(state, welcome.acked_telemetry_seq)
@@ -219,12 +263,22 @@ class AgentSession:
                     restart=False,
                 )
                 tasks.start("heartbeat", lambda: self._heartbeat_loop(outgoing), restart=False)
-                return await self._read_loop(state, call), True
+                tasks.start("drain-watch", lambda: self._watch_drain(channel), restart=False)
+                return await self._read_loop(state, call)
         finally:
             self._outgoing = None
             await tasks.stop()
             call.cancel()
             await channel.close()
+
+    async def _watch_drain(self, channel: grpc.aio.Channel) -> None:
+        """Notes when the server sends HTTP/2 GOAWAY on this session's connection: the channel
+        leaves READY while the stream goes on until the server's grace ends."""
+        if channel.get_state() != grpc.ChannelConnectivity.READY:
+            return
+        await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)
+        self._drained = True
+        log.info("the control plane is draining this connection (GOAWAY); the session goes on")
 
     async def _read_loop(self, state: AgentStateStore, call: Any) -> float | None:
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -256,10 +310,14 @@ class AgentSession:
                         message.config_update.telemetry_interval.ToNanoseconds() / 1e9
                     )
                 elif kind == "go_away":
-                    delay: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
-                    log.info("control plane going away (%s)", message.go_away.reason)
-                    # Jitter the requested delay too, so the fleet does not return all at once.
-                    return delay + self._rng.uniform(0, max(delay, self._settings.backoff_base_s))
+                    asked: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
+                    log.info(
+                        "control plane going away (%s); asked to reconnect after %.2f s",
+                        message.go_away.reason,
+                        asked,
+                        extra={"reconnect_after_s": asked},
+                    )
+                    return requested_delay(asked, self._settings.backoff_base_s, self._rng)
                 elif kind == "cancel_command":
                     log.info("cancel requested for %s", message.cancel_command.command_id)
         finally:

@@ -95,6 +95,7 @@ def fast_settings(pki: Pki, database_url: str, **overrides: Any) -> ControlPlane
         telemetry_ack_interval_s=0.0,
         shutdown_grace_s=0.5,
         reconnect_after_shutdown_s=0.1,
+        reconnect_after_shutdown_spread_s=0.1,
     )
     return dataclasses.replace(settings, **overrides)
 
@@ -102,6 +103,12 @@ def fast_settings(pki: Pki, database_url: str, **overrides: Any) -> ControlPlane
 # The backend every test's database lives on: "sqlite" (a file per test) or "postgresql" (a
 # database per test on the server SENTINEL_TEST_PG_URL names; scripts/test.sh starts one).
 TEST_DB = os.environ.get("SENTINEL_TEST_DB", "sqlite")
+
+needs_postgres = pytest.mark.skipif(
+    TEST_DB != "postgresql",
+    reason="several control planes acting as one need PostgreSQL (on SQLite nothing carries "
+    "commands or telemetry between them, and a second one warns at start)",
+)
 
 
 @pytest.fixture(scope="session")

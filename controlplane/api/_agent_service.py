@@ -1,10 +1,13 @@
-"""`AgentService`: the transport of agent sessions. It checks the hello against the caller's
-certificate, then pumps messages between the stream and the fleet/telemetry domain."""
+"""`AgentService`: the transport of agent sessions. It admits a session while this replica is
+under its agent capacity, checks the hello against the caller's certificate, then pumps
+messages between the stream and the fleet/telemetry domain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 from collections.abc import Awaitable
 from typing import NoReturn
 
@@ -89,6 +92,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._ledger = ledger
         self._metrics = metrics
         self._handlers: set[asyncio.Task[object]] = set()
+        self._admitted = 0
+        """Connect calls past the capacity check and not yet finished (hello pending included)."""
+        self._rng = random.Random()  # noqa: S311 (jitter, not cryptography)
 
     async def wait_sessions_closed(self, timeout_s: float) -> None:
         """Waits until every session handler has finished its cleanup (after the server has
@@ -155,9 +161,46 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             )
         return hello
 
+    def _over_capacity(self) -> bool:
+        """Whether a new session would exceed `max_agents`. A node that already holds a session
+        here is let in: its new session replaces the old one rather than adding to the count."""
+        limit = self._settings.max_agents
+        if limit <= 0 or self._admitted < limit:
+            return False
+        return self._registry.session_for(current_principal().name) is None
+
+    async def _refuse_for_capacity(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        # Drawn per refusal, so refused agents do not all come back in the same instant; the
+        # trailer is the convention of every other retryable refusal (Login, Enroll).
+        base = self._settings.capacity_retry_after_s
+        retry_ms = max(1, math.ceil(self._rng.uniform(base, 2 * base) * 1000))
+        self._metrics.sessions_refused.labels("capacity").inc()
+        log.info(
+            "agent session refused: this replica holds its maximum of %d agent sessions",
+            self._settings.max_agents,
+        )
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"this control plane holds its maximum of {self._settings.max_agents} agent "
+            f"sessions: retry in {retry_ms / 1000:.1f} s (another replica may have room)",
+            trailing_metadata=(("retry-after-ms", str(retry_ms)),),
+        )
+        raise AssertionError("unreachable: context.abort raises")
+
     async def Connect(  # type: ignore[override]
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
+        # Checked and counted before the first await, so concurrent connects cannot all slip
+        # in under the limit; before the hello, so a full replica spends nothing on it.
+        if self._over_capacity():
+            await self._refuse_for_capacity(context)
+        self._admitted += 1
+        try:
+            await self._connect(context)
+        finally:
+            self._admitted -= 1
+
+    async def _connect(self, context: grpc.aio.ServicerContext) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -352,7 +395,19 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @staticmethod
-    def go_away_all(registry: AgentRegistry, reason: str, reconnect_after_s: float) -> None:
+    def go_away_all(
+        registry: AgentRegistry,
+        reason: str,
+        reconnect_after_s: float,
+        *,
+        spread_s: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Tells every agent to go and come back after a delay drawn uniformly from
+        [reconnect_after_s, reconnect_after_s + spread_s], then closes its session: spread, so
+        the agents of a stopping replica do not all land on the survivors at once."""
+        draw = rng or random.Random()  # noqa: S311 (jitter, not cryptography)
         for session in registry.sessions():
-            session.send(GoAwayOut(reason, reconnect_after_s))
+            jitter = draw.uniform(0.0, spread_s) if spread_s > 0 else 0.0
+            session.send(GoAwayOut(reason, reconnect_after_s + jitter))
             session.close(reason)
