@@ -110,6 +110,11 @@ class NodeAgent:
         self._telemetry.on_sample = callback
 
     @property
+    def telemetry_interval_s(self) -> float:
+        """The current telemetry interval (the control plane may change it)."""
+        return self._telemetry.interval.seconds
+
+    @property
     def _interval_s(self) -> float:
         return self._telemetry.interval.seconds
 

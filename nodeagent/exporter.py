@@ -1,23 +1,37 @@
-"""The node agent's own Prometheus /metrics: its latest telemetry sample, rendered with
-node_exporter names for the host and dcgm-exporter names for GPUs, so existing dashboards work.
+"""The node agent's own HTTP endpoint: Prometheus /metrics with its latest telemetry sample,
+rendered with node_exporter names for the host and dcgm-exporter names for GPUs, so existing
+dashboards work; and /healthz and /readyz for Kubernetes' probes.
 
-Rendering reads only the stored sample (no psutil or NVML calls), so a scrape costs little and
-never waits on a driver.
+Rendering reads the stored sample (no NVML calls), so a scrape costs little and never waits on a
+driver. The one exception is node_cpu_seconds_total: node_exporter has a series per CPU and
+mode, the sample carries only their sum, so those are read from /proc/stat at scrape (one read).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket
+import socketserver
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sentinel.v1 import telemetry_pb2
 
+from nodeagent.collectors import HostCollector
+
 _MIB = 1024 * 1024
 
-_CPU_MODES = ("user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice")
+_CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+# An idle counter that falls back this far means the CPU was unplugged and came back with fresh
+# counters (node_exporter uses the same threshold); smaller drops are the kernel's known jitter
+# in idle and iowait, which must not look like a counter reset to rate().
+_CPU_RESET_SECONDS = 3.0
 
 _GPU_LABELS = ("gpu", "UUID", "device", "Hostname")
 
@@ -225,9 +239,16 @@ class TelemetryExporter:
     `update()` may be called from any thread while the registry is being scraped.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._lock = threading.Lock()
         self._sample: telemetry_pb2.TelemetrySample | None = None
+        self._clock = clock
+        self._started = clock()
+        self._updated: float | None = None
+        self._cpu_lock = threading.Lock()
+        self._cpu_reported: dict[str, dict[str, float]] = {}
         registry.register(self)
 
     def update(self, sample: telemetry_pb2.TelemetrySample) -> None:
@@ -236,6 +257,17 @@ class TelemetryExporter:
         snapshot.CopyFrom(sample)
         with self._lock:
             self._sample = snapshot
+            self._updated = self._clock()
+
+    def seconds_since_update(self) -> tuple[float, bool]:
+        """(seconds since the latest sample, True), or (seconds since this exporter was made,
+        False) while no sample came yet."""
+        with self._lock:
+            updated = self._updated
+        now = self._clock()
+        if updated is None:
+            return now - self._started, False
+        return now - updated, True
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -247,31 +279,51 @@ class TelemetryExporter:
         )
         seq.add_metric([], sample.seq)
         yield seq
+        if sample.host.HasField("cpu"):
+            yield self._cpu_seconds()
         yield from _host_metrics(sample.host)
         yield _gpu_state(sample.gpu_status)
         yield from _gpu_metrics(sample.node_id, sample.gpus)
 
+    def _cpu_seconds(self) -> Metric:
+        """node_cpu_seconds_total{cpu, mode}, read now; a counter that the kernel moved back a
+        little keeps its last value, as node_exporter does, so it never decreases."""
+        family = CounterMetricFamily(
+            "node_cpu_seconds", "Seconds the CPUs spent in each mode.", labels=["cpu", "mode"]
+        )
+        try:
+            cpus = HostCollector.cpu_seconds_per_cpu()
+        except OSError:
+            return family  # empty: no series rather than wrong ones
+        with self._cpu_lock:  # scrapes may run concurrently
+            for times in cpus:
+                reported = self._cpu_reported.get(times.cpu)
+                if reported is None or reported["idle"] - times.idle >= _CPU_RESET_SECONDS:
+                    reported = self._cpu_reported[times.cpu] = {}
+                for mode in _CPU_MODES:
+                    value = max(getattr(times, mode), reported.get(mode, 0.0))
+                    reported[mode] = value
+                    family.add_metric([times.cpu, mode], value)
+        return family
+
 
 def _host_metrics(host: telemetry_pb2.HostTelemetry) -> Iterator[Metric]:
-    cpu = CounterMetricFamily(
-        "node_cpu_seconds", "Seconds the CPUs spent in each mode.", labels=["mode"]
-    )
-    for mode in _CPU_MODES:
-        cpu.add_metric([mode], getattr(host.cpu, f"{mode}_seconds"))
-    yield cpu
+    # A part the collector could not read is absent from the sample: no series, not zeros
+    # (a MemTotal of 0 would read as a broken node).
+    if host.HasField("load"):
+        for period in ("1", "5", "15"):
+            load = GaugeMetricFamily(f"node_load{period}", f"{period}m load average.")
+            load.add_metric([], getattr(host.load, f"load{period}"))
+            yield load
 
-    for period in ("1", "5", "15"):
-        load = GaugeMetricFamily(f"node_load{period}", f"{period}m load average.")
-        load.add_metric([], getattr(host.load, f"load{period}"))
-        yield load
-
-    for name, documentation, field in _MEMORY_METRICS:
-        yield GaugeMetricFamily(name, documentation, value=getattr(host.memory, field))
-    yield GaugeMetricFamily(
-        "node_memory_SwapFree_bytes",
-        "Memory information field SwapFree_bytes.",
-        value=max(0, host.memory.swap_total_bytes - host.memory.swap_used_bytes),
-    )
+    if host.HasField("memory"):
+        for name, documentation, field in _MEMORY_METRICS:
+            yield GaugeMetricFamily(name, documentation, value=getattr(host.memory, field))
+        yield GaugeMetricFamily(
+            "node_memory_SwapFree_bytes",
+            "Memory information field SwapFree_bytes.",
+            value=max(0, host.memory.swap_total_bytes - host.memory.swap_used_bytes),
+        )
 
     for name, documentation, field in _DISK_METRICS:
         disk = CounterMetricFamily(name, documentation, labels=["device"])
@@ -326,3 +378,120 @@ def _gpu_metrics(hostname: str, gpus: Sequence[telemetry_pb2.GpuTelemetry]) -> I
                 family.add_metric(labels[gpu.index], metric.convert(getattr(gpu, metric.field)))
         if family.samples:
             yield family
+
+
+# -- health endpoints ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HealthVerdict:
+    """One answer of a health endpoint: whether it passes, and why, in words."""
+
+    ok: bool
+    reason: str
+
+
+class AgentHealth:
+    """Judges the agent's liveness and readiness from what it did, for /healthz and /readyz.
+
+    Live (/healthz): the collect loop produced a telemetry sample within `missed_intervals`
+    telemetry intervals (at least `min_stale_s`), counted from the agent's start until the first
+    sample. A loop that stopped or hangs (a wedged driver call past its deadline, a dead event
+    loop) fails it, and the kubelet restarts the agent; a control plane that is down does not,
+    since restarting the agent would not bring it back.
+
+    Ready (/readyz): live, and a session with the control plane is open. A DaemonSet rollout of
+    an agent that cannot connect (wrong CA, no token, no route) stops there.
+    """
+
+    def __init__(
+        self,
+        exporter: TelemetryExporter,
+        *,
+        interval_s: Callable[[], float],
+        connected: Callable[[], bool],
+        missed_intervals: float = 3.0,
+        min_stale_s: float = 30.0,
+    ) -> None:
+        self._exporter = exporter
+        self._interval_s = interval_s
+        self._connected = connected
+        self._missed_intervals = missed_intervals
+        self._min_stale_s = min_stale_s
+
+    def live(self) -> HealthVerdict:
+        age, sampled = self._exporter.seconds_since_update()
+        limit = max(self._missed_intervals * self._interval_s(), self._min_stale_s)
+        if age <= limit:
+            what = "last telemetry sample" if sampled else "agent start, no sample yet"
+            return HealthVerdict(True, f"collecting: {age:.1f} s since {what}")
+        if not sampled:
+            return HealthVerdict(False, f"no telemetry sample in {age:.1f} s (limit {limit:g} s)")
+        return HealthVerdict(
+            False, f"collect loop stalled: last sample {age:.1f} s ago (limit {limit:g} s)"
+        )
+
+    def ready(self) -> HealthVerdict:
+        live = self.live()
+        if not live.ok:
+            return live
+        if not self._connected():
+            return HealthVerdict(False, "no session with the control plane")
+        return HealthVerdict(True, "connected to the control plane; " + live.reason)
+
+
+def _wsgi_app(
+    registry: CollectorRegistry, health: AgentHealth | None
+) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+    metrics = make_wsgi_app(registry)
+    checks: dict[str, Callable[[], HealthVerdict]] = (
+        {"/healthz": health.live, "/readyz": health.ready} if health is not None else {}
+    )
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        check = checks.get(path)
+        if check is None:
+            if path in ("/healthz", "/readyz"):
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"health checks are not configured\n"]
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        verdict = check()
+        status = "200 OK" if verdict.ok else "503 Service Unavailable"
+        body = f"{'ok' if verdict.ok else 'failing'}: {verdict.reason}\n".encode()
+        start_response(
+            status,
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return app
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes and scrapes every few seconds are not news; the agent logs what matters."""
+
+
+def start_http_endpoint(
+    listen: str, registry: CollectorRegistry, health: AgentHealth | None = None
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serves /metrics (the registry) and, with `health`, /healthz and /readyz on `listen`
+    (host:port, port 0 picks one; `server.server_port` tells which) from a daemon thread.
+    Stop it with `server.shutdown()` and `server.server_close()`."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # empty: every interface
+
+    class _Server(_ThreadingServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(
+        host, int(port), _wsgi_app(registry, health), _Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
+    thread.start()
+    return server, thread

@@ -14,12 +14,12 @@ import pathlib
 import signal
 import sys
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from nodeagent._certificates import bootstrap_token
 from nodeagent.agent import NodeAgent
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
-from nodeagent.exporter import TelemetryExporter
+from nodeagent.exporter import AgentHealth, TelemetryExporter, start_http_endpoint
 from nodeagent.settings import AgentSettings
 from processkit import configure_logging, field_docs
 
@@ -81,11 +81,15 @@ async def run(settings: AgentSettings) -> None:
         exporter = TelemetryExporter(registry)
         agent.on_sample = exporter.update
         registry.register(agent.metrics_collector())
-        host, _, port = settings.metrics_listen.rpartition(":")
-        http_server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=registry
+        health = AgentHealth(
+            exporter,
+            interval_s=lambda: agent.telemetry_interval_s,
+            connected=agent.connected.is_set,
         )
-        log.info("metrics on http://%s/metrics", settings.metrics_listen)
+        http_server, _thread = start_http_endpoint(settings.metrics_listen, registry, health)
+        log.info(
+            "metrics on http://%s/metrics (health: /healthz, /readyz)", settings.metrics_listen
+        )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, agent.stop)
@@ -94,6 +98,7 @@ async def run(settings: AgentSettings) -> None:
     finally:
         if http_server is not None:
             http_server.shutdown()
+            http_server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:

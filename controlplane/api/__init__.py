@@ -10,6 +10,7 @@ from controlplane.api._enrollment_service import (
     EnrollmentService,
 )
 from controlplane.api._fleet_service import FleetService
+from controlplane.api._health_port import HealthPort
 from controlplane.api._identity_service import IdentityService
 from controlplane.api._interceptor import AuthInterceptor
 from controlplane.api._plan_service import PlanService
@@ -27,6 +28,7 @@ __all__ = [
     "EnrollmentPortService",
     "EnrollmentService",
     "FleetService",
+    "HealthPort",
     "IdentityService",
     "MetricFilter",
     "PlanService",
