@@ -125,6 +125,7 @@ if command -v npm >/dev/null 2>&1; then
     npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >/dev/null
   fi
   .tools/node_modules/.bin/buf lint
+  bash scripts/buf_breaking.sh .tools/node_modules/.bin/buf
 else
   echo "npm not found: buf lint skipped (install Node.js to lint the API)" >&2
 fi

@@ -175,6 +175,23 @@ class CpuTimes:
     logical_cpus: int
 
 
+@dataclass(slots=True)
+class CpuModeSeconds:
+    """Seconds one logical CPU spent in each mode since boot, as /proc/stat counts them (user
+    and nice include guest time); node_exporter's node_cpu_seconds_total for that CPU."""
+
+    cpu: str
+    """The kernel's CPU number ("0", "1", ...); an offline CPU is absent, not renumbered."""
+    user: float
+    nice: float
+    system: float
+    idle: float
+    iowait: float
+    irq: float
+    softirq: float
+    steal: float
+
+
 @dataclass(frozen=True, slots=True)
 class LoadAverage:
     """The 1, 5 and 15 minute load averages."""
@@ -193,6 +210,7 @@ class MemoryUsage:
     used_bytes: int
     free_bytes: int
     cached_bytes: int = 0
+    """/proc/meminfo's Cached: the page cache, without reclaimable slab (psutil adds that)."""
     buffers_bytes: int = 0
     swap_total_bytes: int = 0
     swap_used_bytes: int = 0

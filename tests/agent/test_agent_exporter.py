@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +18,8 @@ from nodeagent.exporter import TelemetryExporter
 MIB = 1024 * 1024
 UUID_0 = "GPU-3b2f7a10-5c1e-4d8a-9f00-000000000000"
 UUID_1 = "GPU-3b2f7a10-5c1e-4d8a-9f00-000000000001"
+
+CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -107,15 +111,12 @@ def test_host_metrics_use_node_exporter_names(host: telemetry_pb2.HostTelemetry)
 
     samples, types = _scrape(registry)
 
-    for mode in ("user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice"):
-        assert _value(samples, "node_cpu_seconds_total", mode=mode) == getattr(
-            host.cpu, f"{mode}_seconds"
-        )
     assert types["node_cpu_seconds"] == "counter"
     assert _value(samples, "node_load1") == host.load.load1
     assert _value(samples, "node_load15") == host.load.load15
     assert _value(samples, "node_memory_MemTotal_bytes") == host.memory.total_bytes
     assert _value(samples, "node_memory_MemAvailable_bytes") == host.memory.available_bytes
+    assert _value(samples, "node_memory_Cached_bytes") == host.memory.cached_bytes
     assert _value(samples, "node_memory_SwapTotal_bytes") == host.memory.swap_total_bytes
     assert _value(samples, "node_memory_SwapFree_bytes") == (
         host.memory.swap_total_bytes - host.memory.swap_used_bytes
@@ -152,6 +153,82 @@ def test_host_metrics_use_node_exporter_names(host: telemetry_pb2.HostTelemetry)
         )
     else:
         assert "node_pressure_cpu_waiting_seconds_total" not in _names(samples)
+
+
+def test_cpu_seconds_are_read_per_cpu_at_scrape(host: telemetry_pb2.HostTelemetry) -> None:
+    """node_exporter's shape, one series per CPU and mode: the sample carries only the sum."""
+    registry = CollectorRegistry()
+    TelemetryExporter(registry).update(_sample(host))
+
+    total_before = psutil.cpu_times()
+    before = HostCollector.cpu_seconds_per_cpu()
+    samples, _ = _scrape(registry)
+    after = HostCollector.cpu_seconds_per_cpu()
+    total_after = psutil.cpu_times()
+
+    cpu_series = {dict(labels)["cpu"] for name, labels in samples if name.startswith("node_cpu")}
+    assert cpu_series == {times.cpu for times in after}
+    assert len(cpu_series) == len(psutil.cpu_times(percpu=True))
+    for earlier, later in zip(before, after, strict=True):
+        for mode in CPU_MODES:
+            value = _value(samples, "node_cpu_seconds_total", cpu=later.cpu, mode=mode)
+            assert getattr(earlier, mode) <= value <= getattr(later, mode), (later.cpu, mode)
+    # Per CPU, they add up to /proc/stat's total line, which rounds once rather than per CPU:
+    # up to one tick (0.01 s) per CPU apart.
+    for mode in ("user", "system"):
+        summed = sum(
+            value
+            for (name, labels), value in samples.items()
+            if name == "node_cpu_seconds_total" and ("mode", mode) in labels
+        )
+        ticks = 0.01 * len(cpu_series)
+        assert getattr(total_before, mode) - ticks <= summed <= getattr(total_after, mode) + ticks
+
+
+def test_cpu_seconds_never_go_back_unless_the_cpu_was_replugged(
+    host: telemetry_pb2.HostTelemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's idle and iowait can step back a little; rate() would read that as a reset."""
+    real = HostCollector.cpu_seconds_per_cpu()[0]
+    readings = iter(
+        [
+            (dataclasses.replace(real, cpu="0", user=10.0, idle=100.0, iowait=7.0),),
+            # The kernel's jitter: idle and iowait a little below what was reported.
+            (dataclasses.replace(real, cpu="0", user=11.0, idle=99.5, iowait=6.9),),
+            # Idle 3 s or more back: the CPU was unplugged and came back with new counters.
+            (dataclasses.replace(real, cpu="0", user=1.0, idle=2.0, iowait=0.5),),
+        ]
+    )
+    monkeypatch.setattr(HostCollector, "cpu_seconds_per_cpu", staticmethod(lambda: next(readings)))
+    registry = CollectorRegistry()
+    TelemetryExporter(registry).update(_sample(host))
+
+    seen = []
+    for _ in range(3):
+        samples, _ = _scrape(registry)
+        cpu0 = {
+            mode: _value(samples, "node_cpu_seconds_total", cpu="0", mode=mode)
+            for mode in CPU_MODES
+        }
+        seen.append((cpu0["user"], cpu0["idle"], cpu0["iowait"]))
+
+    assert seen == [(10, 100.0, 7.0), (11, 100.0, 7.0), (1, 2.0, 0.5)]
+
+
+def test_a_part_the_collector_could_not_read_has_no_series(
+    host: telemetry_pb2.HostTelemetry,
+) -> None:
+    sample = _sample(host)
+    for part in ("cpu", "memory", "load"):
+        sample.host.ClearField(part)
+    registry = CollectorRegistry()
+    TelemetryExporter(registry).update(sample)
+
+    samples, _ = _scrape(registry)
+
+    names = _names(samples)
+    assert not {name for name in names if name.startswith(("node_cpu", "node_memory", "node_load"))}
+    assert "node_boot_time_seconds" in names
 
 
 def test_pressure_is_left_out_when_the_node_has_none(host: telemetry_pb2.HostTelemetry) -> None:

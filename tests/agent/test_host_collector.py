@@ -40,6 +40,89 @@ def test_memory_matches_psutil() -> None:
     assert host.memory.swap_total_bytes == psutil.swap_memory().total
 
 
+def test_memory_fields_are_proc_meminfos_own(tmp_path: pathlib.Path) -> None:
+    """node_memory_Cached_bytes is /proc/meminfo's Cached; psutil's adds SReclaimable."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       24683652 kB\n"
+        "MemFree:        17123456 kB\n"
+        "MemAvailable:   24011000 kB\n"
+        "Buffers:          179728 kB\n"
+        "Cached:          5896732 kB\n"
+        "SwapCached:            0 kB\n"
+        "SReclaimable:     605908 kB\n"
+        "HugePages_Total:       0\n"
+        "Hugepagesize:       2048 kB\n"
+    )
+
+    memory = HostCollector(meminfo_path=meminfo).collect().memory
+
+    assert memory.total_bytes == 24683652 * 1024
+    assert memory.free_bytes == 17123456 * 1024
+    assert memory.available_bytes == 24011000 * 1024
+    assert memory.used_bytes == (24683652 - 24011000) * 1024
+    assert memory.buffers_bytes == 179728 * 1024
+    assert memory.cached_bytes == 5896732 * 1024
+
+
+def test_cached_memory_on_this_host_is_proc_meminfos_cached() -> None:
+    def cached_kib() -> int:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Cached:"):
+                return int(line.split()[1])
+        pytest.skip("no Cached in /proc/meminfo")
+
+    if not pathlib.Path("/proc/meminfo").exists():
+        pytest.skip("no /proc/meminfo on this platform")
+    before = cached_kib() * 1024
+    memory = HostCollector().collect().memory
+    after = cached_kib() * 1024
+
+    # The page cache moves with everything else on the host; 1 % is far below SReclaimable.
+    low, high = sorted((before, after))
+    assert low * 0.99 <= memory.cached_bytes <= high * 1.01
+
+
+def test_per_cpu_seconds_keep_the_kernels_cpu_numbers(tmp_path: pathlib.Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  600 20 300 9000 40 5 6 7 0 0\n"
+        "cpu0 300 10 150 4500 20 2 3 4 0 0\n"
+        # cpu1 is offline: absent from /proc/stat, and cpu2 must not take its number.
+        "cpu2 300 10 150 4500 20 3 3 3 0 0\n"
+        "cpu3 100 0 50 900\n"  # an old kernel without iowait and later columns
+        "intr 12345 0 0\n"
+        "ctxt 987654\n"
+        "btime 1700000000\n"
+    )
+    hz = os.sysconf("SC_CLK_TCK")
+
+    cpus = HostCollector.cpu_seconds_per_cpu(stat)
+
+    assert [times.cpu for times in cpus] == ["0", "2", "3"]
+    cpu2 = cpus[1]
+    assert (cpu2.user, cpu2.nice, cpu2.system, cpu2.idle) == (
+        300 / hz,
+        10 / hz,
+        150 / hz,
+        4500 / hz,
+    )
+    assert (cpu2.iowait, cpu2.irq, cpu2.softirq, cpu2.steal) == (20 / hz, 3 / hz, 3 / hz, 3 / hz)
+    assert (cpus[2].idle, cpus[2].iowait, cpus[2].steal) == (900 / hz, 0.0, 0.0)
+
+
+def test_per_cpu_seconds_on_this_host_match_psutil() -> None:
+    before = psutil.cpu_times(percpu=True)
+    cpus = HostCollector.cpu_seconds_per_cpu()
+    after = psutil.cpu_times(percpu=True)
+
+    assert len(cpus) == len(before) == len(after)
+    for earlier, ours, later in zip(before, cpus, after, strict=True):
+        for mode in CPU_MODES:
+            value = getattr(ours, mode)
+            assert getattr(earlier, mode, 0.0) <= value <= getattr(later, mode, 0.0), mode
+
+
 def test_cpu_seconds_never_decrease_and_utilization_is_a_share() -> None:
     collector = HostCollector()
 
