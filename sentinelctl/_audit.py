@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from sentinel.v1 import audit_pb2, audit_pb2_grpc
+from sentinel.v1 import audit_pb2
 
-from sentinelctl._connection import open_channel
+from sentinelclient import SentinelClient
+from sentinelctl._output import add_output_argument, print_messages
 from sentinelctl._values import local_time, positive
 
 
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit.add_argument("--method", help="e.g. PlanService/CancelPlan or plan.transition")
     audit.add_argument("--target", help="exact resource, e.g. plan/<id>")
     audit.add_argument("--limit", type=positive, default=50, help="most events shown (default 50)")
+    add_output_argument(audit)
     audit.set_defaults(func=_audit)
 
 
@@ -37,24 +39,18 @@ def _audit_line(event: audit_pb2.AuditEvent) -> str:
     return line
 
 
-async def _audit(args: argparse.Namespace) -> None:
-    request = audit_pb2.ListAuditEventsRequest(
+def _audit(args: argparse.Namespace, client: SentinelClient) -> None:
+    events = client.list_audit_events(
         principal=args.principal or "",
         method=_full_method(args.method or ""),
         target=args.target or "",
-        page_size=min(args.limit, 1000),
+        limit=args.limit,
     )
-    events: list[audit_pb2.AuditEvent] = []
-    async with open_channel(args) as channel:
-        stub = audit_pb2_grpc.AuditServiceStub(channel)
-        while len(events) < args.limit:
-            response = await stub.ListAuditEvents(request, timeout=10)
-            events.extend(response.events)
-            request.page_token = response.next_page_token
-            if not request.page_token:
-                break
+    if args.output != "table":
+        print_messages(events, args.output)
+        return
     print(f"{'TIME':<19}  {'OUTCOME':<18} {'METHOD':<30} {'TARGET':<24} PRINCIPAL")
-    for event in events[: args.limit]:
+    for event in events:
         print(_audit_line(event))
     if not events:
         print("(no audit events match)")

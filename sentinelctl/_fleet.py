@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 
 from google.protobuf import json_format
-from sentinel.v1 import fleet_pb2, fleet_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from sentinel.v1 import fleet_pb2, telemetry_pb2
 
-from sentinelctl._connection import open_channel
+from sentinelclient import SentinelClient
+from sentinelctl._output import add_output_argument, print_data, print_messages, print_streamed
 from sentinelctl._values import ago, local_time
 
 _STATUS = {
@@ -16,17 +17,24 @@ _STATUS = {
     fleet_pb2.AGENT_STATUS_SUSPECT: "Suspect",
     fleet_pb2.AGENT_STATUS_DISCONNECTED: "Disconnected",
 }
+_STATUS_FILTER = {name.lower(): value for value, name in _STATUS.items()}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `agents`, `agent` and `telemetry`."""
-    sub.add_parser("agents", help="list agents").set_defaults(func=_agents)
+    agents = sub.add_parser("agents", help="list agents")
+    agents.add_argument("--status", choices=sorted(_STATUS_FILTER), help="only agents this status")
+    add_output_argument(agents)
+    agents.set_defaults(func=_agents)
     agent = sub.add_parser("agent", help="show one agent")
     agent.add_argument("node")
+    # Without -o, the JSON this command always printed (camelCase names, as grpcurl's).
+    add_output_argument(agent, default="")
     agent.set_defaults(func=_agent)
     telemetry = sub.add_parser("telemetry", help="latest or live telemetry")
     telemetry.add_argument("--node")
     telemetry.add_argument("--follow", "-f", action="store_true")
+    add_output_argument(telemetry)
     telemetry.set_defaults(func=_telemetry)
 
 
@@ -47,55 +55,62 @@ def _sample_line(sample: telemetry_pb2.TelemetrySample) -> str:
     return f"{when}  {sample.node_id:<16} seq={sample.seq:<6} {usage}  gpus: {gpus}"
 
 
-async def _agents(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        stub = fleet_pb2_grpc.FleetServiceStub(channel)
-        token = ""
-        rows = []
-        while True:
-            response = await stub.ListAgents(
-                fleet_pb2.ListAgentsRequest(page_token=token), timeout=10
-            )
-            rows.extend(response.agents)
-            token = response.next_page_token
-            if not token:
-                break
+def _agents(args: argparse.Namespace, client: SentinelClient) -> None:
+    status = _STATUS_FILTER[args.status] if args.status else None
+    rows = client.list_agents(status=status)
+    if args.output != "table":
+        print_messages(rows, args.output)
+        return
     print(
         f"{'NODE':<16} {'STATUS':<13} {'LAST SEEN':<10} {'VERSION':<8} {'GPUS':<5} {'SEQ':<8} HOST"
     )
     for agent in rows:
-        status = _STATUS.get(agent.status, "?")
+        status_name = _STATUS.get(agent.status, "?")
         seen = ago(agent.last_seen_time)
         host = f"{agent.host.hostname} ({agent.host.logical_cpus} CPUs)"
         print(
-            f"{agent.node_id:<16} {status:<13} {seen:<10} {agent.agent_version:<8} "
+            f"{agent.node_id:<16} {status_name:<13} {seen:<10} {agent.agent_version:<8} "
             f"{len(agent.gpus):<5} {agent.last_telemetry_seq:<8} {host}"
         )
     if not rows:
         print("(no agents registered yet)")
 
 
-async def _agent(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        response = await fleet_pb2_grpc.FleetServiceStub(channel).GetAgent(
-            fleet_pb2.GetAgentRequest(node_id=args.node), timeout=10
+def _agent(args: argparse.Namespace, client: SentinelClient) -> None:
+    agent = client.get_agent(args.node)
+    if args.output == "":
+        print(json_format.MessageToJson(agent))
+    elif args.output == "table":
+        status = _STATUS.get(agent.status, "?")
+        print(f"node        {agent.node_id}  ({status}, last seen {ago(agent.last_seen_time)})")
+        print(f"identity    {agent.spiffe_id}")
+        print(f"version     {agent.agent_version}  cordoned: {'yes' if agent.cordoned else 'no'}")
+        host = agent.host
+        print(f"host        {host.hostname}  {host.os} {host.kernel_version} {host.architecture}")
+        print(
+            f"cpus        {host.logical_cpus} logical  memory {host.memory_total_bytes >> 20} MiB"
         )
-    print(json_format.MessageToJson(response.agent))
+        print(f"telemetry   seq {agent.last_telemetry_seq}, {agent.telemetry_gap_samples} missing")
+        for gpu in agent.gpus:
+            print(f"gpu {gpu.index:<7} {gpu.name}  {gpu.uuid}  {gpu.memory_total_bytes >> 20} MiB")
+    else:
+        print_data(json_format.MessageToDict(agent, preserving_proto_field_name=True), args.output)
 
 
-async def _telemetry(args: argparse.Namespace) -> None:
+def _telemetry(args: argparse.Namespace, client: SentinelClient) -> None:
     nodes = [args.node] if args.node else []
-    async with open_channel(args) as channel:
-        stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
-        if not args.follow:
-            response = await stub.GetFleetTelemetry(
-                telemetry_pb2.GetFleetTelemetryRequest(node_ids=nodes), timeout=10
-            )
-            for sample in response.samples:
-                print(_sample_line(sample))
-            if not response.samples:
-                print("(no telemetry yet)")
+    if not args.follow:
+        samples = client.get_fleet_telemetry(nodes)
+        if args.output != "table":
+            print_messages(samples, args.output)
             return
-        request = telemetry_pb2.StreamTelemetryRequest(node_ids=nodes, include_latest=True)
-        async for response in stub.StreamTelemetry(request):
-            print(_sample_line(response.sample), flush=True)
+        for sample in samples:
+            print(_sample_line(sample))
+        if not samples:
+            print("(no telemetry yet)")
+        return
+    for sample in client.stream_telemetry(nodes, include_latest=True):
+        if args.output == "table":
+            print(_sample_line(sample), flush=True)
+        else:
+            print_streamed(sample, args.output)

@@ -1,5 +1,5 @@
-"""The identity commands: bootstrap tokens for enrolling nodes (EnrollmentService), certificate
-and node revocations, and password users (IdentityService)."""
+"""The identity commands: password login, bootstrap tokens for enrolling nodes
+(EnrollmentService), certificate and node revocations, and password users (IdentityService)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import getpass
 import os
 import sys
 
-from sentinel.v1 import enrollment_pb2, enrollment_pb2_grpc, identity_pb2, identity_pb2_grpc
+from sentinel.v1 import identity_pb2
 
-from sentinelctl._connection import open_channel
+from sentinelclient import SentinelClient
+from sentinelctl._output import add_output_argument, print_messages
 from sentinelctl._values import duration, positive, utc_iso
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `token create`, `revoke`, `revocations`, `user add`, `user delete` and `users`."""
+    """Adds `login`, `token create`, `revoke`, `revocations`, `user add`, `user delete` and
+    `users`."""
+    login = sub.add_parser("login", help="log a password user in; prints an access token")
+    login.add_argument("name")
+    login.set_defaults(func=_login)
     token = sub.add_parser("token", help="bootstrap tokens for enrolling nodes")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a bootstrap token (printed once)")
@@ -31,7 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     what.add_argument("--node", help="node id: every certificate issued to it until now")
     revoke.add_argument("--reason")
     revoke.set_defaults(func=_revoke)
-    sub.add_parser("revocations", help="list revocations").set_defaults(func=_revocations)
+    revocations = sub.add_parser("revocations", help="list revocations")
+    add_output_argument(revocations)
+    revocations.set_defaults(func=_revocations)
     user = sub.add_parser("user", help="users who log in with a password")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     user_add = user_sub.add_parser("add", help="create a user")
@@ -41,17 +48,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     user_delete = user_sub.add_parser("delete", help="delete a user")
     user_delete.add_argument("name")
     user_delete.set_defaults(func=_user_delete)
-    sub.add_parser("users", help="list users").set_defaults(func=_users)
+    users = sub.add_parser("users", help="list users")
+    add_output_argument(users)
+    users.set_defaults(func=_users)
 
 
-async def _token_create(args: argparse.Namespace) -> None:
-    request = enrollment_pb2.CreateBootstrapTokenRequest(node_pattern=args.node, max_uses=args.uses)
-    if args.ttl is not None:
-        request.ttl.CopyFrom(args.ttl)
-    async with open_channel(args) as channel:
-        response = await enrollment_pb2_grpc.EnrollmentServiceStub(channel).CreateBootstrapToken(
-            request
-        )
+def _password(name: str) -> str:
+    return os.environ.get("SENTINEL_PASSWORD") or getpass.getpass(f"password for {name}: ")
+
+
+def _login(args: argparse.Namespace, client: SentinelClient) -> None:
+    response = client.login(args.name, _password(args.name))
+    # The token alone on stdout, so `export SENTINEL_TOKEN=$(sentinelctl login alice)` works.
+    print(response.access_token)
+    print(
+        f"logged in as {args.name}; the access token expires "
+        f"{utc_iso(response.access_token_expire_time)}",
+        file=sys.stderr,
+    )
+
+
+def _token_create(args: argparse.Namespace, client: SentinelClient) -> None:
+    ttl_s = args.ttl.ToTimedelta().total_seconds() if args.ttl is not None else None
+    response = client.create_bootstrap_token(args.node, max_uses=args.uses, ttl_s=ttl_s)
     expires = utc_iso(response.expire_time)
     # The token on stdout alone, so `TOKEN=$(sentinelctl token create ...)` works.
     print(response.token)
@@ -62,19 +81,13 @@ async def _token_create(args: argparse.Namespace) -> None:
     )
 
 
-async def _revoke(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        reason = args.reason or ""
-        response: identity_pb2.RevokeCertificateResponse | identity_pb2.RevokeNodeResponse
-        if args.serial:
-            response = await stub.RevokeCertificate(
-                identity_pb2.RevokeCertificateRequest(serial=args.serial, reason=reason), timeout=10
-            )
-        else:
-            response = await stub.RevokeNode(
-                identity_pb2.RevokeNodeRequest(node_id=args.node, reason=reason), timeout=10
-            )
+def _revoke(args: argparse.Namespace, client: SentinelClient) -> None:
+    reason = args.reason or ""
+    response: identity_pb2.RevokeCertificateResponse | identity_pb2.RevokeNodeResponse
+    if args.serial:
+        response = client.revoke_certificate(args.serial, reason)
+    else:
+        response = client.revoke_node(args.node, reason)
     revocation = response.revocation
     print(
         f"revoked {revocation.kind} {revocation.value} at {utc_iso(revocation.revoke_time)}; "
@@ -82,51 +95,32 @@ async def _revoke(args: argparse.Namespace) -> None:
     )
 
 
-async def _revocations(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        token = ""
-        print(f"{'KIND':<7} {'VALUE':<42} {'REVOKED':<26} {'BY':<40} REASON")
-        while True:
-            page = await stub.ListRevocations(
-                identity_pb2.ListRevocationsRequest(page_token=token), timeout=10
-            )
-            for r in page.revocations:
-                print(
-                    f"{r.kind:<7} {r.value:<42} {utc_iso(r.revoke_time):<26} "
-                    f"{r.revoked_by:<40} {r.reason}"
-                )
-            token = page.next_page_token
-            if not token:
-                return
-
-
-async def _user_add(args: argparse.Namespace) -> None:
-    password = os.environ.get("SENTINEL_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
-    async with open_channel(args) as channel:
-        response = await identity_pb2_grpc.IdentityServiceStub(channel).CreateUser(
-            identity_pb2.CreateUserRequest(username=args.name, role=args.role, password=password),
-            timeout=10,
+def _revocations(args: argparse.Namespace, client: SentinelClient) -> None:
+    revocations = client.list_revocations()
+    if args.output != "table":
+        print_messages(revocations, args.output)
+        return
+    print(f"{'KIND':<7} {'VALUE':<42} {'REVOKED':<26} {'BY':<40} REASON")
+    for r in revocations:
+        print(
+            f"{r.kind:<7} {r.value:<42} {utc_iso(r.revoke_time):<26} {r.revoked_by:<40} {r.reason}"
         )
-    print(f"user {response.user.username} created with role {response.user.role}")
 
 
-async def _user_delete(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        await identity_pb2_grpc.IdentityServiceStub(channel).DeleteUser(
-            identity_pb2.DeleteUserRequest(username=args.name), timeout=10
-        )
+def _user_add(args: argparse.Namespace, client: SentinelClient) -> None:
+    user = client.create_user(args.name, args.role, _password(args.name))
+    print(f"user {user.username} created with role {user.role}")
+
+
+def _user_delete(args: argparse.Namespace, client: SentinelClient) -> None:
+    client.delete_user(args.name)
     print(f"user {args.name} deleted")
 
 
-async def _users(args: argparse.Namespace) -> None:
-    async with open_channel(args) as channel:
-        stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        token = ""
-        while True:
-            page = await stub.ListUsers(identity_pb2.ListUsersRequest(page_token=token), timeout=10)
-            for user in page.users:
-                print(f"{user.username:<40} {user.role:<9} created {utc_iso(user.create_time)}")
-            token = page.next_page_token
-            if not token:
-                return
+def _users(args: argparse.Namespace, client: SentinelClient) -> None:
+    users = client.list_users()
+    if args.output != "table":
+        print_messages(users, args.output)
+        return
+    for user in users:
+        print(f"{user.username:<40} {user.role:<9} created {utc_iso(user.create_time)}")
