@@ -308,3 +308,25 @@ async def test_validation_on_any_replica_sees_the_whole_fleet(
             )
         )
     assert response.plan.phase == plan_pb2.PLAN_PHASE_APPROVED
+
+
+async def test_health_gates_of_the_leader_see_telemetry_of_nodes_held_by_another_replica(
+    pki: Pki, control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    a = await control_plane_factory(controller_id="replica-a")
+    await eventually(lambda: a.controller.leader)
+    b = await control_plane_factory(controller_id="replica-b")
+    await agent_factory("node-1", b.port)
+    async with plan_client(pki, a.port) as planner:
+        submitted = await planner.SubmitPlan(
+            plan_pb2.SubmitPlanRequest(
+                plan=plan(
+                    step("run_diagnostic", ["node-1"]),
+                    gates=[("load-reported", "sample.seq > 0 && has(sample.host)", 5.0)],
+                )
+            )
+        )
+        done = await wait_terminal(planner, submitted.plan.plan_id)
+    # The gate needs a sample newer than the wave from node-1, which only B receives.
+    assert phases(done)[-1] == "COMPLETED", done.status_message
+    assert a.relay.relayed_in > 0
