@@ -6,7 +6,6 @@ behaviour is one replica's, so one control plane (SQLite or PostgreSQL) shows it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import pathlib
@@ -15,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sentinel.v1 import agent_pb2, agent_pb2_grpc
+from sentinel.v1 import agent_pb2_grpc
 
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
 from tests.fakenvml import FakeNvml
@@ -62,9 +61,9 @@ async def test_agent_over_capacity_is_refused_with_retry_after_and_waits_it_out(
     async with grpc.aio.secure_channel(
         f"localhost:{cp.port}", pki.channel_credentials("agent", "node-4")
     ) as channel:
+        # Refused before the hello is read: no write here, which would race the refusal (gRPC
+        # then fails the write, and the call, with INTERNAL instead of the server's status).
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
-        with contextlib.suppress(asyncio.InvalidStateError):
-            await call.write(agent_pb2.ConnectRequest(hello=agent_pb2.Hello(node_id="node-4")))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call.read()
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
