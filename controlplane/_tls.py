@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import grpc
 from cryptography import x509
@@ -29,10 +30,20 @@ def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
         raise ValueError("the TLS key does not match the certificate")
 
 
+def certificate_expiry(cert_pem: bytes, ca_pem: bytes) -> dict[str, float]:
+    """When the serving certificate and the CA bundle's soonest certificate expire (unix)."""
+    server = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+    bundle = [c.not_valid_after_utc.timestamp() for c in x509.load_pem_x509_certificates(ca_pem)]
+    return {"server": server, "ca": min(bundle)} if bundle else {"server": server}
+
+
 class ReloadingServerCredentials:
     """Server TLS credentials that re-read changed certificate files at the next handshake."""
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(
+        self, files: TlsFiles, on_loaded: Callable[[dict[str, float]], None] | None = None
+    ) -> None:
+        self._on_loaded = on_loaded
         self._files = files
         self._stamp = self._read_stamp()
         self._config = self._load()
@@ -57,6 +68,8 @@ class ReloadingServerCredentials:
             if marker not in pem:
                 raise ValueError(f"TLS {label} file holds no PEM {label}")
         _check_pair(cert, key)
+        if self._on_loaded is not None:
+            self._on_loaded(certificate_expiry(cert, ca))
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:

@@ -301,6 +301,25 @@ class ControlPlane:
         self._health_port: HealthPort | None = None
         self.health_port = 0
 
+    def _certificates_loaded(self, expiry: dict[str, float]) -> None:
+        for certificate, timestamp in expiry.items():
+            self.metrics.certificate_expiry.labels(certificate).set(timestamp)
+
+    def _publish_process_gauges(self) -> None:
+        m = self.metrics
+        m.sessions_open.set_function(lambda: len(self.registry.sessions()))
+        m.sessions_capacity.set(self.settings.max_agents)
+        m.replicas_live.set_function(lambda: len(self.replicas.others()) + 1)
+        m.replica_bus_connected.set_function(lambda: 1.0 if self.bus.connected.is_set() else 0.0)
+
+    async def _probe_event_loop(self, every_s: float = 0.25) -> None:
+        """Measures how late the loop wakes a timer: the lag every caller and agent feels."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(every_s)
+            self.metrics.event_loop_lag.observe(max(loop.time() - started - every_s, 0.0))
+
     def _close_revoked_sessions(self) -> int:
         return close_revoked_sessions(self.registry.sessions(), self.revocations)
 
@@ -356,7 +375,9 @@ class ControlPlane:
 
     async def start(self) -> None:
         settings = self.settings
-        credentials = ReloadingServerCredentials(settings.tls).credentials()
+        credentials = ReloadingServerCredentials(
+            settings.tls, on_loaded=self._certificates_loaded
+        ).credentials()
         file_policies = await asyncio.to_thread(load_policy_files, settings.policy_paths)
         await asyncio.to_thread(self.clusters.prepare)
         await asyncio.to_thread(self.store.migrate)
@@ -429,6 +450,8 @@ class ControlPlane:
             self.metrics_port = http_server.server_port
 
         self.bus.subscribe(LEASE_CHANNEL, lambda _sender, _name: self.controller.wake())
+        self._publish_process_gauges()
+        self._supervisor.start("event-loop-probe", self._probe_event_loop)
         self._supervisor.start("replica-bus", self.bus.run)
         self._supervisor.start("replica-heartbeat", self.replicas.run_heartbeat)
         self._supervisor.start("telemetry-relay", self.relay.run)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -123,5 +131,43 @@ class ControlPlaneMetrics:
             "Time of requests to a cluster's API server, by cluster and verb.",
             ["cluster", "verb"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        # Saturation and health of this process (issue 13: alerts need them).
+        ProcessCollector(registry=r)
+        if GC_COLLECTOR is not None:
+            GCCollector(registry=r)
+        self.event_loop_lag = Histogram(
+            "sentinel_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 0.25 s): a saturated control "
+            "plane answers everything late.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.sessions_open = Gauge(
+            "sentinel_agent_sessions_open",
+            "Agent sessions this replica holds now.",
+            registry=r,
+        )
+        self.sessions_capacity = Gauge(
+            "sentinel_agent_sessions_capacity",
+            "Agent sessions this replica holds at most (max_agents); 0 means no limit.",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "sentinel_tls_certificate_expiry_timestamp_seconds",
+            "When a certificate the control plane serves with expires (unix time): the "
+            "serving certificate, and the CA bundle's first certificate to expire.",
+            ["certificate"],
+            registry=r,
+        )
+        self.replicas_live = Gauge(
+            "sentinel_replicas_live",
+            "Control-plane replicas alive on this database, this one included.",
+            registry=r,
+        )
+        self.replica_bus_connected = Gauge(
+            "sentinel_replica_bus_connected",
+            "1 while this replica listens for the others' notifications (PostgreSQL), else 0.",
             registry=r,
         )
