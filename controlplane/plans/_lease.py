@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, update
@@ -58,10 +59,17 @@ class Lease:
     leadership)."""
 
     def __init__(
-        self, store: Store, name: str, holder: str, duration_s: float, bus: Bus | None = None
+        self,
+        store: Store,
+        name: str,
+        holder: str,
+        duration_s: float,
+        bus: Bus | None = None,
+        holder_alive: Callable[[Connection, str], bool] | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
+        self._holder_alive = holder_alive
         self.name = name
         self.holder = holder
         self.duration = dt.timedelta(seconds=duration_s)
@@ -87,7 +95,11 @@ class Lease:
                 self.fence.epoch,
             )
             if not mine and row.expires_at > now:
-                return None
+                # A holder that is provably dead (its replica's heartbeat row is stale or gone)
+                # need not be waited out: fencing stops it should it be only paused.
+                if self._holder_alive is None or self._holder_alive(db, row.holder):
+                    return None
+                log.info("taking the %s lease from %s, which is gone", self.name, row.holder)
             epoch = row.epoch if mine else row.epoch + 1
             result = db.execute(
                 update(LEASES)

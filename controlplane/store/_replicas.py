@@ -89,6 +89,19 @@ class Replicas:
     def is_live(self, replica_id: str) -> bool:
         return replica_id == self.replica_id or replica_id in self._others
 
+    def alive_in(self, db: Connection, replica_id: str) -> bool:
+        """Whether `replica_id` has a fresh heartbeat row, read in the caller's transaction (a
+        lease takeover decides on it; a cached view could be a heartbeat behind)."""
+        if replica_id == self.replica_id:
+            return True
+        horizon = _utcnow() - self.stale_after
+        found = db.execute(
+            select(REPLICAS.c.replica_id).where(
+                REPLICAS.c.replica_id == replica_id, REPLICAS.c.heartbeat_at >= horizon
+            )
+        ).first()
+        return found is not None
+
     def wanted_elsewhere(self, node_id: str) -> bool:
         return any(r.wants(node_id) for r in self._others.values())
 
