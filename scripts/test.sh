@@ -99,6 +99,9 @@ print(s.getsockname()[1])')
           -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
           -c max_connections=200" start >/dev/null; then
       export SENTINEL_TEST_PG_URL="postgresql+psycopg://sentinel@127.0.0.1:$port/postgres"
+      # For the fault tests that restart the server under load (tests/faults/).
+      export SENTINEL_TEST_PG_CTL="$PG_BIN_DIR/pg_ctl" SENTINEL_TEST_PG_DATA="$PG_DIR/data"
+      export SENTINEL_TEST_PG_OWNER="$PG_USER" SENTINEL_TEST_PG_LOG="$PG_DIR/server.log"
       echo "$("$PG_BIN_DIR/pg_ctl" --version) on 127.0.0.1:$port ($PG_DIR)"
       return
     fi
