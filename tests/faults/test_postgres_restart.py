@@ -74,11 +74,11 @@ async def test_postgresql_restart_under_load_loses_and_doubles_nothing(
         plan_id = submitted.plan.plan_id
         await eventually(lambda: len(seen) >= 5)
         await asyncio.to_thread(_restart_postgres, mode)
-        produced = {a.agent.settings.node_id: a.agent.last_sample.seq for a in agents}  # type: ignore[union-attr]
+        produced = {a.agent.settings.node_id: a.agent.last_sample.seq for a in agents}
         done = await wait_terminal(planner, plan_id, timeout=90)
         # Everything produced up to the restart is stored and was streamed once.
         await eventually(
-            lambda: all(cp.registry.get(n).last_telemetry_seq >= s for n, s in produced.items()),  # type: ignore[union-attr]
+            lambda: all(cp.registry.get(n).last_telemetry_seq >= s for n, s in produced.items()),
             timeout=30,
         )
         await eventually(lambda: max(seen) >= produced["node-1"], timeout=30)
