@@ -45,6 +45,14 @@ class Bus:
         self.connected = asyncio.Event()
         self.received = 0
         self.reconnects = 0
+        self._audience: Callable[[], bool] = lambda: True
+
+    def set_audience(self, anyone_listening: Callable[[], bool]) -> None:
+        """Tells whether another replica is alive to hear: without one, `notify` sends nothing.
+        A notifying transaction takes PostgreSQL's global notification lock until it commits,
+        which serialises such commits; a lone control plane should not pay for that. (A replica
+        that starts meanwhile reads everything at start, and its slow polls cover the rest.)"""
+        self._audience = anyone_listening
 
     def subscribe(self, channel: str, handler: Handler) -> None:
         """Registers a handler (before `run` starts) for notifications from other replicas."""
@@ -54,13 +62,14 @@ class Bus:
         """Called each time the listener (re)connects: notifications may have been missed."""
         self._on_connected.append(callback)
 
-    def notify(self, db: Connection, channel: str, payload: str) -> None:
-        """Queues a notification in `db`'s transaction; it is delivered when that commits."""
-        if self.enabled:
+    def notify(self, db: Connection, channel: str, payload: str, *, always: bool = False) -> None:
+        """Queues a notification in `db`'s transaction; it is delivered when that commits.
+        `always`: even with no other replica known (replicas announcing themselves)."""
+        if self.enabled and (always or self._audience()):
             db.execute(_NOTIFY, {"channel": channel, "payload": f"{self.replica_id}|{payload}"})
 
     def notify_many(self, db: Connection, channel: str, payloads: list[str]) -> None:
-        if self.enabled and payloads:
+        if self.enabled and payloads and self._audience():
             db.execute(
                 _NOTIFY,
                 [{"channel": channel, "payload": f"{self.replica_id}|{p}"} for p in payloads],

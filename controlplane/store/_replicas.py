@@ -130,7 +130,7 @@ class Replicas:
                     interest_version=0,
                 )
             )
-            self._bus.notify(db, CHANNEL, "new")
+            self._bus.notify(db, CHANNEL, "new", always=True)
 
         await self._store.run_core(write)
         await self.refresh()
@@ -158,7 +158,7 @@ class Replicas:
 
         def write(db: Connection) -> None:
             db.execute(delete(REPLICAS).where(REPLICAS.c.replica_id == self.replica_id))
-            self._bus.notify(db, CHANNEL, "gone")
+            self._bus.notify(db, CHANNEL, "gone", always=True)
 
         try:
             await self._store.run_core(write)
@@ -203,7 +203,7 @@ class Replicas:
                 interest_version=self._interest_version,
             )
         )
-        self._bus.notify(db, CHANNEL, "back")
+        self._bus.notify(db, CHANNEL, "back", always=True)
 
     async def set_interest(self, nodes: frozenset[str]) -> None:
         """Announces which nodes' telemetry this replica's subscribers want from the others."""

@@ -317,6 +317,8 @@ async def test_health_gates_of_the_leader_see_telemetry_of_nodes_held_by_another
     await eventually(lambda: a.controller.leader)
     b = await control_plane_factory(controller_id="replica-b")
     await agent_factory("node-1", b.port)
+    # A learns of the node through the directory's notification, milliseconds later.
+    await eventually(lambda: a.registry.holder_of("node-1") == "replica-b")
     async with plan_client(pki, a.port) as planner:
         submitted = await planner.SubmitPlan(
             plan_pb2.SubmitPlanRequest(
