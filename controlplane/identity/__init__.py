@@ -10,6 +10,7 @@ from controlplane.identity._access_tokens import (
     TokenPair,
     load_jwt_secret,
 )
+from controlplane.identity._logins import LoginRevoked, Logins, LoginUser
 from controlplane.identity._revocations import (
     KIND_NODE,
     KIND_SERIAL,
@@ -19,6 +20,7 @@ from controlplane.identity._revocations import (
     normalize_serial,
 )
 from controlplane.identity._sessions import close_revoked_sessions
+from controlplane.identity._streams import OpenStream, OpenStreams
 from controlplane.identity._users import (
     MIN_PASSWORD_LENGTH,
     USER_ROLES,
@@ -38,6 +40,11 @@ __all__ = [
     "REFRESH",
     "USER_ROLES",
     "InvalidCredentials",
+    "LoginRevoked",
+    "LoginUser",
+    "Logins",
+    "OpenStream",
+    "OpenStreams",
     "Revocation",
     "RevocationInvalid",
     "Revocations",

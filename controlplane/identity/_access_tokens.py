@@ -23,7 +23,10 @@ REFRESH: Final = "refresh"
 MIN_SECRET_BYTES: Final = 32
 _ALGORITHM: Final = "HS256"
 _AUDIENCE: Final = "sentinel-api"
-_REQUIRED_CLAIMS: Final = ["exp", "iat", "sub", "typ", "aud", "iss"]
+# `sid` names the login (the refresh family) a token belongs to; `jti` tells one token of a
+# login from the next, which is how a reused refresh token is recognised.
+_REQUIRED_CLAIMS: Final = ["exp", "iat", "sub", "typ", "aud", "iss", "jti", "sid"]
+_MAX_ID_LENGTH: Final = 32
 
 
 class TokenInvalid(Exception):
@@ -38,15 +41,22 @@ class TokenPair:
     access_expires_at: dt.datetime
     refresh_token: str
     refresh_expires_at: dt.datetime
+    login: str
+    """The login (refresh family) both tokens belong to."""
+    refresh_token_id: str
+    """The refresh token's `jti`: the one the login's row must name for it to be usable."""
 
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
-    """What a valid token says: whose it is, which kind (access or refresh), and its expiry."""
+    """What a valid token says: whose it is, which kind (access or refresh), its expiry, the
+    login it belongs to and its own id."""
 
     username: str
     token_type: str
     expires_at: dt.datetime
+    login: str
+    token_id: str
 
 
 def load_jwt_secret(path: str) -> bytes:
@@ -87,7 +97,9 @@ class TokenIssuer:
         self._refresh_ttl_s = refresh_ttl_s
         self._clock = clock
 
-    def _token(self, username: str, token_type: str, ttl_s: float) -> tuple[str, dt.datetime]:
+    def _token(
+        self, username: str, token_type: str, ttl_s: float, login: str, token_id: str
+    ) -> tuple[str, dt.datetime]:
         now = int(self._clock())
         expires = now + max(int(ttl_s), 1)
         claims = {
@@ -97,17 +109,25 @@ class TokenIssuer:
             "typ": token_type,
             "iat": now,
             "exp": expires,
+            "sid": login,
             # Makes each token unique, so a rotated pair never equals the one it replaces.
-            "jti": uuid.uuid4().hex,
+            "jti": token_id,
         }
         token = jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
         return token, dt.datetime.fromtimestamp(expires, dt.UTC)
 
-    def issue(self, username: str) -> TokenPair:
-        """A new access token and refresh token for `username`."""
-        access, access_expires = self._token(username, ACCESS, self._access_ttl_s)
-        refresh, refresh_expires = self._token(username, REFRESH, self._refresh_ttl_s)
-        return TokenPair(access, access_expires, refresh, refresh_expires)
+    def issue(self, username: str, login: str | None = None) -> TokenPair:
+        """A new access token and refresh token for `username`, of the login `login` (a new
+        login id when None)."""
+        login = login or uuid.uuid4().hex
+        refresh_id = uuid.uuid4().hex
+        access, access_expires = self._token(
+            username, ACCESS, self._access_ttl_s, login, uuid.uuid4().hex
+        )
+        refresh, refresh_expires = self._token(
+            username, REFRESH, self._refresh_ttl_s, login, refresh_id
+        )
+        return TokenPair(access, access_expires, refresh, refresh_expires, login, refresh_id)
 
     def verify_access(self, token: str) -> TokenClaims:
         return self._verify(token, ACCESS)
@@ -135,4 +155,13 @@ class TokenIssuer:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise TokenInvalid(f"invalid {token_type} token: no subject")
-        return TokenClaims(subject, token_type, dt.datetime.fromtimestamp(claims["exp"], dt.UTC))
+        ids = [claims.get("sid"), claims.get("jti")]
+        if not all(isinstance(i, str) and 0 < len(i) <= _MAX_ID_LENGTH for i in ids):
+            raise TokenInvalid(f"invalid {token_type} token: no login id or token id")
+        return TokenClaims(
+            subject,
+            token_type,
+            dt.datetime.fromtimestamp(claims["exp"], dt.UTC),
+            str(ids[0]),
+            str(ids[1]),
+        )

@@ -16,12 +16,12 @@ from typing import Final
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from certs import IdentityError, validate_name
-from controlplane.store import Store, UserRow, has_nul
+from controlplane.store import LoginRow, Store, UserRow, has_nul
 
 USER_ROLES: Final = ("operator", "viewer")
 MIN_PASSWORD_LENGTH: Final = 12
@@ -127,11 +127,17 @@ class Users:
         return user
 
     async def delete(self, username: str) -> None:
+        """Deletes the user and its logins; raises UserInvalid or UserNotFound."""
+        # Checked before the query: PostgreSQL refuses a NUL in a string with an error.
+        validate_username(username)
+
         def remove(session: Session) -> bool:
             row = session.get(UserRow, username)
             if row is None:
                 return False
             session.delete(row)
+            # Its logins go with it: their tokens are refused from now on.
+            session.execute(delete(LoginRow).where(LoginRow.username == username))
             return True
 
         if not await self._store.run(remove):
@@ -162,7 +168,10 @@ class Users:
             row = session.get(UserRow, username)
             return None if row is None else (_user_of(row), row.password_hash)
 
-        found = await self._store.run(read) if len(username) <= 128 else None
+        # No name that could not have been created reaches the database (PostgreSQL refuses a
+        # NUL in a string with an error rather than a miss).
+        plausible = len(username) <= 128 and not has_nul(username)
+        found = await self._store.run(read) if plausible else None
         stored_hash = found[1] if found is not None else self._decoy_hash
         candidate = password[:MAX_PASSWORD_LENGTH]
         if not await asyncio.to_thread(self._matches, stored_hash, candidate) or found is None:

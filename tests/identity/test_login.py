@@ -71,16 +71,12 @@ async def _list_audit(pki: Pki, cp: ControlPlane, token: str | None) -> grpc.Sta
     return grpc.StatusCode.OK
 
 
-def _token(**overrides: Any) -> str:
+def _token(good: str, **overrides: Any) -> str:
+    """A token signed with the control plane's secret: the claims of `good` (a real access
+    token, so its login exists) with `overrides` (None removes a claim)."""
     now = int(time.time())
-    claims = {
-        "iss": _ISSUER,
-        "aud": _AUDIENCE,
-        "sub": "alice",
-        "typ": "access",
-        "iat": now,
-        "exp": now + 300,
-    }
+    claims = jwt.decode(good, options={"verify_signature": False})
+    claims.update(iss=_ISSUER, aud=_AUDIENCE, sub="alice", typ="access", iat=now, exp=now + 300)
     claims.update(overrides)
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, SECRET, "HS256")
 
@@ -147,7 +143,7 @@ def _unsigned(token: str) -> str:
 @pytest.mark.parametrize(
     "make_token",
     [
-        pytest.param(lambda good: _token(exp=int(time.time()) - 5), id="expired"),
+        pytest.param(lambda good: _token(good, exp=int(time.time()) - 5), id="expired"),
         pytest.param(_tampered_signature, id="tampered-signature"),
         pytest.param(_tampered_payload, id="tampered-payload"),
         pytest.param(
@@ -157,11 +153,14 @@ def _unsigned(token: str) -> str:
             id="other-key",
         ),
         pytest.param(_unsigned, id="alg-none"),
-        pytest.param(lambda good: _token(typ="refresh"), id="refresh-as-access"),
-        pytest.param(lambda good: _token(aud="someone-else"), id="wrong-audience"),
-        pytest.param(lambda good: _token(iss="spiffe://other.example"), id="wrong-issuer"),
-        pytest.param(lambda good: _token(typ=None), id="missing-typ"),
-        pytest.param(lambda good: _token(sub="nobody"), id="unknown-user"),
+        pytest.param(lambda good: _token(good, typ="refresh"), id="refresh-as-access"),
+        pytest.param(lambda good: _token(good, aud="someone-else"), id="wrong-audience"),
+        pytest.param(lambda good: _token(good, iss="spiffe://other.example"), id="wrong-issuer"),
+        pytest.param(lambda good: _token(good, typ=None), id="missing-typ"),
+        pytest.param(lambda good: _token(good, sid=None), id="missing-login"),
+        pytest.param(lambda good: _token(good, sid="f" * 32), id="unknown-login"),
+        pytest.param(lambda good: _token(good, jti=None), id="missing-token-id"),
+        pytest.param(lambda good: _token(good, sub="nobody"), id="unknown-user"),
         pytest.param(lambda good: "not-a-jwt", id="garbage"),
         pytest.param(lambda good: "", id="empty"),
     ],
@@ -170,7 +169,7 @@ async def test_an_invalid_bearer_token_is_unauthenticated(
     pki: Pki, control_plane: ControlPlane, make_token: Any
 ) -> None:
     await _create_user(pki, control_plane, "alice", "operator")
-    good = _token()
+    good = _token((await _login(pki, control_plane, "alice")).access_token)
     assert await _list_audit(pki, control_plane, good) == grpc.StatusCode.OK
     assert await _list_audit(pki, control_plane, make_token(good)) == (
         grpc.StatusCode.UNAUTHENTICATED

@@ -40,6 +40,7 @@ _STREAMING_RESPONSES = {
     "/sentinel.v1.FleetService/WatchAgents",
     "/sentinel.v1.TelemetryService/StreamTelemetry",
     "/sentinel.v1.PlanService/WatchPlan",
+    "/sentinel.v1.EventService/WatchEvents",
     "/grpc.health.v1.Health/Watch",
 }
 
@@ -81,6 +82,9 @@ _ALLOWED_OUTCOME: dict[str, grpc.StatusCode] = {
     "/sentinel.v1.TelemetryService/GetNodeTelemetry": _INVALID,  # no node_id
     "/sentinel.v1.TelemetryService/GetFleetTelemetry": _OK,
     "/sentinel.v1.TelemetryService/StreamTelemetry": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "/sentinel.v1.EventService/ListEvents": _OK,
+    # From now on, and nothing happens in the second it stays open.
+    "/sentinel.v1.EventService/WatchEvents": grpc.StatusCode.DEADLINE_EXCEEDED,
     "/sentinel.v1.PlanService/SubmitPlan": _INVALID,  # no plan
     "/sentinel.v1.PlanService/GetPlan": _INVALID,  # no plan_id
     "/sentinel.v1.PlanService/ListPlans": _OK,
@@ -253,6 +257,7 @@ _AREAS = {
     "plans": "PlanService",
     "policies": "PolicyService",
     "audit": "AuditService",
+    "events": "EventService",
 }
 _SPECIAL = {"approvals": ("PlanService", "ApprovePlan")}
 _READ_PREFIXES = ("Get", "List", "Watch", "Stream")
@@ -336,6 +341,8 @@ def test_the_readme_role_table_is_read_as_written() -> None:
             ("PlanService", "WatchPlan"),
             ("PolicyService", "ListPolicies"),
             ("PolicyService", "GetPolicy"),
+            ("EventService", "ListEvents"),
+            ("EventService", "WatchEvents"),
         )
     }
 
