@@ -1,18 +1,26 @@
 """The load simulator: a process that plays a share of the fleet's agents, each with its own
 client certificate, its own gRPC channel (one TCP+TLS connection) and one `AgentService/Connect`
 session speaking the real protocol. It is driven by the measured server process over a pipe.
+
+With `SimulatorConfig.reconnect` (the storm benchmark, tests/bench/storm.py) each agent instead
+behaves like the real agent after a loss: it keeps producing telemetry into an in-memory spool,
+reconnects (honouring a refusal's `retry-after-ms`, else full-jitter backoff), resumes its seq
+numbering in the hello and re-sends whatever the control plane has not stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import pathlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 import grpc
 from sentinel.v1 import agent_pb2
@@ -45,6 +53,12 @@ class SimulatorConfig:
     """How long the whole fleet may take to connect before the simulator reports what it has."""
     keepalive_s: float = 30.0
     """Client keepalive ping interval, as a real agent's."""
+    reconnect: bool = False
+    """Play agents that survive a lost session (ReconnectingAgent): reconnect, resume the
+    telemetry seq, re-send what is not stored. Off: a lost session is counted, not repaired."""
+    backoff_base_s: float = 0.5
+    """Reconnect backoff (full jitter: uniform in [0, min(cap, base * 2**attempt)])."""
+    backoff_cap_s: float = 10.0
 
 
 def channel_options(index: int, keepalive_s: float) -> list[tuple[str, int]]:
@@ -74,6 +88,16 @@ class FleetStats:
     commands_answered: int = 0
     streams_lost: int = 0
     errors: list[str] = field(default_factory=list)
+    # Only with SimulatorConfig.reconnect:
+    connected: int = 0
+    """Agents in an open (welcomed) session now."""
+    all_connected_at: float | None = None
+    """When `connected` last reached the number of agents (CLOCK_MONOTONIC)."""
+    sessions_opened: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed attempts by how they failed ("UNAVAILABLE retry-after", "timed out", ...)."""
+    resent: int = 0
+    """Samples sent again because the control plane had not stored them."""
 
     def error(self, text: str) -> None:
         # Keep a few distinct examples: the first failures say what went wrong, the rest repeat.
@@ -215,6 +239,283 @@ class SimulatedAgent:
             await self._channel.close()
 
 
+def _pass_through(message: agent_pb2.ConnectRequest | bytes) -> bytes:
+    """Request serializer that sends already-serialized telemetry as it is."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The delay a refusal asks for (trailing metadata `retry-after-ms`), as the agent reads it."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
+class ReconnectingAgent:
+    """One node agent that survives losing its session, as nodeagent/_session.py does.
+
+    Its telemetry clock runs whether or not a session is open: each sample gets the next seq and
+    goes, serialized, into an in-memory spool until the control plane acknowledges it (a
+    `TelemetryAck`, or the `Welcome`'s `acked_telemetry_seq` on the next session). After a loss
+    it waits (a refusal's `retry-after-ms` plus jitter of up to the same again, a GoAway's
+    `reconnect_after` likewise, else full-jitter exponential backoff, reset by every session
+    that was welcomed), says in its hello which seq comes next and which is the oldest unacked,
+    and re-sends the spool after the welcome's watermark before anything new.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        config: SimulatorConfig,
+        ca_pem: bytes,
+        stats: FleetStats,
+        rng: random.Random,
+    ) -> None:
+        self.index = index
+        self.node_id = _messages.node_id(index)
+        self._config = config
+        self._stats = stats
+        self._rng = rng
+        directory = pathlib.Path(config.cert_dir)
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem,
+            private_key=(directory / f"{self.node_id}.key").read_bytes(),
+            certificate_chain=(directory / f"{self.node_id}.pem").read_bytes(),
+        )
+        self._hello = _messages.hello(index)
+        self._spool: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.produced = 0
+        """The seq of the last sample produced (0: none yet)."""
+        self._sent_up_to = 0
+        """Highest seq written on the current session."""
+        self._max_sent = 0
+        """Highest seq ever written (anything at or below it that is written again is a re-send)."""
+        self._new_sample = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.sessions = 0
+        self.in_session = False
+        self.stopping = False
+        self.connect_latency_s = 0.0
+        """First attempt to first welcome."""
+
+    def start(
+        self, ramp: asyncio.Semaphore, on_first_welcome: Callable[[ReconnectingAgent], None]
+    ) -> None:
+        self._tasks.append(asyncio.create_task(self._run(ramp, on_first_welcome)))
+
+    def start_telemetry(self, offset_s: float) -> None:
+        self._tasks.append(asyncio.create_task(self._produce(offset_s)))
+
+    async def close(self) -> None:
+        self.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- telemetry ----------------------------------------------------------------------------
+
+    async def _produce(self, offset_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        source = _messages.TelemetrySource(self.index, self._config.interval_s)
+        due = loop.time() + offset_s
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            message = source.next()
+            self.produced = message.telemetry.samples[0].seq
+            # Serialized now (the source mutates its one message in place); sent as it is.
+            self._spool.append((self.produced, message.SerializeToString()))
+            self._new_sample.set()
+            due += self._config.interval_s
+
+    def _acknowledge(self, seq: int) -> None:
+        spool = self._spool
+        while spool and spool[0][0] <= seq:
+            spool.popleft()
+
+    async def _send_loop(self, call: Any) -> None:
+        """Writes every spooled sample after `_sent_up_to`, in seq order, for as long as the
+        session lasts; a failed write ends it quietly (the reader sees the stream end)."""
+        stats = self._stats
+        try:
+            while True:
+                self._new_sample.clear()
+                for seq, payload in list(self._spool):
+                    if seq <= self._sent_up_to:
+                        continue
+                    async with self._write_lock:
+                        await call.write(payload)
+                    self._sent_up_to = seq
+                    stats.sent += 1
+                    if seq <= self._max_sent:
+                        stats.resent += 1
+                    else:
+                        self._max_sent = seq
+                await self._new_sample.wait()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            return
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def _run(
+        self, ramp: asyncio.Semaphore, on_first_welcome: Callable[[ReconnectingAgent], None]
+    ) -> None:
+        """Connects, and reconnects after every loss, until close(). The fleet's first
+        connection goes through `ramp`; reconnects are paced only by their delays."""
+        config = self._config
+        attempt = 0
+        first_attempt = time.monotonic()
+        while not self.stopping:
+            delay: float | None = None
+            welcomed = False
+            try:
+                delay = await self._session(
+                    ramp if self.sessions == 0 else None, first_attempt, on_first_welcome
+                )
+            except grpc.aio.AioRpcError as exc:
+                asked = retry_after_s(exc)
+                if asked is not None:
+                    delay = self._requested(asked)
+                    self._failed(f"{exc.code().name} + retry-after", exc)
+                else:
+                    self._failed(exc.code().name, exc)
+            except TimeoutError as exc:
+                self._failed("no welcome in time", exc)
+            except (RuntimeError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                self._failed("other", exc)
+            finally:
+                welcomed = self.in_session
+                self._end_session()
+            if welcomed:
+                # A session that was open resets the backoff, however it ended.
+                attempt = 0
+            if self.stopping:
+                return
+            if delay is None:
+                ceiling = min(config.backoff_cap_s, config.backoff_base_s * 2**attempt)
+                delay = self._rng.uniform(0.0, ceiling)
+                attempt += 1
+            await asyncio.sleep(delay)
+
+    def _requested(self, asked_s: float) -> float:
+        """A delay the control plane asked for, in full, plus jitter of up to the same again
+        (at least up to the backoff base), as nodeagent/_session.py's `requested_delay`."""
+        return asked_s + self._rng.uniform(0.0, max(asked_s, self._config.backoff_base_s))
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        stats = self._stats
+        if self.in_session:
+            # An open session that ended: lost (and counted so), not a failed attempt.
+            stats.error(f"session: {_describe(exc)}")
+            return
+        stats.failed_attempts += 1
+        stats.failures[kind] = stats.failures.get(kind, 0) + 1
+        stats.error(f"connect: {_describe(exc)}")
+
+    def _end_session(self) -> None:
+        if self.in_session:
+            self.in_session = False
+            self._stats.connected -= 1
+            if not self.stopping:
+                self._stats.streams_lost += 1
+
+    async def _session(
+        self,
+        gate: asyncio.Semaphore | None,
+        first_attempt: float,
+        on_first_welcome: Callable[[ReconnectingAgent], None],
+    ) -> float | None:
+        """One attempt and, once welcomed, the session until it ends; raises why it failed or
+        ended, or returns the delay a GoAway asked for (None: the backoff's)."""
+        stats = self._stats
+        stats.attempts += 1
+        channel = grpc.aio.secure_channel(
+            self._config.target,
+            self._credentials,
+            options=channel_options(self.index, self._config.keepalive_s),
+        )
+        call = channel.stream_stream(
+            CONNECT_METHOD,
+            request_serializer=_pass_through,
+            response_deserializer=agent_pb2.ConnectResponse.FromString,
+        )()
+        sender: asyncio.Task[None] | None = None
+        try:
+            async with gate if gate is not None else contextlib.nullcontext():
+                resume = self._hello.hello.resume
+                resume.next_telemetry_seq = self.produced + 1
+                resume.oldest_unacked_seq = self._spool[0][0] if self._spool else 0
+                async with asyncio.timeout(self._config.attempt_timeout_s):
+                    # At once, before anything is awaited. A refused session may already be
+                    # over; the read below raises its status.
+                    with contextlib.suppress(asyncio.InvalidStateError):
+                        await call.write(self._hello)
+                    first = await call.read()
+            if first is grpc.aio.EOF:
+                raise RuntimeError(f"stream closed before the welcome: {await call.details()}")
+            if first.WhichOneof("message") != "welcome":
+                raise RuntimeError(f"expected a Welcome, got {first.WhichOneof('message')}")
+            acked = first.welcome.acked_telemetry_seq
+            self._acknowledge(acked)
+            self._sent_up_to = acked
+            self.in_session = True
+            self.sessions += 1
+            stats.sessions_opened += 1
+            stats.connected += 1
+            if stats.connected == self._config.count:
+                stats.all_connected_at = time.monotonic()
+            if self.sessions == 1:
+                self.connect_latency_s = time.monotonic() - first_attempt
+                on_first_welcome(self)
+            sender = asyncio.create_task(self._send_loop(call))
+            return await self._read_loop(call)
+        finally:
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            call.cancel()
+            await channel.close()
+
+    async def _read_loop(self, call: Any) -> float | None:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                self._stats.error(f"session: server ended the stream: {await call.details()}")
+                return None
+            kind = response.WhichOneof("message")
+            if kind == "telemetry_ack":
+                self._acknowledge(response.telemetry_ack.seq)
+            elif kind == "command":
+                await self._answer(call, response.command)
+            elif kind == "go_away":
+                asked: float = response.go_away.reconnect_after.ToNanoseconds() / 1e9
+                return self._requested(asked)
+
+    async def _answer(self, call: Any, command: agent_pb2.Command) -> None:
+        async with self._write_lock:
+            await call.write(
+                agent_pb2.ConnectRequest(
+                    command_ack=agent_pb2.CommandAck(command_id=command.command_id)
+                )
+            )
+        result = agent_pb2.CommandResult(command_id=command.command_id)
+        result.start_time.GetCurrentTime()
+        if command.action == "ping":
+            result.outcome = agent_pb2.COMMAND_OUTCOME_SUCCEEDED
+            result.output.CopyFrom(_messages.ping_output(self.node_id, command.command_id))
+        else:
+            result.outcome = agent_pb2.COMMAND_OUTCOME_UNSUPPORTED
+            result.message = f"the simulated agent does not know {command.action!r}"
+        result.finish_time.GetCurrentTime()
+        async with self._write_lock:
+            await call.write(agent_pb2.ConnectRequest(command_result=result))
+        self._stats.commands_answered += 1
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -229,18 +530,58 @@ class Simulator:
         self._conn = conn
         self._stats = FleetStats()
         self._agents: list[SimulatedAgent] = []
+        self._reconnecting: list[ReconnectingAgent] = []
         self._rng = random.Random(config.first_index)
         self._last_welcome = 0.0
 
     async def run(self) -> None:
         config = self._config
         ca_pem = (pathlib.Path(config.cert_dir) / "ca.pem").read_bytes()
-        self._agents = [
-            SimulatedAgent(index, config, ca_pem, self._stats)
-            for index in range(config.first_index, config.first_index + config.count)
-        ]
-        await self._connect_all()
+        indices = range(config.first_index, config.first_index + config.count)
+        if config.reconnect:
+            self._reconnecting = [
+                ReconnectingAgent(index, config, ca_pem, self._stats, self._rng)
+                for index in indices
+            ]
+            await self._start_reconnecting()
+        else:
+            self._agents = [SimulatedAgent(index, config, ca_pem, self._stats) for index in indices]
+            await self._connect_all()
         await self._serve_requests()
+
+    async def _start_reconnecting(self) -> None:
+        """Starts every reconnecting agent (first connections paced by the ramp) and reports,
+        as `_connect_all` does, once all are welcomed; they go on by themselves after that."""
+        config = self._config
+        ramp = asyncio.Semaphore(config.ramp)
+        first_attempt = time.monotonic()
+        all_welcomed = asyncio.Event()
+
+        def welcomed(agent: ReconnectingAgent) -> None:
+            self._stats.welcomed += 1
+            self._last_welcome = time.monotonic()
+            agent.start_telemetry(self._rng.uniform(0, config.interval_s))
+            if self._stats.welcomed == config.count:
+                all_welcomed.set()
+
+        for agent in self._reconnecting:
+            agent.start(ramp, welcomed)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_welcomed.wait(), config.connect_timeout_s)
+        latencies = [a.connect_latency_s for a in self._reconnecting if a.connect_latency_s > 0]
+        self._conn.send(
+            {
+                "type": "connected",
+                "first_attempt": first_attempt,
+                "all_welcome": self._last_welcome if all_welcomed.is_set() else None,
+                "welcomed": self._stats.welcomed,
+                "agents": config.count,
+                "attempts": self._stats.attempts,
+                "failed_attempts": self._stats.failed_attempts,
+                "connect_latencies_s": latencies,
+                "errors": list(self._stats.errors),
+            }
+        )
 
     async def _connect_all(self) -> None:
         config = self._config
@@ -292,6 +633,13 @@ class Simulator:
             "streams_lost": stats.streams_lost,
             "commands_answered": stats.commands_answered,
             "errors": list(stats.errors),
+            "connected": stats.connected,
+            "all_connected_at": stats.all_connected_at,
+            "attempts": stats.attempts,
+            "failed_attempts": stats.failed_attempts,
+            "failures": dict(stats.failures),
+            "sessions_opened": stats.sessions_opened,
+            "resent": stats.resent,
         }
 
     async def _serve_requests(self) -> None:
@@ -299,12 +647,24 @@ class Simulator:
             request = await receive(self._conn)
             if request["type"] == "count":
                 self._conn.send({"type": "count", **self._snapshot()})
+            elif request["type"] == "seqs":
+                # Each agent's last produced telemetry seq, by node (reconnect mode).
+                self._conn.send(
+                    {
+                        "type": "seqs",
+                        "at": time.monotonic(),
+                        "produced": {a.node_id: a.produced for a in self._reconnecting},
+                    }
+                )
             elif request["type"] == "stop":
                 snapshot = self._snapshot()
                 # Close in slices: thousands of simultaneous closes would be one CPU spike on
                 # the server, and there is nothing to learn from it.
-                for start in range(0, len(self._agents), 500):
-                    await asyncio.gather(*(a.close() for a in self._agents[start : start + 500]))
+                agents: list[SimulatedAgent] | list[ReconnectingAgent] = (
+                    self._reconnecting or self._agents
+                )
+                for start in range(0, len(agents), 500):
+                    await asyncio.gather(*(a.close() for a in agents[start : start + 500]))
                 self._conn.send({"type": "stopped", **snapshot})
                 return
 

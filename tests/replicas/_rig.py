@@ -20,6 +20,8 @@ class Forwarder:
 
     def __init__(self, backend: int) -> None:
         self.backend = backend
+        self.cut = False
+        """While set, open connections are dropped and new ones closed at once (a partition)."""
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -29,7 +31,19 @@ class Forwarder:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    def partition(self) -> None:
+        """Cuts the link: every open connection is reset, new ones are refused."""
+        self.cut = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def heal(self) -> None:
+        self.cut = False
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend)
         except OSError:
