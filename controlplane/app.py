@@ -4,6 +4,7 @@ server and /metrics endpoint together, and starts and stops them in order."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import pathlib
 import socket
 import uuid
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +27,8 @@ from sentinel.v1 import (
     auth_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
     identity_pb2,
@@ -47,6 +51,7 @@ from controlplane.api import (
     EnrollmentPortInterceptor,
     EnrollmentPortService,
     EnrollmentService,
+    EventService,
     FleetService,
     HealthPort,
     IdentityService,
@@ -59,6 +64,15 @@ from controlplane.api import (
 from controlplane.audit import AuditLog
 from controlplane.auth import RateLimiter
 from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
+from controlplane.events import (
+    AGENT_STATUS_CHANGED,
+    ANALYSIS_MEASURED,
+    COMMAND_FINISHED,
+    PLAN_TRANSITIONED,
+    REVOKED,
+    EventLog,
+    KafkaSink,
+)
 from controlplane.executors import (
     AgentExecutor,
     Executor,
@@ -69,12 +83,17 @@ from controlplane.executors import (
 )
 from controlplane.fleet import (
     AgentRegistry,
+    AgentState,
     AgentStatus,
     CommandLedger,
     CommandResult,
+    CommandState,
     TelemetryAckOut,
 )
 from controlplane.identity import (
+    Logins,
+    OpenStreams,
+    Revocation,
     Revocations,
     TokenIssuer,
     Users,
@@ -84,6 +103,7 @@ from controlplane.identity import (
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.plans import (
     LEASE_CHANNEL,
+    TERMINAL,
     AnalysisRecord,
     FleetView,
     HealthGates,
@@ -102,9 +122,11 @@ from controlplane.policy import (
     Verdict,
     load_policy_files,
 )
+from controlplane.retention import Retention, RetentionPolicy
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Bus, Replicas, Store
 from controlplane.telemetry import TelemetryHub, TelemetryRelay
+from controlplane.tracing import start_tracing
 from processkit import Supervisor, tune_gc_for_long_lived_heap
 
 log = logging.getLogger(__name__)
@@ -134,6 +156,11 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
         ("grpc.http2.min_recv_ping_interval_without_data_ms", max(keepalive_ms // 2, 1000)),
         ("grpc.http2.max_ping_strikes", 3),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        # Bad peers: one connection may not open unbounded streams (an agent needs one, an
+        # operator a few), and a connection that never finishes its TLS handshake is closed
+        # instead of holding a descriptor for gRPC's default two minutes.
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
         *age,
         *settings.extra_grpc_options,
     ]
@@ -142,8 +169,8 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
 def _api_service_names() -> list[str]:
     """Full names of every service of the public API (all are registered, some as pending)."""
     modules = (
-        agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, fleet_pb2, identity_pb2, plan_pb2,
-        policy_pb2, telemetry_pb2,
+        agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, events_pb2, fleet_pb2, identity_pb2,
+        plan_pb2, policy_pb2, telemetry_pb2,
     )  # fmt: skip
     return sorted(
         service.full_name
@@ -154,6 +181,43 @@ def _api_service_names() -> list[str]:
 
 def _default_instance_name() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class _AnnouncedRevocations(Revocations):
+    """The revocation list, announcing each revocation this control plane makes as an event
+    (those learned from another control plane are that one's to announce)."""
+
+    def __init__(self, store: Store, events: EventLog, **kwargs: Any) -> None:
+        super().__init__(store, **kwargs)
+        self._events = events
+
+    def _announce(self, revocation: Revocation, before: set[Revocation]) -> None:
+        if revocation in before:
+            return  # revoked before, unchanged: nothing happened
+        subject = (
+            f"node/{revocation.value}"
+            if revocation.kind == "node"
+            else f"certificate/{revocation.value}"
+        )
+        payload = {
+            "revocation_kind": revocation.kind,
+            "value": revocation.value,
+            "reason": revocation.reason,
+            "revoked_by": revocation.revoked_by,
+        }
+        self._events.emit(REVOKED, subject, payload)
+
+    async def revoke_serial(self, serial: str, reason: str, revoked_by: str) -> Revocation:
+        before = set(self.list())
+        revocation = await super().revoke_serial(serial, reason, revoked_by)
+        self._announce(revocation, before)
+        return revocation
+
+    async def revoke_node(self, node_id: str, reason: str, revoked_by: str) -> Revocation:
+        before = set(self.list())
+        revocation = await super().revoke_node(node_id, reason, revoked_by)
+        self._announce(revocation, before)
+        return revocation
 
 
 class ControlPlane:
@@ -167,7 +231,28 @@ class ControlPlane:
         self.store = Store(settings.database_url, threads=settings.store_threads)
         # Replicas (issue 11): one id per process; the bus is PostgreSQL's LISTEN/NOTIFY.
         self.instance_id = settings.controller_id or _default_instance_name()
+        # Tracing (issue 13): off unless `tracing` names an exporter; then one SDK provider.
+        self.tracing = start_tracing(settings.tracing, instance_id=self.instance_id)
         self.bus = Bus(self.store, self.instance_id)
+        self.bus.set_audience(lambda: bool(self.replicas.others()))
+        # Events (issue 13): one stored, numbered stream, followed on every replica.
+        self.events = EventLog(
+            self.store,
+            self.bus,
+            flush_interval_s=settings.event_flush_interval_s,
+            on_write_failure=lambda: self.metrics.task_failures.labels("event-writer").inc(),
+        )
+        self.event_sink: KafkaSink | None = None
+        if settings.event_sink_kafka_brokers:
+            self.event_sink = KafkaSink(
+                self.events,
+                self.store,
+                Lease(self.store, "event-sink", self.instance_id, settings.controller_lease_s),
+                brokers=settings.event_sink_kafka_brokers,
+                topic=settings.event_sink_kafka_topic,
+                renew_every_s=settings.controller_lease_s / 3,
+                on_failure=lambda: self.metrics.task_failures.labels("event-sink").inc(),
+            )
         self.replicas = Replicas(
             self.store,
             self.bus,
@@ -181,6 +266,7 @@ class ControlPlane:
             suspect_after_s=settings.suspect_after_s,
             disconnect_after_s=settings.disconnect_after_s,
             on_status_counts=self._publish_agent_counts,
+            on_status_changed=self._agent_status_changed,
             replicas=self.replicas,
             bus=self.bus,
         )
@@ -190,7 +276,10 @@ class ControlPlane:
             send_ack=self._send_telemetry_ack,
             on_stored=self.registry.record_telemetry,
             on_flush=self.metrics.store_flush.observe,
-            on_published=lambda samples: self.relay.forward(samples),
+            # Only replicas relay telemetry; a lone control plane skips the hook entirely.
+            on_published=(lambda samples: self.relay.forward(samples))
+            if self.bus.enabled
+            else None,
             on_subscriptions=lambda: self.relay.subscriptions_changed(),
         )
         self.relay = TelemetryRelay(
@@ -260,6 +349,7 @@ class ControlPlane:
                 self.instance_id,
                 settings.controller_lease_s,
                 self.bus,
+                holder_alive=self.replicas.alive_in,
             ),
             self.executors,
             HealthGates(self.relay.latest, telemetry_sample_data),
@@ -271,10 +361,27 @@ class ControlPlane:
             on_measurement=self._audit_measurement,
             agent_on_kubernetes_node=self.registry.agent_on_kubernetes_node,
         )
+        # Retention (issue 10): only the replica holding the controller lease prunes; deletes
+        # re-check their condition, so an overlap during a lease hand-over does no harm.
+        self.retention = Retention(
+            self.store,
+            RetentionPolicy(
+                audit_s=settings.retention_audit_s,
+                commands_s=settings.retention_commands_s,
+                plans_s=settings.retention_plans_s,
+                departed_agents_s=settings.retention_departed_agents_s,
+                events_s=settings.retention_events_s,
+            ),
+            terminal_plan_phases=[phase.value for phase in TERMINAL],
+            finished_command_states=[CommandState.FINISHED.value, CommandState.EXPIRED.value],
+            departed_status=AgentStatus.DISCONNECTED.value,
+            should_run=lambda: self.controller.leader,
+            on_pruned=lambda table, rows: self.metrics.retention_pruned.labels(table).inc(rows),
+        )
         # Identity (issue 4): revocations are checked in memory on every call; a refresh that
         # learns another control plane's revocation closes the sessions it covers here too.
-        self.revocations = Revocations(
-            self.store, on_learned=lambda _revocation: self._close_revoked_sessions()
+        self.revocations = _AnnouncedRevocations(
+            self.store, self.events, on_learned=lambda _revocation: self._close_revoked_sessions()
         )
         self.users = Users(self.store)
         self.tokens = TokenIssuer(
@@ -282,6 +389,14 @@ class ControlPlane:
             issuer=f"spiffe://{settings.trust_domain}",
             access_ttl_s=settings.access_token_ttl_s,
             refresh_ttl_s=settings.refresh_token_ttl_s,
+        )
+        # Issue 10: open streaming calls, cut when their certificate, user or login goes; a
+        # reused refresh token revokes its login (and cuts that login's streams here at once).
+        self.streams = OpenStreams()
+        self.logins = Logins(
+            self.store,
+            self.tokens,
+            on_revoked=lambda login, reason: self.streams.cut_login(login, reason),
         )
         self._supervisor = Supervisor(
             "controlplane", on_failure=lambda name: self.metrics.task_failures.labels(name).inc()
@@ -311,6 +426,8 @@ class ControlPlane:
         m.sessions_capacity.set(self.settings.max_agents)
         m.replicas_live.set_function(lambda: len(self.replicas.others()) + 1)
         m.replica_bus_connected.set_function(lambda: 1.0 if self.bus.connected.is_set() else 0.0)
+        loop = asyncio.get_running_loop()  # scrapes run on the HTTP server's thread
+        m.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
 
     async def _probe_event_loop(self, every_s: float = 0.25) -> None:
         """Measures how late the loop wakes a timer: the lag every caller and agent feels."""
@@ -321,6 +438,9 @@ class ControlPlane:
             self.metrics.event_loop_lag.observe(max(loop.time() - started - every_s, 0.0))
 
     def _close_revoked_sessions(self) -> int:
+        """Closes the agent sessions and cuts the open streams that revocations now refuse;
+        returns how many agent sessions it closed."""
+        self.streams.cut_revoked(self.revocations)
         return close_revoked_sessions(self.registry.sessions(), self.revocations)
 
     def _kubernetes_request(self, cluster: str, verb: str, seconds: float, reached: bool) -> None:
@@ -336,7 +456,28 @@ class ControlPlane:
         if session is not None:
             session.send(TelemetryAckOut(seq))
 
+    def _agent_status_changed(self, state: AgentState, previous: AgentStatus | None) -> None:
+        payload = {
+            "node_id": state.node_id,
+            "status": state.status.value,
+            "previous_status": previous.value if previous else "",
+            "session_id": state.session_id,
+        }
+        self.events.emit(AGENT_STATUS_CHANGED, f"node/{state.node_id}", payload)
+
     def _command_finished(self, result: CommandResult, round_trip_s: float) -> None:
+        self.events.emit(
+            COMMAND_FINISHED,
+            f"node/{result.node_id}/command/{result.command_id}",
+            {
+                "command_id": result.command_id,
+                "node_id": result.node_id,
+                "action": result.action,
+                "outcome": result.outcome,
+                "message": result.message,
+                "output": result.output,
+            },
+        )
         self.metrics.commands.labels(result.action, result.outcome).inc()
         if round_trip_s >= 0:
             self.metrics.command_round_trip.labels(result.action).observe(round_trip_s)
@@ -347,12 +488,30 @@ class ControlPlane:
             self.metrics.policy_rejections.labels(violation.rule_id, violation.effect.value).inc()
 
     def _plan_changed(self, change: PlanChange) -> None:
+        plan_id = change.plan.plan_id
         for transition in change.transitions:
+            self.events.emit(
+                PLAN_TRANSITIONED,
+                f"plan/{plan_id}",
+                {
+                    "plan_id": plan_id,
+                    "from_phase": transition.from_phase.value,
+                    "to_phase": transition.to_phase.value,
+                    "time": transition.at.isoformat(),
+                    "actor": transition.actor,
+                    "reason": transition.reason,
+                },
+            )
             self.metrics.plan_transitions.labels(transition.to_phase.value.lower()).inc()
         if change.plan.phase == Phase.APPROVED or change.plan.cancel_requested:
             self.controller.wake()
 
     async def _audit_measurement(self, plan: Plan, record: AnalysisRecord) -> None:
+        self.events.emit(
+            ANALYSIS_MEASURED,
+            f"plan/{plan.plan_id}",
+            {"plan_id": plan.plan_id, **dataclasses.asdict(record)},
+        )
         detail = json.dumps(
             {
                 "gate": record.gate,
@@ -385,17 +544,21 @@ class ControlPlane:
         await self.policies.install_files(file_policies)
         await self.registry.load()
         await self.revocations.load()
+        await self.events.start()
 
         server = grpc.aio.server(
             interceptors=[
+                # Outermost, so a call's span covers authentication and auditing, and refused
+                # calls are traced with their status code.
+                *self.tracing.server_interceptors(),
                 AuthInterceptor(
                     settings.trust_domain,
                     self.metrics,
                     self.audit,
                     revocations=self.revocations,
-                    tokens=self.tokens,
-                    users=self.users,
-                )
+                    logins=self.logins,
+                    streams=self.streams,
+                ),
             ],
             options=_server_options(settings),
         )
@@ -405,6 +568,9 @@ class ControlPlane:
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agent_service, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)
+        events_pb2_grpc.add_EventServiceServicer_to_server(
+            EventService(self.events, settings.event_watch_backlog), server
+        )
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryService(settings, self.hub, self.relay), server
         )
@@ -414,10 +580,13 @@ class ControlPlane:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.audit), server)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(self.policies), server)
         identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-            IdentityService(self.revocations, self.users, self._close_revoked_sessions), server
+            IdentityService(
+                self.revocations, self.users, self._close_revoked_sessions, self.streams.cut_user
+            ),
+            server,
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthService(self.users, self.tokens, settings.login_rate_per_minute), server
+            AuthService(self.users, self.logins, settings.login_rate_per_minute), server
         )
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
             EnrollmentService(self.bootstrap_tokens, settings.bootstrap_token_ttl_s), server
@@ -458,6 +627,10 @@ class ControlPlane:
         if self.bus.enabled:
             self._supervisor.start("agent-directory", self.registry.run_directory_refresher)
             self._supervisor.start("command-pending-sweeper", self.commands.run_pending_sweeper)
+        self._supervisor.start("event-writer", self.events.run_writer)
+        self._supervisor.start("event-follower", self.events.run_follower)
+        if self.event_sink is not None:
+            self._supervisor.start("event-sink", self.event_sink.run)
         self._supervisor.start(
             "audit-flusher", lambda: self.audit.run_flusher(settings.audit_flush_interval_s)
         )
@@ -469,6 +642,10 @@ class ControlPlane:
             lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
         )
         self._supervisor.start("pipeline-controller", self.controller.run)
+        if settings.retention_interval_s > 0:
+            self._supervisor.start(
+                "retention", lambda: self.retention.run(settings.retention_interval_s)
+            )
         if self.clusters:
             self._supervisor.start(
                 "kubernetes-prober",
@@ -477,6 +654,12 @@ class ControlPlane:
         self._supervisor.start(
             "revocation-refresher",
             lambda: self.revocations.run_refresher(settings.revocation_refresh_interval_s),
+        )
+        self._supervisor.start(
+            "stream-sweeper",
+            lambda: self.streams.run_sweeper(
+                settings.revocation_refresh_interval_s, self.logins.refused
+            ),
         )
         self._supervisor.start(
             "policy-refresher", lambda: self.policies.run_refresher(REFRESH_INTERVAL_S)
@@ -550,6 +733,13 @@ class ControlPlane:
         except Exception:
             log.exception("%d audit event(s) could not be written at shutdown", self.audit.pending)
 
+    async def _flush_events(self) -> None:
+        """Writes the events emitted up to the stop (a sink delivers them after a restart)."""
+        try:
+            await self.events.flush()
+        except Exception:
+            log.exception("%d event(s) could not be written at shutdown", self.events.pending)
+
     async def stop(self) -> None:
         """Tells agents to reconnect later, lets calls finish, then persists what is pending."""
         await self._health.enter_graceful_shutdown()
@@ -572,6 +762,8 @@ class ControlPlane:
             await self._agent_service.wait_sessions_closed(self.settings.shutdown_grace_s)
         await self._supervisor.stop()
         await self._flush_audit()
+        await self._flush_events()
+        await asyncio.to_thread(self.tracing.flush)
         await self.hub.flush()
         await self.registry.persist_last_seen()
         try:

@@ -166,6 +166,18 @@ class ControlPlaneMetrics:
             "Control-plane replicas alive on this database, this one included.",
             registry=r,
         )
+        self.asyncio_tasks = Gauge(
+            "sentinel_asyncio_tasks",
+            "Tasks alive on the control plane's event loop (about two per agent session); a "
+            "count that only grows is a leak.",
+            registry=r,
+        )
+        self.retention_pruned = Counter(
+            "sentinel_retention_pruned_rows",
+            "Rows deleted because they outlived their retention, by table.",
+            ["table"],
+            registry=r,
+        )
         self.replica_bus_connected = Gauge(
             "sentinel_replica_bus_connected",
             "1 while this replica listens for the others' notifications (PostgreSQL), else 0.",

@@ -87,6 +87,20 @@ class ControlPlaneSettings:
     capacity_retry_after_s: float = 5.0
     """Least retry-after of a session refused for capacity (drawn uniformly from [this,
     2 x this], sent as `retry-after-ms` trailing metadata)."""
+    max_opening_sessions: int = 64
+    """Sessions being opened at once (hello read, registered, welcomed, unfinished commands
+    re-sent); beyond it a new session is refused with UNAVAILABLE and a short retry-after, so a
+    reconnect storm is admitted at the rate the control plane can hold instead of letting every
+    hello time out in its backlog. 0: no limit."""
+    admission_retry_after_s: float = 1.0
+    """Least retry-after of a session refused by admission control (drawn from [this, 3 x
+    this], so refused agents come back spread out)."""
+    max_streams_per_connection: int = 100
+    """Concurrent streams (calls) one client connection may open; more wait for a free one
+    (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    handshake_timeout_s: float = 10.0
+    """A connection that has not finished its TLS handshake by then is closed (half-open or
+    stalled clients do not hold descriptors)."""
     policy_paths: str = ""
     """Comma-separated YAML policy files or directories of them, loaded at start (read-only
     through PolicyService); empty loads none."""
@@ -149,3 +163,34 @@ class ControlPlaneSettings:
     """How often revocations made by another control plane on the same store are picked up."""
     extra_grpc_options: tuple[tuple[str, int | str], ...] = field(default=())
     """Additional grpc server options, for experiments."""
+    event_flush_interval_s: float = 0.05
+    """How often emitted domain events are written to the store (and so reach WatchEvents
+    and the sinks); a full batch of 1,000 is written at once."""
+    event_watch_backlog: int = 10_000
+    """Events a slow WatchEvents subscriber may fall behind before it is cut off
+    (RESOURCE_EXHAUSTED; it resumes from its last event id)."""
+    event_sink_kafka_brokers: str = ""
+    """Comma-separated `host:port` bootstrap brokers of the Kafka event sink; empty: no sink.
+    One replica at a time runs it (the `event-sink` lease)."""
+    event_sink_kafka_topic: str = "sentinel.events"
+    """Topic the Kafka event sink writes to (partition 0, key: the event id)."""
+    tracing: str = ""
+    """`otlp` exports a span per API call and a trace per plan (OpenTelemetry; endpoint,
+    sampler and batching from the standard OTEL_* variables), `console` prints them; empty or
+    `off`: no tracing, at no cost. OTEL_SDK_DISABLED=true turns it off (docs/tracing.md)."""
+    retention_audit_s: float = 90 * 86400.0
+    """How long audit events are kept (by when they happened); 0 keeps them forever."""
+    retention_commands_s: float = 30 * 86400.0
+    """How long finished or expired node commands are kept (by when they finished; those of a
+    plan still running are always kept); 0 keeps them forever."""
+    retention_plans_s: float = 90 * 86400.0
+    """How long plans in a terminal phase are kept, whole, with their transitions and targets
+    (by their last change); 0 keeps them forever."""
+    retention_departed_agents_s: float = 30 * 86400.0
+    """How long a node Disconnected (and not cordoned) keeps its row: inventory and telemetry
+    watermark; 0 keeps it forever."""
+    retention_events_s: float = 7 * 86400.0
+    """How long domain events (WatchEvents, event sinks) are kept; 0 keeps them forever."""
+    retention_interval_s: float = 600.0
+    """How often the replica holding the pipeline-controller lease prunes what is older than
+    the retentions above (500 rows per transaction, a pause between); 0 never prunes."""

@@ -15,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sentinel.v1 import agent_pb2
 
 from nodeagent import encode
+from nodeagent._state import StateFull
 from nodeagent.actions import ACTIONS, ActionError, AgentControls
 from processkit import log_context
 
@@ -96,7 +97,18 @@ class CommandRunner:
             return result
 
         started = encode.now_timestamp()
-        await asyncio.to_thread(state.mark_started, command.command_id)
+        try:
+            await asyncio.to_thread(state.mark_started, command.command_id)
+        except StateFull as exc:
+            # Never run without the record that stops a second run: refused, not attempted.
+            log.error("command %s refused: %s", command.action, exc.strerror)
+            return self._result(
+                command,
+                "FAILED",
+                f"not run: {exc.strerror} (the agent's disk is full)",
+                None,
+                started,
+            )
         deadline = command.deadline.ToDatetime(dt.UTC) if command.HasField("deadline") else None
         remaining = (
             (deadline - dt.datetime.now(dt.UTC)).total_seconds()

@@ -17,6 +17,7 @@ import sys
 from prometheus_client import CollectorRegistry
 
 from nodeagent._certificates import bootstrap_token
+from nodeagent._state import state_dir_problem
 from nodeagent.agent import NodeAgent
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.exporter import AgentHealth, TelemetryExporter, start_http_endpoint
@@ -117,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             "TLS file %s does not exist and no bootstrap token is configured: enroll with "
             "--bootstrap-token or --bootstrap-token-file, or issue one (`sentinel-certs init`)",
             missing[0],
+        )
+        return 2
+    problem = state_dir_problem(settings.state_dir)
+    if problem is not None:
+        log.error(
+            "the state directory %s is not usable (%s): the agent keeps its telemetry spool and "
+            "the record of executed commands there; give it a writable directory with room "
+            "(--state-dir, SENTINEL_AGENT_STATE_DIR)",
+            settings.state_dir,
+            problem,
         )
         return 2
     try:

@@ -9,6 +9,7 @@ from controlplane.api._enrollment_service import (
     EnrollmentPortService,
     EnrollmentService,
 )
+from controlplane.api._event_service import EventService
 from controlplane.api._fleet_service import FleetService
 from controlplane.api._health_port import HealthPort
 from controlplane.api._identity_service import IdentityService
@@ -27,6 +28,7 @@ __all__ = [
     "EnrollmentPortInterceptor",
     "EnrollmentPortService",
     "EnrollmentService",
+    "EventService",
     "FleetService",
     "HealthPort",
     "IdentityService",

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import grpc
@@ -19,6 +19,7 @@ from certs import IdentityError, validate_name
 from controlplane.api import _convert
 from controlplane.api._enrollment_service import issuance_status
 from controlplane.api._errors import abort
+from controlplane.api._interceptor import Undecodable
 from controlplane.auth import current_principal
 from controlplane.enrollment import CertificateIssuer
 from controlplane.fleet import (
@@ -94,6 +95,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._handlers: set[asyncio.Task[object]] = set()
         self._admitted = 0
         """Connect calls past the capacity check and not yet finished (hello pending included)."""
+        self._opening = 0
+        """Connect calls admitted and not yet open (welcomed, unfinished commands re-sent)."""
         self._rng = random.Random()  # noqa: S311 (jitter, not cryptography)
 
     async def wait_sessions_closed(self, timeout_s: float) -> None:
@@ -122,6 +125,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "hello_timeout",
                 f"no hello within {self._settings.hello_timeout_s:g} s of opening the session",
+            )
+        if isinstance(first, Undecodable):
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "bad_hello", first.problem
             )
         if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
             await self._refuse(
@@ -194,13 +201,39 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # in under the limit; before the hello, so a full replica spends nothing on it.
         if self._over_capacity():
             await self._refuse_for_capacity(context)
+        limit = self._settings.max_opening_sessions
+        if limit > 0 and self._opening >= limit:
+            await self._refuse_for_admission(context)
         self._admitted += 1
+        self._opening += 1
+        opening = True
+
+        def opened() -> None:
+            nonlocal opening
+            if opening:
+                opening = False
+                self._opening -= 1
+
         try:
-            await self._connect(context)
+            await self._connect(context, opened)
         finally:
+            opened()
             self._admitted -= 1
 
-    async def _connect(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse_for_admission(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        base = self._settings.admission_retry_after_s
+        retry_ms = max(1, math.ceil(self._rng.uniform(base, 3 * base) * 1000))
+        self._metrics.sessions_refused.labels("admission").inc()
+        log.debug("agent session refused: %d sessions are being opened", self._opening)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{self._opening} agent sessions are being opened (a reconnect storm?): "
+            f"retry in {retry_ms / 1000:.1f} s",
+            trailing_metadata=(("retry-after-ms", str(retry_ms)),),
+        )
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _connect(self, context: grpc.aio.ServicerContext, opened: Callable[[], None]) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -237,6 +270,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 )
                 writer = asyncio.create_task(self._write_loop(session, context))
                 await self._ledger.redeliver(session)
+                opened()
                 reason = await self._read_loop(session, context)
             except asyncio.CancelledError:
                 reason = "cancelled (client went away or server stopping)"
@@ -281,6 +315,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 request = await context.read()
                 if request is grpc.aio.EOF:
                     return "agent closed the stream"
+                if isinstance(request, Undecodable):
+                    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 self._registry.heard_from(node_id)
                 await self._dispatch(session, request, context)
 

@@ -1,5 +1,6 @@
 """`AuthService`: password login and token refresh for human users. Logins are rate-limited per
-user and per address, and a failed one never tells whether the user exists."""
+user and per address, and a failed one never tells whether the user exists. Refresh rotates the
+refresh token; reusing an old one revokes the whole login (`identity/_logins.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sentinel.v1 import auth_pb2, auth_pb2_grpc
 from controlplane.api import _convert
 from controlplane.api._errors import abort
 from controlplane.auth import RateLimiter
-from controlplane.identity import InvalidCredentials, TokenInvalid, TokenIssuer, TokenPair, Users
+from controlplane.identity import InvalidCredentials, Logins, TokenInvalid, TokenPair, Users
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,9 @@ def _pair_fields(pair: TokenPair) -> dict[str, object]:
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
     """Password login and token refresh for human operators."""
 
-    def __init__(self, users: Users, tokens: TokenIssuer, login_rate_per_minute: float) -> None:
+    def __init__(self, users: Users, logins: Logins, login_rate_per_minute: float) -> None:
         self._users = users
-        self._tokens = tokens
+        self._logins = logins
         self._per_user = RateLimiter(login_rate_per_minute)
         self._per_address = RateLimiter(login_rate_per_minute * ADDRESS_RATE_FACTOR)
 
@@ -70,19 +71,14 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             log.warning("failed login from %s", _address(context.peer()))
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, _LOGIN_FAILED)
         log.info("user %s logged in", user.username)
-        return auth_pb2.LoginResponse(**_pair_fields(self._tokens.issue(user.username)))  # type: ignore[arg-type]
+        pair = await self._logins.start(user.username)
+        return auth_pb2.LoginResponse(**_pair_fields(pair))  # type: ignore[arg-type]
 
     async def Refresh(
         self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.RefreshResponse:
         try:
-            claims = self._tokens.verify_refresh(request.refresh_token)
+            pair = await self._logins.refresh(request.refresh_token)
         except TokenInvalid as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"refresh_token: {exc}")
-        if await self._users.get(claims.username) is None:
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"refresh_token: user {claims.username!r} no longer exists",
-            )
-        return auth_pb2.RefreshResponse(**_pair_fields(self._tokens.issue(claims.username)))  # type: ignore[arg-type]
+        return auth_pb2.RefreshResponse(**_pair_fields(pair))  # type: ignore[arg-type]

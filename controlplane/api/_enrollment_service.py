@@ -171,11 +171,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         request: enrollment_pb2.CreateBootstrapTokenRequest,
         context: grpc.aio.ServicerContext,
     ) -> enrollment_pb2.CreateBootstrapTokenResponse:
-        ttl = (
-            dt.timedelta(microseconds=request.ttl.ToMicroseconds())
-            if request.HasField("ttl")
-            else self._default_ttl
-        )
+        try:
+            ttl = (
+                dt.timedelta(microseconds=request.ttl.ToMicroseconds())
+                if request.HasField("ttl")
+                else self._default_ttl
+            )
+        except OverflowError:  # found by tests/api_fuzz: beyond what a timedelta holds
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"ttl: {request.ttl.seconds} s is out of range",
+            )
         try:
             created = await self._tokens.create(
                 request.node_pattern,

@@ -1,5 +1,6 @@
-"""`IdentityService`: revoking certificates and nodes (closing their open sessions at once) and
-managing the users who log in with a password. Operators only, by the role table."""
+"""`IdentityService`: revoking certificates and nodes (closing their open sessions and streams
+at once) and managing the users who log in with a password (deleting one ends its open streams
+at once). Operators only, by the role table."""
 
 from __future__ import annotations
 
@@ -50,10 +51,14 @@ class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
         revocations: Revocations,
         users: Users,
         close_revoked_sessions: Callable[[], int],
+        cut_user_streams: Callable[[str], int] = lambda _username: 0,
     ) -> None:
         self._revocations = revocations
         self._users = users
+        # Closes the agent sessions and cuts the open streams that the revocations now refuse;
+        # returns how many agent sessions it closed.
         self._close_revoked_sessions = close_revoked_sessions
+        self._cut_user_streams = cut_user_streams
 
     async def RevokeCertificate(
         self, request: identity_pb2.RevokeCertificateRequest, context: grpc.aio.ServicerContext
@@ -118,9 +123,12 @@ class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "username: required")
         try:
             await self._users.delete(request.username)
+        except UserInvalid as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UserNotFound as exc:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"username: {exc}")
-        log.info("user %s deleted", request.username)
+        cut = self._cut_user_streams(request.username)
+        log.info("user %s deleted (%d open stream(s) cut)", request.username, cut)
         return identity_pb2.DeleteUserResponse()
 
     async def ListUsers(

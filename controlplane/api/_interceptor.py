@@ -1,7 +1,8 @@
 """The one server interceptor: maps the peer certificate (or, when the call carries one, the
 bearer token of a logged-in user) to a principal, refuses revoked certificates, enforces the role
-table, counts every call (method, status code, latency) for Prometheus, and writes mutating and
-refused calls to the audit log.
+table, counts every call (method, status code, latency) for Prometheus, writes mutating and
+refused calls to the audit log, and keeps the registry of open streaming calls, so a revocation
+or a deleted user ends them at once (UNAUTHENTICATED, saying why).
 
 grpc.aio interceptors do not see the call's context, so the check runs inside a wrapper around
 the method's behaviour, which does; the principal is handed to the handler in a contextvar.
@@ -22,15 +23,16 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from certs import Identity, IdentityError, parse_spiffe_id
 from controlplane.api._errors import abort
 from controlplane.audit import AuditLog
 from controlplane.auth import Principal, reset_principal, set_principal
 from controlplane.auth.roles import AGENT, MUTATING_METHODS, allowed
-from controlplane.identity import Revocations, TokenInvalid, TokenIssuer, Users
+from controlplane.identity import Logins, OpenStream, OpenStreams, Revocations, TokenInvalid
 from controlplane.metrics import ControlPlaneMetrics
+from controlplane.store import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,13 @@ _REFUSALS = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 _MAX_DETAIL_BYTES = 1024
 _AUTHORIZATION = "authorization"
 USER_PREFIX = "user:"
+# protobuf's parser refuses messages nested deeper than this (upb's default); a Struct spends
+# three levels per nested object (Struct, its map entry, Value).
+MAX_NESTING = 100
+MAX_STRUCT_NESTING = 30
+# Agent sessions are not cut through the stream registry: revocation closes them through the
+# fleet (`close_revoked_sessions`), which ends them in order (reader, writer, directory entry).
+_SESSION_METHODS = frozenset({"/sentinel.v1.AgentService/Connect"})
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:
@@ -59,6 +68,32 @@ def _string_field(message: Message, name: str) -> str:
         return ""
     value = getattr(message, name)
     return value if isinstance(value, str) else ""
+
+
+class Undecodable:
+    """What a request that protobuf cannot parse becomes (too deeply nested, or malformed), so
+    the call ends INVALID_ARGUMENT instead of gRPC's UNKNOWN for a failed deserializer."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = (
+            f"request: cannot be parsed ({problem}); messages may nest at most "
+            f"{MAX_NESTING} levels (a Struct about {MAX_STRUCT_NESTING})"
+        )
+
+
+def _parsing(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc).rpartition(": ")[2] or "malformed")
+
+    return parse
 
 
 class _Reply:
@@ -108,6 +143,31 @@ class _CertificateFacts:
     not_before: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """An authorized caller: its principal, and what a revocation or a user deletion matches
+    an open stream of its on."""
+
+    principal: Principal
+    certificate_node: str | None
+    login: str | None
+
+    def open_stream(self, method: str, task: asyncio.Task[Any] | None) -> OpenStream:
+        def end() -> None:
+            if task is not None:
+                task.cancel()
+
+        return OpenStream(
+            method=method,
+            certificate_serial=self.principal.serial,
+            certificate_node=self.certificate_node,
+            certificate_not_before=self.principal.not_before,
+            username=self.principal.name if self.login is not None else None,
+            login=self.login,
+            end=end,
+        )
+
+
 def _certificate_facts(pem: bytes) -> _CertificateFacts:
     certificate = x509.load_pem_x509_certificate(pem)
     return _CertificateFacts(
@@ -125,15 +185,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         audit: AuditLog,
         *,
         revocations: Revocations,
-        tokens: TokenIssuer,
-        users: Users,
+        logins: Logins,
+        streams: OpenStreams | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._metrics = metrics
         self._audit = audit
         self._revocations = revocations
-        self._tokens = tokens
-        self._users = users
+        self._logins = logins
+        self.streams = streams if streams is not None else OpenStreams()
+        """The open streaming calls, for the revocation and user-deletion paths to cut."""
         self._certificates: dict[bytes, _CertificateFacts] = {}
 
     async def intercept_service(
@@ -148,24 +209,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer,
+                _parsing(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer,
+                _parsing(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer,
+                _parsing(handler.request_deserializer),
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(method, handler.stream_stream),
-            handler.request_deserializer,
+            _parsing(handler.request_deserializer),
             handler.response_serializer,
         )
 
@@ -205,7 +266,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _user_principal(
         self, token: str, certificate: _CertificateFacts, context: grpc.aio.ServicerContext
-    ) -> Principal:
+    ) -> tuple[Principal, str]:
+        """The principal of a bearer token, and the login the token belongs to."""
         if not token:
             await abort(
                 context,
@@ -213,25 +275,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "authorization metadata: expected one 'Bearer <access token>'",
             )
         try:
-            claims = self._tokens.verify_access(token)
+            found = await self._logins.authenticate(token)
         except TokenInvalid as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"bearer token refused: {exc}")
-        user = await self._users.get(claims.username)
-        if user is None:
-            await abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"bearer token refused: user {claims.username!r} no longer exists",
-            )
-        return Principal(
+        user = found.user
+        principal = Principal(
             f"{USER_PREFIX}{user.username}",
             user.role,
             user.username,
             certificate.serial,
             certificate.not_before,
         )
+        return principal, found.login
 
-    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> _Caller:
         auth = context.auth_context()
         pems = auth.get("x509_pem_cert") or []
         if len(pems) != 1:
@@ -261,8 +318,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"client certificate refused: {revocation.describe()}",
             )
         token = self._bearer_token(context)
+        login: str | None = None
         if token is not None:
-            principal = await self._user_principal(token, certificate, context)
+            principal, login = await self._user_principal(token, certificate, context)
         elif identity is None:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, identity_problem)
         else:
@@ -280,38 +338,64 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role {principal.role!r} ({principal.spiffe_id}) may not call {method}",
             )
-        return principal
+        return _Caller(principal, node_id, login)
 
     @contextlib.asynccontextmanager
     async def _call(
-        self, method: str, request: object, context: grpc.aio.ServicerContext, *, timed: bool
+        self, method: str, request: object, context: grpc.aio.ServicerContext, *, streaming: bool
     ) -> AsyncIterator[_Reply]:
-        """Authorizes the call, exposes its principal, and counts and audits it however it
-        ends."""
+        """Authorizes the call, exposes its principal, keeps an open stream in the registry,
+        and counts and audits the call however it ends."""
         started = time.perf_counter()
         code: str | None = None
         principal: Principal | None = None
+        open_stream: OpenStream | None = None
         reply = _Reply()
         try:
-            principal = await self._authorize(method, context)
+            caller = await self._authorize(method, context)
+            principal = caller.principal
+            if isinstance(request, Undecodable):
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+            if streaming and method not in _SESSION_METHODS:
+                open_stream = self.streams.add(caller.open_stream(method, asyncio.current_task()))
             token = set_principal(principal)
             try:
                 yield reply
             finally:
                 reset_principal(token)
+                if open_stream is not None:
+                    self.streams.discard(open_stream)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if open_stream is not None and open_stream.reason and task is not None:
+                # Our own cancellation (the stream was cut), not the client's nor the server's:
+                # the call ends with the reason instead of CANCELLED.
+                task.uncancel()
+                code = "UNAUTHENTICATED"
+                await abort(context, grpc.StatusCode.UNAUTHENTICATED, open_stream.reason)
             code = "CANCELLED"
             raise
-        except Exception:
+        except Exception as exc:
+            if database_unavailable(exc):
+                # A database restarting or cut off: the caller should retry, and must not see
+                # SQL or parameters. (A write whose commit was cut may have landed: SubmitPlan is
+                # idempotent by request_id, so retrying it is safe.)
+                code = "UNAVAILABLE"
+                log.warning("%s: the database is unavailable: %s", method, exc.__class__.__name__)
+                await abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the database is unavailable (restarting or unreachable); retry shortly",
+                )
             code = "UNKNOWN"
             log.exception("unhandled error in %s", method)
             raise
         finally:
             outcome = code or _status_name(context)
             self._metrics.grpc_requests.labels(method, outcome).inc()
-            if timed:
+            if not streaming:
                 self._metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
             if method in MUTATING_METHODS or outcome in _REFUSALS:
                 who = principal.spiffe_id if principal else self._claimed_identity(context)
@@ -342,7 +426,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(behavior)
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._call(method, request, context, timed=True) as reply:
+            async with self._call(method, request, context, streaming=False) as reply:
                 # The response names what the call created (SubmitPlan's new plan id).
                 reply.response = await behavior(request, context)
                 return reply.response
@@ -357,7 +441,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def generator(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                async with self._call(method, request, context, timed=False):
+                async with self._call(method, request, context, streaming=True):
                     async for response in behavior(request, context):
                         yield response
 
@@ -365,7 +449,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         @functools.wraps(behavior)
         async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._call(method, request, context, timed=False):
+            async with self._call(method, request, context, streaming=True):
                 return await behavior(request, context)
 
         return coroutine

@@ -41,6 +41,8 @@ METHOD_ROLES: Final[dict[str, frozenset[str]]] = {
     f"{_V1}PolicyService/UpdatePolicy": frozenset({OPERATOR}),
     f"{_V1}PolicyService/DeletePolicy": frozenset({OPERATOR}),
     f"{_V1}AuditService/ListAuditEvents": frozenset({OPERATOR}),
+    f"{_V1}EventService/WatchEvents": _READERS,
+    f"{_V1}EventService/ListEvents": _READERS,
     # Any certificate of ours may carry a human's login: the password or refresh token is what
     # authenticates the user (whose role then applies to the calls made with the token), so the
     # certificate's own role does not matter here; a certificate without a SPIFFE id may not.

@@ -10,6 +10,9 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from controlplane.executors._node_actions import NODE_ACTIONS
 from controlplane.executors._protocol import (
     DryRun,
@@ -24,6 +27,8 @@ from controlplane.fleet import CommandLedger
 
 NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
 """What a node id may look like (the agent's certificate name obeys the same rule)."""
+
+_TRACER = trace.get_tracer(__name__)
 
 
 def command_id_for(plan_id: str, step_index: int, node_id: str, kind: str) -> str:
@@ -86,6 +91,26 @@ class AgentExecutor:
         return await self._ledger.withdraw(_command_id(run))
 
     async def run(self, run: StepRun) -> RunOutcome:
+        """Sends the run's command and waits for its result: one `command` span per round trip
+        (send, the agent's execution, its result), including attaching to one already sent."""
+        with _TRACER.start_as_current_span(
+            "command",
+            attributes={
+                "sentinel.plan.id": run.plan_id,
+                "sentinel.step.index": run.step_index,
+                "sentinel.node.id": run.target.node_id,
+                "sentinel.command.id": _command_id(run),
+                "sentinel.command.action": run.action,
+                "sentinel.command.undo": run.undo,
+            },
+        ) as span:
+            outcome = await self._run(run)
+            span.set_attribute("sentinel.command.outcome", outcome.outcome)
+            if not outcome.succeeded:
+                span.set_status(Status(StatusCode.ERROR, f"{outcome.outcome}: {outcome.message}"))
+            return outcome
+
+    async def _run(self, run: StepRun) -> RunOutcome:
         node_id = run.target.node_id
         if (
             not run.undo

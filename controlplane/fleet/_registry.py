@@ -87,8 +87,12 @@ class AgentRegistry:
         clock: Callable[[], float] = time.monotonic,
         replicas: Replicas | None = None,
         bus: Bus | None = None,
+        on_status_changed: Callable[[AgentState, AgentStatus | None], None] | None = None,
     ) -> None:
         self._store = store
+        # Called with (new state, previous status or None) for each status change this replica
+        # wrote to the store (not for those it learned from other replicas' rows).
+        self._on_status_changed = on_status_changed
         self._replicas = replicas
         self._bus = bus
         self.replica_id = replicas.replica_id if replicas else ""
@@ -254,10 +258,33 @@ class AgentRegistry:
 
     async def open_session(self, hello: HelloInfo) -> tuple[AgentSession, AgentState]:
         """Registers a new session for `hello.node_id`, superseding an older one (here or on
-        another replica: the directory entry is this replica's from now on)."""
+        another replica: the directory entry is this replica's from now on).
+
+        A caller cancelled meanwhile (the agent went away) gets CancelledError at once, but the
+        registration runs to its end and the session is then closed as any ended one: the
+        store write cannot be taken back once its thread has started, and a row naming a
+        session that nobody serves would show the node Connected until this replica died."""
+        opening = asyncio.ensure_future(self._open_session(hello))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            self._spawn_write(self._close_abandoned(opening))
+            raise
+
+    async def _close_abandoned(
+        self, opening: asyncio.Future[tuple[AgentSession, AgentState]]
+    ) -> None:
+        try:
+            session, _state = await opening
+        except Exception:
+            return  # nothing was registered (the write failed)
+        await self.close_session(session, "cancelled while the session was being registered")
+
+    async def _open_session(self, hello: HelloInfo) -> tuple[AgentSession, AgentState]:
         now = _utcnow()
         session = AgentSession(session_id=uuid.uuid4().hex, node_id=hello.node_id)
         known = self._agents.get(hello.node_id)
+        previous = known.state.status if known else None
         held_seq = known.seq if known else 0
         held_gaps = known.gaps if known else 0
         claimed = max(hello.next_telemetry_seq - 1, 0)
@@ -339,6 +366,8 @@ class AgentRegistry:
         agent.session_key = session.session_id
         snapshot = agent.snapshot()
         self._notify(snapshot)
+        if self._on_status_changed is not None:
+            self._on_status_changed(snapshot, previous)
         return session, snapshot
 
     async def close_session(self, session: AgentSession, reason: str) -> None:
@@ -469,10 +498,12 @@ class AgentRegistry:
         write applies only while the directory still names the session this replica knew, so
         it never overwrites a newer holder's entry (then the row is re-read instead)."""
         session_id = agent.session.session_id if agent.session else ""
+        previous = agent.state.status
         self._set_state(agent, replace(agent.state, status=status, session_id=session_id))
         node_id = agent.state.node_id
         log.info("node is now %s", status.value, extra={"node_id": node_id})
-        self._notify(agent.snapshot())
+        changed = agent.snapshot()
+        self._notify(changed)
         key = agent.session_key
         values: dict[str, object] = {"status": status.value}
         if leave_directory:
@@ -490,8 +521,20 @@ class AgentRegistry:
                 bus.notify(db, AGENT_CHANNEL, node_id)
             return int(result.rowcount)
 
-        if await self._store.run_core(write) == 0 and self._replicas is not None:
-            self._reload_soon({node_id})  # another replica holds it now: take its view
+        def written(outcome: asyncio.Future[int]) -> None:
+            if outcome.cancelled() or outcome.exception() is not None:
+                return
+            if outcome.result() == 0:
+                if self._replicas is not None:
+                    self._reload_soon({node_id})  # another replica holds it now: take its view
+            elif self._on_status_changed is not None:
+                self._on_status_changed(changed, previous)
+
+        # Judged when the write ends, even if the caller (an ending session's handler) was
+        # cancelled meanwhile: the write itself cannot be taken back.
+        writing = asyncio.ensure_future(self._store.run_core(write))
+        writing.add_done_callback(written)
+        await asyncio.shield(writing)
 
     async def _release_orphan(self, agent: _Agent) -> None:
         """The directory names a holder this replica does not see alive: when the store agrees
@@ -524,9 +567,12 @@ class AgentRegistry:
         log.info("replica %s holding the node is gone", holder, extra={"node_id": node_id})
         agent.replica = agent.session_key = ""
         agent.last_heard = self._clock()
-        if status is not agent.state.status:
+        previous = agent.state.status
+        if status is not previous:
             self._set_state(agent, replace(agent.state, status=status, session_id=""))
         self._notify(agent.snapshot())
+        if status is not previous and self._on_status_changed is not None:
+            self._on_status_changed(agent.snapshot(), previous)
 
     def _spawn_write(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -20,6 +20,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from controlplane.analysis import GateVerdict, Measurement, run_gate
 from controlplane.executors import Executors, StepRun, Target
 from controlplane.plans._gates import HealthGates
@@ -31,6 +36,17 @@ from processkit import log_context
 log = logging.getLogger(__name__)
 
 ACTOR = "pipeline-controller"
+
+_TRACER = trace.get_tracer(__name__)
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
+_UNSUCCESSFUL = frozenset({Phase.FAILED, Phase.ROLLED_BACK})
+
+
+def _submission_context(plan: Plan) -> Context:
+    """The context a plan's execution spans continue: its submission's, as stored with it
+    (on whichever replica submitted it); an empty one (a new trace) for a plan submitted
+    untraced, never whatever happened to be current when the controller woke."""
+    return _TRACE_CONTEXT.extract(plan.trace_context, context=Context())
 
 
 def _utcnow() -> dt.datetime:
@@ -156,11 +172,29 @@ class PipelineController:
 
     async def _drive(self, plan_id: str) -> None:
         plan = await self._repository.get(plan_id)
+        with _TRACER.start_as_current_span(
+            "plan.execute",
+            context=_submission_context(plan),
+            attributes={
+                "sentinel.plan.id": plan.plan_id,
+                "sentinel.plan.phase": plan.phase.value,
+                "sentinel.controller": self._lease.holder,
+            },
+        ) as span:
+            plan = await self._drive_phases(plan)
+            span.set_attribute("sentinel.plan.final_phase", plan.phase.value)
+            if plan.phase in _UNSUCCESSFUL:
+                span.set_status(Status(StatusCode.ERROR, plan.status_message))
+
+    async def _drive_phases(self, plan: Plan) -> Plan:
+        """Moves the plan through its phases until it is terminal (or no longer this
+        controller's to drive); returns it as it was left."""
+        plan_id = plan.plan_id
         while not plan.phase.terminal:
             if plan.phase == Phase.APPROVED:
                 if plan.expire_at is not None and plan.expire_at <= _utcnow():
                     await self._expire(plan_id, _utcnow())
-                    return
+                    return plan
                 plan.started_at = _utcnow()
                 plan = await self._save(plan, Phase.EXECUTING, "execution started")
             elif plan.phase in (Phase.EXECUTING, Phase.PAUSED):
@@ -168,9 +202,15 @@ class PipelineController:
                 # repeatable, and its analysis point waits for the operator again.
                 plan = await self._execute(plan)
             elif plan.phase == Phase.ROLLING_BACK:
-                plan = await self._roll_back(plan)
+                with _TRACER.start_as_current_span(
+                    "plan.rollback", attributes={"sentinel.plan.id": plan_id}
+                ) as span:
+                    plan = await self._roll_back(plan)
+                    if plan.phase != Phase.ROLLED_BACK:
+                        span.set_status(Status(StatusCode.ERROR, plan.status_message))
             else:
-                return
+                return plan
+        return plan
 
     # --- execution --------------------------------------------------------------------------
 
@@ -193,52 +233,93 @@ class PipelineController:
                 return await self._fail(plan, step, plan.cancel_requested)
             if self._deadline_passed(plan):
                 return await self._fail(plan, step, "the plan's deadline passed")
-            started = time.monotonic()
-            if step.state != StepState.RUNNING:
-                step.state = StepState.RUNNING
-                await self._save(plan)
-            size = max(plan.limits.max_nodes_in_parallel, 1)
-            targets = step.targets
-            for first in range(0, len(targets), size):
-                wave = targets[first : first + size]
-                todo = [
-                    t
-                    for t in wave
-                    if (r := step.result_for(t.result_key)) is None
-                    or r.state in (StepState.PENDING, StepState.RUNNING)
-                ]
-                if todo:
-                    results = await self._run_wave(plan, step, todo)
-                    for result in results:
-                        existing = step.result_for(result.node_id)
-                        if existing is None:
-                            step.node_results.append(result)
-                        else:
-                            step.node_results[step.node_results.index(existing)] = result
-                    await self._save(plan)
-                if plan.cancel_requested:
-                    return await self._fail(plan, step, plan.cancel_requested)
-                failed = [
-                    r
-                    for t in wave
-                    if (r := step.result_for(t.result_key)) and r.state == StepState.FAILED
-                ]
-                if failed:
-                    why = "; ".join(f"{r.node_id}: {r.outcome} {r.message}".strip() for r in failed)
-                    self._step_finished(step, "failed", started)
-                    return await self._fail(plan, step, f"step {step.step_id} failed on {why}")
-                gate_problem = await self._judge(plan, step, wave, f"after wave {first // size}")
-                if gate_problem is not None:
-                    self._step_finished(step, "gate_failed", started)
-                    return await self._fail(plan, step, f"step {step.step_id}: {gate_problem}")
-                if self._deadline_passed(plan):
-                    return await self._fail(plan, step, "the plan's deadline passed")
-            step.state = StepState.SUCCEEDED
-            step.message = _done_message(targets)
-            self._step_finished(step, "succeeded", started)
-            plan = await self._save(plan)
+            with _TRACER.start_as_current_span(
+                "plan.step",
+                attributes={
+                    "sentinel.plan.id": plan.plan_id,
+                    "sentinel.step.index": step.index,
+                    "sentinel.step.id": step.step_id,
+                    "sentinel.step.action": step.action,
+                    "sentinel.step.targets": len(step.targets),
+                },
+            ) as span:
+                ended = await self._execute_step(plan, step)
+                span.set_attribute("sentinel.step.state", step.state.value)
+                if step.state == StepState.FAILED:
+                    span.set_status(Status(StatusCode.ERROR, step.message))
+            if ended is not None:
+                return ended
         plan.status_message = "all steps succeeded"
         return await self._save(plan, Phase.COMPLETED, "all steps succeeded")
+
+    async def _execute_step(self, plan: Plan, step: Step) -> Plan | None:
+        """Runs one step wave by wave, each wave followed by the gates; None when it
+        succeeded (and is saved), else the plan as its failure left it."""
+        started = time.monotonic()
+        if step.state != StepState.RUNNING:
+            step.state = StepState.RUNNING
+            await self._save(plan)
+        size = max(plan.limits.max_nodes_in_parallel, 1)
+        targets = step.targets
+        for first in range(0, len(targets), size):
+            wave = targets[first : first + size]
+            with _TRACER.start_as_current_span(
+                "plan.wave",
+                attributes={
+                    "sentinel.plan.id": plan.plan_id,
+                    "sentinel.step.index": step.index,
+                    "sentinel.wave.index": first // size,
+                    "sentinel.wave.targets": [t.key for t in wave],
+                },
+            ) as span:
+                problem = await self._execute_wave(plan, step, wave, f"after wave {first // size}")
+                if problem is not None:
+                    span.set_status(Status(StatusCode.ERROR, problem[1]))
+            if problem is not None:
+                result, why = problem
+                if result:
+                    self._step_finished(step, result, started)
+                return await self._fail(plan, step, why)
+        step.state = StepState.SUCCEEDED
+        step.message = _done_message(targets)
+        self._step_finished(step, "succeeded", started)
+        await self._save(plan)
+        return None
+
+    async def _execute_wave(
+        self, plan: Plan, step: Step, wave: Sequence[Target], point: str
+    ) -> tuple[str, str] | None:
+        """Runs the wave's targets not yet done and judges the gates after them; None when the
+        step may go on, else (the step's result for the metric, or "" for none; why not)."""
+        todo = [
+            t
+            for t in wave
+            if (r := step.result_for(t.result_key)) is None
+            or r.state in (StepState.PENDING, StepState.RUNNING)
+        ]
+        if todo:
+            results = await self._run_wave(plan, step, todo)
+            for result in results:
+                existing = step.result_for(result.node_id)
+                if existing is None:
+                    step.node_results.append(result)
+                else:
+                    step.node_results[step.node_results.index(existing)] = result
+            await self._save(plan)
+        if plan.cancel_requested:
+            return "", plan.cancel_requested
+        failed = [
+            r for t in wave if (r := step.result_for(t.result_key)) and r.state == StepState.FAILED
+        ]
+        if failed:
+            why = "; ".join(f"{r.node_id}: {r.outcome} {r.message}".strip() for r in failed)
+            return "failed", f"step {step.step_id} failed on {why}"
+        gate_problem = await self._judge(plan, step, wave, point)
+        if gate_problem is not None:
+            return "gate_failed", f"step {step.step_id}: {gate_problem}"
+        if self._deadline_passed(plan):
+            return "", "the plan's deadline passed"
+        return None
 
     async def _run_wave(self, plan: Plan, step: Step, wave: list[Target]) -> list[NodeResult]:
         """Runs one wave, watching the store for a cancel meanwhile: on a cancel, commands no
@@ -301,7 +382,7 @@ class PipelineController:
             if unknown:
                 names = ", ".join(gate.name for gate in telemetry)
                 return f"health gate(s) {names} inconclusive: {'; '.join(unknown)}"
-            problem = await self._gates.check(telemetry, nodes)
+            problem = await self._gates.check(telemetry, nodes, point=point)
             if problem is not None:
                 return problem
         for gate in plan.health_gates:
@@ -315,9 +396,21 @@ class PipelineController:
                     if self._on_measurement is not None:
                         await self._on_measurement(plan, record)
 
-                outcome = await run_gate(
-                    gate.prometheus, _gate_variables(plan, target), on_measurement=keep
-                )
+                with _TRACER.start_as_current_span(
+                    "gate",
+                    attributes={
+                        "sentinel.gate.name": gate.name,
+                        "sentinel.gate.kind": "prometheus",
+                        "sentinel.gate.point": point,
+                        "sentinel.gate.target": target.key,
+                    },
+                ) as span:
+                    outcome = await run_gate(
+                        gate.prometheus, _gate_variables(plan, target), on_measurement=keep
+                    )
+                    span.set_attribute("sentinel.gate.verdict", outcome.verdict.value)
+                    if outcome.verdict != GateVerdict.PASSED:
+                        span.set_status(Status(StatusCode.ERROR, outcome.reason))
                 where = f"analysis gate {gate.name!r} {outcome.verdict.value} on {target.key}"
                 if outcome.verdict == GateVerdict.INCONCLUSIVE and gate.pause_on_inconclusive:
                     ended = await self._pause(

@@ -14,6 +14,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from controlplane.executors import Executors, FieldChange, StepRun, Target
 from controlplane.plans._gates import gate_expression_problem
 from controlplane.plans._model import (
@@ -39,6 +43,11 @@ from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
 from controlplane.store import Bus, Store
 
 log = logging.getLogger(__name__)
+
+_TRACER = trace.get_tracer(__name__)
+# Always W3C trace context: what is stored with a plan must read back the same whatever the
+# OTEL_PROPAGATORS of the replica that executes it.
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 DRY_RUNS_IN_PARALLEL = 8
 DRY_RUN_TIMEOUT_S = 15.0
@@ -156,27 +165,59 @@ class PlanDesk:
 
     async def submit(self, draft: Plan, principal: str, *, validate_only: bool) -> Submission:
         """Validates, checks policy and (unless `validate_only`) stores the plan, already in
-        its verdict's phase. Raises PlanInvalid, RequestIdReused."""
+        its verdict's phase. Raises PlanInvalid, RequestIdReused.
+
+        Traced as `plan.submit` (a child of the calling RPC's span), whose context is stored
+        with the plan: its execution continues the same trace."""
+        with _TRACER.start_as_current_span(
+            "plan.submit",
+            attributes={
+                "sentinel.plan.request_id": draft.request_id,
+                "sentinel.plan.source": draft.source,
+                "sentinel.plan.steps": len(draft.steps),
+                "sentinel.plan.validate_only": validate_only,
+            },
+        ) as span:
+            submission = await self._submit(draft, principal, validate_only=validate_only)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "sentinel.plan.id": submission.plan.plan_id,
+                        "sentinel.plan.phase": submission.plan.phase.value,
+                        "sentinel.plan.replayed": submission.replayed,
+                    }
+                )
+            return submission
+
+    async def _submit(self, draft: Plan, principal: str, *, validate_only: bool) -> Submission:
         now = dt.datetime.now(dt.UTC)
-        problems = validate_plan(
-            draft,
-            now=now,
-            limits=self._limits,
-            executors=self._executors,
-            check_expression=self._check_expression,
-        )
+        with _TRACER.start_as_current_span("plan.validate") as span:
+            problems = validate_plan(
+                draft,
+                now=now,
+                limits=self._limits,
+                executors=self._executors,
+                check_expression=self._check_expression,
+            )
+            span.set_attribute("sentinel.plan.problems", len(problems))
         if problems:
             raise PlanInvalid(problems)
         plan = draft.copy()
         plan.submitted_by = principal
         plan.plan_id = new_plan_id()
         plan.created_at = now
+        plan.trace_context = {}
+        _TRACE_CONTEXT.inject(plan.trace_context)  # nothing when the submission is not traced
         digest = digest_of(plan)
+        submitting = otel_context.get_current()
 
         def decide(recent: dict[str, int]) -> Decision:
             # Runs on the store thread, inside the submission's transaction: the verdict and
-            # the insert see the same history, in one round of the database.
-            verdict = self._evaluate(plan, now, recent)
+            # the insert see the same history, in one round of the database. The span's
+            # parent is passed in: the thread does not carry the caller's context.
+            with _TRACER.start_as_current_span("plan.policy", context=submitting) as span:
+                verdict = self._evaluate(plan, now, recent)
+                span.set_attribute("sentinel.plan.verdict", verdict.outcome)
             plan.violations = tuple(
                 Violation(v.rule_id, v.message, v.field, v.effect.value)
                 for v in (*verdict.rejections, *verdict.approvals_required)
@@ -192,7 +233,10 @@ class PlanDesk:
             return Decision(plan, digest, transitions, store=not validate_only)
 
         try:
-            outcome = await self.repository.submit_new(plan, now - self._rate_window, decide)
+            with _TRACER.start_as_current_span(
+                "plan.store", attributes={"sentinel.plan.id": plan.plan_id}
+            ):
+                outcome = await self.repository.submit_new(plan, now - self._rate_window, decide)
         except RequestIdConflict as conflict:
             return self._replay(await self.repository.get(conflict.plan_id), digest)
         if isinstance(outcome, Plan):

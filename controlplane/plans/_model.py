@@ -200,6 +200,10 @@ class Plan:
     started_at: dt.datetime | None = None
     measurements: list[AnalysisRecord] = field(default_factory=list)
     paused_until: dt.datetime | None = None
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """The W3C trace context (`traceparent`, `tracestate`) of the submission, kept with the
+    plan so that its execution, later and on any replica, continues the submission's trace;
+    empty when the submission was not traced."""
 
     @property
     def node_ids(self) -> list[str]:
@@ -305,6 +309,7 @@ def body_of(plan: Plan) -> dict[str, Any]:
         "started_at": plan.started_at.isoformat() if plan.started_at else None,
         "measurements": [dataclasses.asdict(m) for m in plan.measurements],
         "paused_until": plan.paused_until.isoformat() if plan.paused_until else None,
+        "trace_context": plan.trace_context,
     }
 
 
@@ -334,6 +339,7 @@ def apply_body(plan: Plan, body: dict[str, Any]) -> None:
     plan.measurements = [AnalysisRecord(**m) for m in body.get("measurements", [])]
     paused_until = body.get("paused_until")
     plan.paused_until = dt.datetime.fromisoformat(paused_until) if paused_until else None
+    plan.trace_context = dict(body.get("trace_context") or {})
 
 
 def _gate_from(data: dict[str, Any]) -> HealthGate:

@@ -6,12 +6,15 @@ from controlplane.store._models import (
     AUDIT_EVENTS,
     BOOTSTRAP_TOKENS,
     COMMANDS,
+    EVENT_SINK_OFFSETS,
+    EVENTS,
     ISSUED_CERTIFICATES,
     LEASES,
     PLAN_TARGETS,
     PLAN_TRANSITIONS,
     PLANS,
     POLICIES,
+    REFRESH_FAMILIES,
     REPLICAS,
     REVOCATIONS,
     USERS,
@@ -19,7 +22,10 @@ from controlplane.store._models import (
     AuditEventRow,
     Base,
     CommandRow,
+    EventRow,
+    EventSinkOffsetRow,
     LeaseRow,
+    LoginRow,
     PlanRow,
     PlanTargetRow,
     PlanTransitionRow,
@@ -30,7 +36,7 @@ from controlplane.store._models import (
     UtcDateTime,
 )
 from controlplane.store._replicas import ALL_NODES, Replica, Replicas
-from controlplane.store._store import Store, StoreError
+from controlplane.store._store import Store, StoreError, database_unavailable
 from controlplane.store._text import fit, has_nul
 
 __all__ = [
@@ -39,6 +45,8 @@ __all__ = [
     "AUDIT_EVENTS",
     "BOOTSTRAP_TOKENS",
     "COMMANDS",
+    "EVENTS",
+    "EVENT_SINK_OFFSETS",
     "ISSUED_CERTIFICATES",
     "LEASES",
     "MAX_PAYLOAD",
@@ -46,6 +54,7 @@ __all__ = [
     "PLAN_TARGETS",
     "PLAN_TRANSITIONS",
     "POLICIES",
+    "REFRESH_FAMILIES",
     "REPLICAS",
     "REVOCATIONS",
     "USERS",
@@ -54,7 +63,10 @@ __all__ = [
     "Base",
     "Bus",
     "CommandRow",
+    "EventRow",
+    "EventSinkOffsetRow",
     "LeaseRow",
+    "LoginRow",
     "PlanRow",
     "PlanTargetRow",
     "PlanTransitionRow",
@@ -67,6 +79,7 @@ __all__ = [
     "StoreError",
     "UserRow",
     "UtcDateTime",
+    "database_unavailable",
     "fit",
     "has_nul",
 ]

@@ -269,3 +269,65 @@ BOOTSTRAP_TOKENS = cast(Table, BootstrapTokenRow.__table__)
 ISSUED_CERTIFICATES = cast(Table, IssuedCertificateRow.__table__)
 REVOCATIONS = cast(Table, RevocationRow.__table__)
 USERS = cast(Table, UserRow.__table__)
+
+
+class EventRow(Base):
+    """One domain event (agent status, plan transition, command result, measurement,
+    revocation); the autoincrement id is the event id clients resume from."""
+
+    __tablename__ = "events"
+    # AUTOINCREMENT on SQLite: ids are never reused, even after the newest rows are deleted.
+    __table_args__ = (
+        Index("ix_events_subject", "subject", "event_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    # BigInteger on PostgreSQL (bigserial); SQLite autoincrements only an INTEGER primary key.
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(512))
+    replica_id: Mapped[str] = mapped_column(String(64), default="")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EventSinkOffsetRow(Base):
+    """How far an event sink (the Kafka sink) has delivered: the last event id the broker
+    acknowledged, so a restarted sink resumes after it."""
+
+    __tablename__ = "event_sink_offsets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+EVENTS = cast(Table, EventRow.__table__)
+EVENT_SINK_OFFSETS = cast(Table, EventSinkOffsetRow.__table__)
+
+
+class LoginRow(Base):
+    """One password login and its chain of refresh tokens (a refresh family): only the newest
+    refresh token is valid; presenting an older one revokes the whole login."""
+
+    __tablename__ = "refresh_families"
+    __table_args__ = (
+        Index("ix_refresh_families_username", "username"),
+        Index("ix_refresh_families_expires_at", "expires_at"),
+    )
+
+    login_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(128))
+    current_token_id: Mapped[str] = mapped_column(String(32))
+    """The `jti` of the only refresh token of this login that may still be used."""
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    rotated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    """When the current refresh token expires; the row may be pruned after that."""
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked_reason: Mapped[str] = mapped_column(Text, default="")
+
+
+REFRESH_FAMILIES = cast(Table, LoginRow.__table__)

@@ -14,6 +14,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
@@ -175,6 +176,14 @@ class Store:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._engine.dispose()
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or answer (a lost connection, a
+    server restarting, a pool exhausted, SQLite busy): worth retrying, not a bug."""
+    if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.TimeoutError):
+        return True
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 def _without(exc: BaseException, password: str | None) -> str:

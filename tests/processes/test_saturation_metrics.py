@@ -38,3 +38,4 @@ async def test_control_plane_exports_its_saturation_and_certificate_expiry(
     assert values["sentinel_event_loop_lag_seconds_count{}"] >= 1
     assert values["process_resident_memory_bytes{}"] > 10_000_000
     assert values["process_open_fds{}"] > 0
+    assert values["sentinel_asyncio_tasks{}"] >= 4  # two sessions' reader and writer at least
