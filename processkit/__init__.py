@@ -5,7 +5,7 @@ docstrings. (Not to be confused with `sentinel`, the package generated from prot
 from processkit._gc import tune_gc_for_long_lived_heap
 from processkit._logs import configure_logging, log_context
 from processkit._settings_docs import field_docs
-from processkit._tasks import Supervisor
+from processkit._tasks import Supervisor, wait_event
 
 __all__ = [
     "Supervisor",
@@ -13,4 +13,5 @@ __all__ = [
     "field_docs",
     "log_context",
     "tune_gc_for_long_lived_heap",
+    "wait_event",
 ]

@@ -64,9 +64,29 @@ class Supervisor:
                 await asyncio.sleep(random.uniform(0, min(max_backoff, 0.1 * 2**attempt)))  # noqa: S311
 
     async def stop(self) -> None:
-        """Cancels every task and waits for them to finish."""
+        """Cancels every task and waits for them to finish.
+
+        A task is cancelled again until it ends: on Python 3.11, `asyncio.wait_for` swallows a
+        cancellation that arrives as the awaited thing completes (CPython gh-86296), and a
+        loop around it would then wait forever for the stop that was already asked."""
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
+        pending = [t for t in tasks if not t.done()]
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, still = await asyncio.wait(pending, timeout=0.5)
+            pending = list(still)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Waits until `event` is set or `timeout` passes; True when it was set. Unlike
+    `asyncio.wait_for(event.wait(), timeout)` on Python 3.11, a cancellation that arrives as
+    the event is set is never swallowed (CPython gh-86296)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)

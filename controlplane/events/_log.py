@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from controlplane.events._model import Event, EventFilter, EventWatchOverflow
 from controlplane.store import EVENTS, Bus, Store, fit
+from processkit import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class EventLog:
         while True:
             if not self._flush_soon.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._flush_soon.wait(), self._flush_interval)
+                    await wait_event(self._flush_soon, self._flush_interval)
             self._flush_soon.clear()
             try:
                 await self.flush()
@@ -267,7 +268,7 @@ class EventLog:
         safety net."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await wait_event(self._wake, self._poll_interval)
             self._wake.clear()
             await self._catch_up()
 

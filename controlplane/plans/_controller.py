@@ -31,7 +31,7 @@ from controlplane.plans._gates import HealthGates
 from controlplane.plans._lease import Lease, LeaseLost
 from controlplane.plans._model import AnalysisRecord, NodeResult, Phase, Plan, Step, StepState
 from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
-from processkit import log_context
+from processkit import log_context, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class PipelineController:
                 if self._on_phase_counts is not None:
                     self._on_phase_counts(await self._repository.count_by_phase())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                    await wait_event(self._wake, self._interval_s)
                 self._wake.clear()
         finally:
             self._stop_driving()

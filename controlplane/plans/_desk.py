@@ -41,6 +41,7 @@ from controlplane.plans._repository import (
 from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig, validate_plan
 from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
 from controlplane.store import Bus, Store
+from processkit import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ class PlanDesk:
             yield plan, None
             while not plan.phase.terminal:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), self._poll_interval_s)
+                    await wait_event(event, self._poll_interval_s)
                 event.clear()
                 plan = await self.repository.get(plan_id)
                 if plan.version == version:

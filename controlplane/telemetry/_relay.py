@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 
 from controlplane.store import ALL_NODES, MAX_PAYLOAD, Bus, Replica, Replicas, Store
 from controlplane.telemetry._hub import Sample, TelemetryHub
+from processkit import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class TelemetryRelay(Generic[P]):
             await asyncio.Event().wait()
         while True:
             with contextlib.suppress(TimeoutError):  # on timeout: leases may have expired
-                await asyncio.wait_for(self._interest_dirty.wait(), LEASE_S / 4)
+                await wait_event(self._interest_dirty, LEASE_S / 4)
             self._interest_dirty.clear()
             await self._publish_interest()
             await asyncio.sleep(0.02)  # coalesce bursts of subscribe/unsubscribe
