@@ -95,9 +95,11 @@ class ControlPlaneSettings:
     admission_retry_after_s: float = 1.0
     """Least retry-after of a session refused by admission control (drawn from [this, 3 x
     this], so refused agents come back spread out)."""
-    max_streams_per_connection: int = 100
-    """Concurrent streams (calls) one client connection may open; more wait for a free one
-    (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    max_streams_per_connection: int = 1000
+    """Concurrent streams (calls) one client connection may open (HTTP/2
+    SETTINGS_MAX_CONCURRENT_STREAMS): a bound on abuse, far above what a client needs. Calls
+    opened before the client has read the limit are refused (REFUSED_STREAM, UNAVAILABLE), so
+    a low value hurts bursty clients."""
     handshake_timeout_s: float = 10.0
     """A connection that has not finished its TLS handshake by then is closed (half-open or
     stalled clients do not hold descriptors)."""
