@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -179,7 +180,10 @@ class EventService(events_pb2_grpc.EventServiceServicer):
             after = request.after_event_id
         last = after or 0
         try:
-            async for event in self._events.watch(event_filter, after, self._backlog):
+            # The response headers go out once the watch is subscribed: a client that waits for
+            # them knows every event stored from then on will reach it.
+            live = functools.partial(context.send_initial_metadata, ())
+            async for event in self._events.watch(event_filter, after, self._backlog, live):
                 last = event.event_id
                 yield events_pb2.WatchEventsResponse(event=event_message(event))
         except EventWatchOverflow as exc:

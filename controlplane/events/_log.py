@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,16 +301,24 @@ class EventLog:
                 subscriber.queue.put_nowait(event)
 
     async def watch(
-        self, event_filter: EventFilter, after_id: int | None, max_backlog: int = 10_000
+        self,
+        event_filter: EventFilter,
+        after_id: int | None,
+        max_backlog: int = 10_000,
+        on_live: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Event]:
         """Yields stored events matching `event_filter` after `after_id` (from now when None),
         then new ones as they are stored, in id order, until cancelled. Raises
-        EventWatchOverflow when the watcher falls more than `max_backlog` events behind."""
+        EventWatchOverflow when the watcher falls more than `max_backlog` events behind.
+        `on_live` is awaited once the watcher is subscribed: every event stored from then on
+        reaches it."""
         subscriber = _Subscriber(event_filter, max_backlog)
         self._subscribers.add(subscriber)
         live_from = self._tail  # the queue gets every matching event after this id
         try:
             cursor = await self.last_id() if after_id is None else after_id
+            if on_live is not None:
+                await on_live()
             while cursor < live_from:
                 page = await self.list(event_filter, cursor, 500, up_to=live_from)
                 for event in page:

@@ -63,6 +63,10 @@ class Watch:
             await self._task
 
     async def __aenter__(self) -> Watch:
+        # The server sends the response headers once the watch is subscribed; from then on
+        # nothing stored is missed (without waiting, an event stored before the request
+        # reaches the server would be "the past").
+        await asyncio.wait_for(self.call.initial_metadata(), 15)
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
