@@ -18,9 +18,11 @@ from controlplane.api._errors import abort
 from controlplane.api._paging import PageError, decode_token, encode_token, page_size
 from controlplane.auth import current_principal
 from controlplane.plans import (
+    Aggregation,
     HealthGate,
     KubernetesObject,
     Limits,
+    MissAction,
     Phase,
     Plan,
     PlanConflict,
@@ -29,6 +31,9 @@ from controlplane.plans import (
     PlanInvalid,
     PlanNotFound,
     PlanStateError,
+    Precondition,
+    Prediction,
+    PredictionResult,
     RequestIdReused,
     SelfApproval,
     Step,
@@ -131,6 +136,46 @@ def plan_to_proto(plan: Plan) -> plan_pb2.Plan:
         message.violations.add(
             rule_id=violation.rule_id, message=violation.message, field=violation.field
         )
+    for precondition in plan.preconditions:
+        message.preconditions.add(name=precondition.name, expression=precondition.expression)
+    message.allow_drift.extend(plan.allow_drift)
+    for state in plan.recorded_state.values():
+        recorded = message.recorded_state.add(target=state.target)
+        recorded.fields.update(state.fields)
+        recorded.observe_time.FromDatetime(dt.datetime.fromisoformat(state.observed_at))
+    for prediction in plan.predictions:
+        out_prediction = message.predictions.add(
+            name=prediction.name,
+            metric=prediction.metric,
+            aggregation=plan_pb2.PredictionAggregation.Value(
+                "PREDICTION_AGGREGATION_" + prediction.aggregation.value
+            ),
+            expression=prediction.expression,
+            on_miss=plan_pb2.PredictionMissAction.Value(
+                "PREDICTION_MISS_ACTION_" + prediction.on_miss.value
+            ),
+            confidence=prediction.confidence,
+        )
+        out_prediction.window.FromTimedelta(dt.timedelta(seconds=prediction.window_s))
+    for verdict in plan.prediction_results:
+        message.prediction_results.append(prediction_result_to_proto(verdict))
+    message.waiting_reason = plan.waiting_reason
+    return message
+
+
+def prediction_result_to_proto(result: PredictionResult) -> plan_pb2.PredictionResult:
+    message = plan_pb2.PredictionResult(
+        name=result.name,
+        verdict=plan_pb2.PredictionVerdict.Value("PREDICTION_VERDICT_" + result.verdict.value),
+        message=result.message,
+        samples=result.samples,
+        confidence=result.confidence,
+    )
+    if result.observed is not None and math.isfinite(result.observed):
+        message.observed = result.observed
+    if result.time_to_effect_s is not None:
+        message.time_to_effect.FromTimedelta(dt.timedelta(seconds=result.time_to_effect_s))
+    message.check_time.FromDatetime(dt.datetime.fromisoformat(result.checked_at))
     return message
 
 
@@ -257,6 +302,40 @@ def plan_from_proto(
         max_replicas_in_parallel=source.limits.max_replicas_in_parallel,
         deadline_s=_seconds(source.limits.deadline) if source.limits.HasField("deadline") else 0.0,
     )
+    predictions = []
+    for i, prediction in enumerate(source.predictions):
+        at = f"plan.predictions[{i}]"
+        if prediction.aggregation not in plan_pb2.PredictionAggregation.values():
+            problems.append((f"{at}.aggregation", f"unknown value {prediction.aggregation}"))
+        if prediction.on_miss not in plan_pb2.PredictionMissAction.values():
+            problems.append((f"{at}.on_miss", f"unknown value {prediction.on_miss}"))
+        aggregation = Aggregation.MEAN
+        if prediction.aggregation in plan_pb2.PredictionAggregation.values() and (
+            prediction.aggregation != plan_pb2.PREDICTION_AGGREGATION_UNSPECIFIED
+        ):
+            aggregation = Aggregation(
+                plan_pb2.PredictionAggregation.Name(prediction.aggregation).removeprefix(
+                    "PREDICTION_AGGREGATION_"
+                )
+            )
+        on_miss = (
+            MissAction.RECORD
+            if prediction.on_miss == plan_pb2.PREDICTION_MISS_ACTION_RECORD
+            else MissAction.ROLLBACK
+        )
+        if math.isnan(prediction.confidence):
+            problems.append((f"{at}.confidence", "must be a number within [0, 1], got NaN"))
+        predictions.append(
+            Prediction(
+                name=prediction.name,
+                metric=prediction.metric,
+                aggregation=aggregation,
+                expression=prediction.expression,
+                window_s=_seconds(prediction.window) if prediction.HasField("window") else 60.0,
+                on_miss=on_miss,
+                confidence=0.0 if math.isnan(prediction.confidence) else prediction.confidence,
+            )
+        )
     confidence = source.confidence
     if math.isnan(confidence):
         problems.append(("plan.confidence", "must be a number within [0, 1], got NaN"))
@@ -271,6 +350,9 @@ def plan_from_proto(
         steps=steps,
         health_gates=tuple(gates),
         limits=limits,
+        preconditions=tuple(Precondition(p.name, p.expression) for p in source.preconditions),
+        allow_drift=tuple(source.allow_drift),
+        predictions=tuple(predictions),
     )
     return plan, problems
 
@@ -426,6 +508,12 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             lambda plan_id, who: self._plans.cancel(plan_id, who, request.reason),
         )
         return plan_pb2.CancelPlanResponse(plan=plan)
+
+    async def GetPlanOutcome(
+        self, request: plan_pb2.GetPlanOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> plan_pb2.GetPlanOutcomeResponse:
+        await self._get(request.plan_id, context)
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "GetPlanOutcome: not built yet")
 
 
 __all__ = ["PlanService", "StepState", "plan_from_proto", "plan_to_proto"]

@@ -174,6 +174,90 @@ class Violation:
     effect: str = "REJECT"
 
 
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """A CEL condition on a target's current state (`target`, `state`, `sample`) that must hold
+    at validation, at approval and right before each step."""
+
+    name: str
+    expression: str
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """The fields of one target that the plan's actions change, as observed at `observed_at`
+    (ISO 8601): field name to value as text."""
+
+    target: str
+    fields: dict[str, str]
+    observed_at: str
+
+
+class Aggregation(enum.StrEnum):
+    """How a prediction's metric is folded over the targets' values."""
+
+    MEAN = "MEAN"
+    MIN = "MIN"
+    MAX = "MAX"
+    P95 = "P95"
+
+
+class MissAction(enum.StrEnum):
+    """What a missed prediction does to the plan."""
+
+    ROLLBACK = "ROLLBACK"
+    RECORD = "RECORD"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What the plan should achieve: `expression` (CEL over `value`, the aggregated `metric`,
+    and `samples`) must come true within `window_s` of the last step."""
+
+    name: str
+    metric: str
+    aggregation: Aggregation
+    expression: str
+    window_s: float = 60.0
+    on_miss: MissAction = MissAction.ROLLBACK
+    confidence: float = 0.0
+    """The planner's confidence in it; 0 means the plan's."""
+
+
+class PredictionVerdict(enum.StrEnum):
+    HELD = "HELD"
+    MISSED = "MISSED"
+    INCONCLUSIVE = "INCONCLUSIVE"
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionResult:
+    """A prediction's verdict with what was measured (JSON-safe: times as ISO 8601 text)."""
+
+    name: str
+    verdict: PredictionVerdict
+    observed: float | None
+    message: str
+    time_to_effect_s: float | None
+    checked_at: str
+    samples: int
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSummary:
+    """One metric over a window: mean, p95, min, max of `count` values (samples times GPUs);
+    window bounds as ISO 8601 text."""
+
+    mean: float
+    p95: float
+    min: float
+    max: float
+    count: int
+    start: str
+    end: str
+
+
 @dataclass(slots=True)
 class Plan:
     """An action plan: what was asked, the verdict on it, and how far its execution got."""
@@ -204,6 +288,22 @@ class Plan:
     """The W3C trace context (`traceparent`, `tracestate`) of the submission, kept with the
     plan so that its execution, later and on any replica, continues the submission's trace;
     empty when the submission was not traced."""
+    # Safe autonomy (docs/safe-autonomy.md).
+    preconditions: tuple[Precondition, ...] = ()
+    allow_drift: tuple[str, ...] = ()
+    recorded_state: dict[str, TargetState] = field(default_factory=dict)
+    """Target key to its state as recorded at validation (again at approval, and after each of
+    the plan's own changes to it)."""
+    predictions: tuple[Prediction, ...] = ()
+    prediction_results: list[PredictionResult] = field(default_factory=list)
+    waiting_reason: str = ""
+    """Why the plan waits (a disruption budget, the autonomy breaker); empty when it does not."""
+    telemetry_before: dict[str, dict[str, MetricSummary]] = field(default_factory=dict)
+    """Target key to metric to its summary over a window before the first step."""
+    telemetry_after: dict[str, dict[str, MetricSummary]] = field(default_factory=dict)
+    """Target key to metric to its summary over a window after the last step."""
+    steps_finished_at: dt.datetime | None = None
+    """When the last step ended (predictions' time to effect counts from here)."""
 
     @property
     def node_ids(self) -> list[str]:
@@ -226,6 +326,10 @@ class Plan:
         return dataclasses.replace(
             self,
             measurements=list(self.measurements),
+            recorded_state=dict(self.recorded_state),
+            prediction_results=list(self.prediction_results),
+            telemetry_before=dict(self.telemetry_before),
+            telemetry_after=dict(self.telemetry_after),
             steps=[
                 dataclasses.replace(
                     s, node_results=[dataclasses.replace(r) for r in s.node_results]
@@ -281,6 +385,20 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         },
         "node_ids": plan.node_ids,
         "targets": plan.target_keys,
+        "preconditions": [dataclasses.asdict(p) for p in plan.preconditions],
+        "allow_drift": list(plan.allow_drift),
+        "predictions": [
+            {
+                "name": p.name,
+                "metric": p.metric,
+                "aggregation": p.aggregation.value,
+                "expression": p.expression,
+                "window_seconds": p.window_s,
+                "on_miss": p.on_miss.value,
+                "confidence": p.confidence,
+            }
+            for p in plan.predictions
+        ],
     }
 
 
@@ -310,6 +428,33 @@ def body_of(plan: Plan) -> dict[str, Any]:
         "measurements": [dataclasses.asdict(m) for m in plan.measurements],
         "paused_until": plan.paused_until.isoformat() if plan.paused_until else None,
         "trace_context": plan.trace_context,
+        "preconditions": [dataclasses.asdict(p) for p in plan.preconditions],
+        "allow_drift": list(plan.allow_drift),
+        "recorded_state": {k: dataclasses.asdict(v) for k, v in plan.recorded_state.items()},
+        "predictions": [dataclasses.asdict(p) for p in plan.predictions],
+        "prediction_results": [dataclasses.asdict(r) for r in plan.prediction_results],
+        "waiting_reason": plan.waiting_reason,
+        "telemetry_before": _summaries_body(plan.telemetry_before),
+        "telemetry_after": _summaries_body(plan.telemetry_after),
+        "steps_finished_at": (
+            plan.steps_finished_at.isoformat() if plan.steps_finished_at else None
+        ),
+    }
+
+
+def _summaries_body(
+    summaries: dict[str, dict[str, MetricSummary]],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    return {
+        target: {metric: dataclasses.asdict(s) for metric, s in metrics.items()}
+        for target, metrics in summaries.items()
+    }
+
+
+def _summaries_from(data: dict[str, Any] | None) -> dict[str, dict[str, MetricSummary]]:
+    return {
+        target: {metric: MetricSummary(**s) for metric, s in metrics.items()}
+        for target, metrics in (data or {}).items()
     }
 
 
@@ -340,6 +485,30 @@ def apply_body(plan: Plan, body: dict[str, Any]) -> None:
     paused_until = body.get("paused_until")
     plan.paused_until = dt.datetime.fromisoformat(paused_until) if paused_until else None
     plan.trace_context = dict(body.get("trace_context") or {})
+    plan.preconditions = tuple(Precondition(**p) for p in body.get("preconditions", ()))
+    plan.allow_drift = tuple(body.get("allow_drift", ()))
+    plan.recorded_state = {
+        k: TargetState(**v) for k, v in (body.get("recorded_state") or {}).items()
+    }
+    plan.predictions = tuple(
+        Prediction(
+            **{
+                **p,
+                "aggregation": Aggregation(p["aggregation"]),
+                "on_miss": MissAction(p["on_miss"]),
+            }
+        )
+        for p in body.get("predictions", ())
+    )
+    plan.prediction_results = [
+        PredictionResult(**{**r, "verdict": PredictionVerdict(r["verdict"])})
+        for r in body.get("prediction_results", ())
+    ]
+    plan.waiting_reason = body.get("waiting_reason", "")
+    plan.telemetry_before = _summaries_from(body.get("telemetry_before"))
+    plan.telemetry_after = _summaries_from(body.get("telemetry_after"))
+    finished = body.get("steps_finished_at")
+    plan.steps_finished_at = dt.datetime.fromisoformat(finished) if finished else None
 
 
 def _gate_from(data: dict[str, Any]) -> HealthGate:

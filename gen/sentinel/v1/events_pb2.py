@@ -28,35 +28,37 @@ from sentinel.v1 import fleet_pb2 as sentinel_dot_v1_dot_fleet__pb2
 from sentinel.v1 import plan_pb2 as sentinel_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sentinel/v1/events.proto\x12\x0bsentinel.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sentinel/v1/fleet.proto\x1a\x16sentinel/v1/plan.proto\"\xb4\x03\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.sentinel.v1.EventKind\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12?\n\x14\x61gent_status_changed\x18\n \x01(\x0b\x32\x1f.sentinel.v1.AgentStatusChangedH\x00\x12:\n\x11plan_transitioned\x18\x0b \x01(\x0b\x32\x1d.sentinel.v1.PlanTransitionedH\x00\x12\x38\n\x10\x63ommand_finished\x18\x0c \x01(\x0b\x32\x1c.sentinel.v1.CommandFinishedH\x00\x12:\n\x11\x61nalysis_measured\x18\r \x01(\x0b\x32\x1d.sentinel.v1.AnalysisMeasuredH\x00\x12\'\n\x07revoked\x18\x0e \x01(\x0b\x32\x14.sentinel.v1.RevokedH\x00\x42\x08\n\x06\x64\x65tail\"\x96\x01\n\x12\x41gentStatusChanged\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x31\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x12\n\nsession_id\x18\x04 \x01(\t\"T\n\x10PlanTransitioned\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12/\n\ntransition\x18\x02 \x01(\x0b\x32\x1b.sentinel.v1.PlanTransition\"\x91\x01\n\x0f\x43ommandFinished\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\x10\x41nalysisMeasured\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x35\n\x0bmeasurement\x18\x02 \x01(\x0b\x32 .sentinel.v1.AnalysisMeasurement\"U\n\x07Revoked\x12\x17\n\x0frevocation_kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrevoked_by\x18\x04 \x01(\t\"\x83\x01\n\x12WatchEventsRequest\x12%\n\x05kinds\x18\x01 \x03(\x0e\x32\x16.sentinel.v1.EventKind\x12\x16\n\x0esubject_prefix\x18\x02 \x01(\t\x12\x1b\n\x0e\x61\x66ter_event_id\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_after_event_id\"8\n\x13WatchEventsResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Event\"\x91\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05kinds\x18\x03 \x03(\x0e\x32\x16.sentinel.v1.EventKind\x12\x16\n\x0esubject_prefix\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x05 \x01(\x03\"Q\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.sentinel.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc9\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12#\n\x1f\x45VENT_KIND_AGENT_STATUS_CHANGED\x10\x01\x12 \n\x1c\x45VENT_KIND_PLAN_TRANSITIONED\x10\x02\x12\x1f\n\x1b\x45VENT_KIND_COMMAND_FINISHED\x10\x03\x12 \n\x1c\x45VENT_KIND_ANALYSIS_MEASURED\x10\x04\x12\x16\n\x12\x45VENT_KIND_REVOKED\x10\x05\x32\xb1\x01\n\x0c\x45ventService\x12R\n\x0bWatchEvents\x12\x1f.sentinel.v1.WatchEventsRequest\x1a .sentinel.v1.WatchEventsResponse0\x01\x12M\n\nListEvents\x12\x1e.sentinel.v1.ListEventsRequest\x1a\x1f.sentinel.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sentinel/v1/events.proto\x12\x0bsentinel.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sentinel/v1/fleet.proto\x1a\x16sentinel/v1/plan.proto\"\xec\x03\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.sentinel.v1.EventKind\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12?\n\x14\x61gent_status_changed\x18\n \x01(\x0b\x32\x1f.sentinel.v1.AgentStatusChangedH\x00\x12:\n\x11plan_transitioned\x18\x0b \x01(\x0b\x32\x1d.sentinel.v1.PlanTransitionedH\x00\x12\x38\n\x10\x63ommand_finished\x18\x0c \x01(\x0b\x32\x1c.sentinel.v1.CommandFinishedH\x00\x12:\n\x11\x61nalysis_measured\x18\r \x01(\x0b\x32\x1d.sentinel.v1.AnalysisMeasuredH\x00\x12\'\n\x07revoked\x18\x0e \x01(\x0b\x32\x14.sentinel.v1.RevokedH\x00\x12\x36\n\x0f\x62reaker_changed\x18\x0f \x01(\x0b\x32\x1b.sentinel.v1.BreakerChangedH\x00\x42\x08\n\x06\x64\x65tail\"\x96\x01\n\x12\x41gentStatusChanged\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x31\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x18.sentinel.v1.AgentStatus\x12\x12\n\nsession_id\x18\x04 \x01(\t\"T\n\x10PlanTransitioned\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12/\n\ntransition\x18\x02 \x01(\x0b\x32\x1b.sentinel.v1.PlanTransition\"\x91\x01\n\x0f\x43ommandFinished\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\x10\x41nalysisMeasured\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x35\n\x0bmeasurement\x18\x02 \x01(\x0b\x32 .sentinel.v1.AnalysisMeasurement\"@\n\x0e\x42reakerChanged\x12\x0f\n\x07tripped\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"U\n\x07Revoked\x12\x17\n\x0frevocation_kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrevoked_by\x18\x04 \x01(\t\"\x83\x01\n\x12WatchEventsRequest\x12%\n\x05kinds\x18\x01 \x03(\x0e\x32\x16.sentinel.v1.EventKind\x12\x16\n\x0esubject_prefix\x18\x02 \x01(\t\x12\x1b\n\x0e\x61\x66ter_event_id\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_after_event_id\"8\n\x13WatchEventsResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.sentinel.v1.Event\"\x91\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05kinds\x18\x03 \x03(\x0e\x32\x16.sentinel.v1.EventKind\x12\x16\n\x0esubject_prefix\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x05 \x01(\x03\"Q\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.sentinel.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xe9\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12#\n\x1f\x45VENT_KIND_AGENT_STATUS_CHANGED\x10\x01\x12 \n\x1c\x45VENT_KIND_PLAN_TRANSITIONED\x10\x02\x12\x1f\n\x1b\x45VENT_KIND_COMMAND_FINISHED\x10\x03\x12 \n\x1c\x45VENT_KIND_ANALYSIS_MEASURED\x10\x04\x12\x16\n\x12\x45VENT_KIND_REVOKED\x10\x05\x12\x1e\n\x1a\x45VENT_KIND_BREAKER_CHANGED\x10\x06\x32\xb1\x01\n\x0c\x45ventService\x12R\n\x0bWatchEvents\x12\x1f.sentinel.v1.WatchEventsRequest\x1a .sentinel.v1.WatchEventsResponse0\x01\x12M\n\nListEvents\x12\x1e.sentinel.v1.ListEventsRequest\x1a\x1f.sentinel.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sentinel.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTKIND']._serialized_start=1582
-  _globals['_EVENTKIND']._serialized_end=1783
+  _globals['_EVENTKIND']._serialized_start=1704
+  _globals['_EVENTKIND']._serialized_end=1937
   _globals['_EVENT']._serialized_start=154
-  _globals['_EVENT']._serialized_end=590
-  _globals['_AGENTSTATUSCHANGED']._serialized_start=593
-  _globals['_AGENTSTATUSCHANGED']._serialized_end=743
-  _globals['_PLANTRANSITIONED']._serialized_start=745
-  _globals['_PLANTRANSITIONED']._serialized_end=829
-  _globals['_COMMANDFINISHED']._serialized_start=832
-  _globals['_COMMANDFINISHED']._serialized_end=977
-  _globals['_ANALYSISMEASURED']._serialized_start=979
-  _globals['_ANALYSISMEASURED']._serialized_end=1069
-  _globals['_REVOKED']._serialized_start=1071
-  _globals['_REVOKED']._serialized_end=1156
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1159
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1290
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1292
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1348
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1351
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1496
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1498
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1579
-  _globals['_EVENTSERVICE']._serialized_start=1786
-  _globals['_EVENTSERVICE']._serialized_end=1963
+  _globals['_EVENT']._serialized_end=646
+  _globals['_AGENTSTATUSCHANGED']._serialized_start=649
+  _globals['_AGENTSTATUSCHANGED']._serialized_end=799
+  _globals['_PLANTRANSITIONED']._serialized_start=801
+  _globals['_PLANTRANSITIONED']._serialized_end=885
+  _globals['_COMMANDFINISHED']._serialized_start=888
+  _globals['_COMMANDFINISHED']._serialized_end=1033
+  _globals['_ANALYSISMEASURED']._serialized_start=1035
+  _globals['_ANALYSISMEASURED']._serialized_end=1125
+  _globals['_BREAKERCHANGED']._serialized_start=1127
+  _globals['_BREAKERCHANGED']._serialized_end=1191
+  _globals['_REVOKED']._serialized_start=1193
+  _globals['_REVOKED']._serialized_end=1278
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1281
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1412
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1414
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1470
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1473
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1618
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1620
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1701
+  _globals['_EVENTSERVICE']._serialized_start=1940
+  _globals['_EVENTSERVICE']._serialized_end=2117
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """A health gate took a measurement and judged it. Subject `plan/<plan_id>`."""
     EVENT_KIND_REVOKED: _EventKind.ValueType  # 5
     """A certificate or a node was revoked. Subject `certificate/<serial>` or `node/<node_id>`."""
+    EVENT_KIND_BREAKER_CHANGED: _EventKind.ValueType  # 6
+    """The autonomy breaker tripped or was reset. Subject `autonomy/breaker`."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -62,6 +64,8 @@ EVENT_KIND_ANALYSIS_MEASURED: EventKind.ValueType  # 4
 """A health gate took a measurement and judged it. Subject `plan/<plan_id>`."""
 EVENT_KIND_REVOKED: EventKind.ValueType  # 5
 """A certificate or a node was revoked. Subject `certificate/<serial>` or `node/<node_id>`."""
+EVENT_KIND_BREAKER_CHANGED: EventKind.ValueType  # 6
+"""The autonomy breaker tripped or was reset. Subject `autonomy/breaker`."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -78,6 +82,7 @@ class Event(_message.Message):
     COMMAND_FINISHED_FIELD_NUMBER: _builtins.int
     ANALYSIS_MEASURED_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    BREAKER_CHANGED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """Increasing, in the order events became visible; never reused."""
     kind: Global___EventKind.ValueType
@@ -97,6 +102,8 @@ class Event(_message.Message):
     def analysis_measured(self) -> Global___AnalysisMeasured: ...
     @_builtins.property
     def revoked(self) -> Global___Revoked: ...
+    @_builtins.property
+    def breaker_changed(self) -> Global___BreakerChanged: ...
     def __init__(
         self,
         *,
@@ -110,12 +117,13 @@ class Event(_message.Message):
         command_finished: Global___CommandFinished | None = ...,
         analysis_measured: Global___AnalysisMeasured | None = ...,
         revoked: Global___Revoked | None = ...,
+        breaker_changed: Global___BreakerChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_status_changed", b"agent_status_changed", "analysis_measured", b"analysis_measured", "command_finished", b"command_finished", "detail", b"detail", "plan_transitioned", b"plan_transitioned", "revoked", b"revoked", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_status_changed", b"agent_status_changed", "analysis_measured", b"analysis_measured", "breaker_changed", b"breaker_changed", "command_finished", b"command_finished", "detail", b"detail", "plan_transitioned", b"plan_transitioned", "revoked", b"revoked", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_status_changed", b"agent_status_changed", "analysis_measured", b"analysis_measured", "command_finished", b"command_finished", "detail", b"detail", "event_id", b"event_id", "kind", b"kind", "plan_transitioned", b"plan_transitioned", "replica_id", b"replica_id", "revoked", b"revoked", "subject", b"subject", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_status_changed", b"agent_status_changed", "analysis_measured", b"analysis_measured", "breaker_changed", b"breaker_changed", "command_finished", b"command_finished", "detail", b"detail", "event_id", b"event_id", "kind", b"kind", "plan_transitioned", b"plan_transitioned", "replica_id", b"replica_id", "revoked", b"revoked", "subject", b"subject", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["agent_status_changed", "plan_transitioned", "command_finished", "analysis_measured", "revoked"]  # noqa: Y015
+    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["agent_status_changed", "plan_transitioned", "command_finished", "analysis_measured", "revoked", "breaker_changed"]  # noqa: Y015
     _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_detail) -> _WhichOneofReturnType_detail | None: ...
 
@@ -234,6 +242,33 @@ class AnalysisMeasured(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalysisMeasured: _TypeAlias = AnalysisMeasured  # noqa: Y015
+
+@_typing.final
+class BreakerChanged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIPPED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    tripped: _builtins.bool
+    reason: _builtins.str
+    """Why it tripped, or the operator's reason for the reset."""
+    actor: _builtins.str
+    """"autonomy-breaker" when it tripped; the operator who reset it."""
+    def __init__(
+        self,
+        *,
+        tripped: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "tripped", b"tripped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreakerChanged: _TypeAlias = BreakerChanged  # noqa: Y015
 
 @_typing.final
 class Revoked(_message.Message):

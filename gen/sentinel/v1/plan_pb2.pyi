@@ -67,6 +67,71 @@ gate's pause_timeout.
 """
 Global___PlanPhase: _TypeAlias = PlanPhase  # noqa: Y015
 
+class _PredictionAggregation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PredictionAggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PredictionAggregation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREDICTION_AGGREGATION_UNSPECIFIED: _PredictionAggregation.ValueType  # 0
+    PREDICTION_AGGREGATION_MEAN: _PredictionAggregation.ValueType  # 1
+    """Default."""
+    PREDICTION_AGGREGATION_MIN: _PredictionAggregation.ValueType  # 2
+    PREDICTION_AGGREGATION_MAX: _PredictionAggregation.ValueType  # 3
+    PREDICTION_AGGREGATION_P95: _PredictionAggregation.ValueType  # 4
+
+class PredictionAggregation(_PredictionAggregation, metaclass=_PredictionAggregationEnumTypeWrapper): ...
+
+PREDICTION_AGGREGATION_UNSPECIFIED: PredictionAggregation.ValueType  # 0
+PREDICTION_AGGREGATION_MEAN: PredictionAggregation.ValueType  # 1
+"""Default."""
+PREDICTION_AGGREGATION_MIN: PredictionAggregation.ValueType  # 2
+PREDICTION_AGGREGATION_MAX: PredictionAggregation.ValueType  # 3
+PREDICTION_AGGREGATION_P95: PredictionAggregation.ValueType  # 4
+Global___PredictionAggregation: _TypeAlias = PredictionAggregation  # noqa: Y015
+
+class _PredictionMissAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PredictionMissActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PredictionMissAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREDICTION_MISS_ACTION_UNSPECIFIED: _PredictionMissAction.ValueType  # 0
+    PREDICTION_MISS_ACTION_ROLLBACK: _PredictionMissAction.ValueType  # 1
+    """Default: a missed prediction rolls the plan back."""
+    PREDICTION_MISS_ACTION_RECORD: _PredictionMissAction.ValueType  # 2
+    """A missed prediction is only recorded; the plan completes."""
+
+class PredictionMissAction(_PredictionMissAction, metaclass=_PredictionMissActionEnumTypeWrapper): ...
+
+PREDICTION_MISS_ACTION_UNSPECIFIED: PredictionMissAction.ValueType  # 0
+PREDICTION_MISS_ACTION_ROLLBACK: PredictionMissAction.ValueType  # 1
+"""Default: a missed prediction rolls the plan back."""
+PREDICTION_MISS_ACTION_RECORD: PredictionMissAction.ValueType  # 2
+"""A missed prediction is only recorded; the plan completes."""
+Global___PredictionMissAction: _TypeAlias = PredictionMissAction  # noqa: Y015
+
+class _PredictionVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PredictionVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PredictionVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREDICTION_VERDICT_UNSPECIFIED: _PredictionVerdict.ValueType  # 0
+    PREDICTION_VERDICT_HELD: _PredictionVerdict.ValueType  # 1
+    PREDICTION_VERDICT_MISSED: _PredictionVerdict.ValueType  # 2
+    PREDICTION_VERDICT_INCONCLUSIVE: _PredictionVerdict.ValueType  # 3
+    """No fresh telemetry to judge it within the window; counts as missed."""
+
+class PredictionVerdict(_PredictionVerdict, metaclass=_PredictionVerdictEnumTypeWrapper): ...
+
+PREDICTION_VERDICT_UNSPECIFIED: PredictionVerdict.ValueType  # 0
+PREDICTION_VERDICT_HELD: PredictionVerdict.ValueType  # 1
+PREDICTION_VERDICT_MISSED: PredictionVerdict.ValueType  # 2
+PREDICTION_VERDICT_INCONCLUSIVE: PredictionVerdict.ValueType  # 3
+"""No fresh telemetry to judge it within the window; counts as missed."""
+Global___PredictionVerdict: _TypeAlias = PredictionVerdict  # noqa: Y015
+
 class _StepState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -128,6 +193,12 @@ class Plan(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    PRECONDITIONS_FIELD_NUMBER: _builtins.int
+    ALLOW_DRIFT_FIELD_NUMBER: _builtins.int
+    RECORDED_STATE_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    PREDICTION_RESULTS_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     request_id: _builtins.str
     source: _builtins.str
@@ -138,6 +209,10 @@ class Plan(_message.Message):
     """SPIFFE id (or user) of the principal that submitted the plan."""
     status_message: _builtins.str
     """Why the plan ended (failed step, gate, deadline, cancel), empty while it runs."""
+    waiting_reason: _builtins.str
+    """Output only: why the plan is waiting (a disruption budget, the autonomy breaker), empty
+    when it is not.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -160,6 +235,34 @@ class Plan(_message.Message):
         asked, what came back, the condition and the verdict.
         """
 
+    @_builtins.property
+    def preconditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Precondition]:
+        """--- safe autonomy (docs/safe-autonomy.md) ---
+        Conditions on the targets' current state, checked at validation, at approval and right
+        before each step; a false one refuses the plan at submission and fails it later.
+        """
+
+    @_builtins.property
+    def allow_drift(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fields of the recorded target state (`recorded_state`) that may change between validation
+        and execution without making the plan stale, as glob patterns over the field names, e.g.
+        "gpu.*.power_limit_watts"; "*" allows any drift.
+        """
+
+    @_builtins.property
+    def recorded_state(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetState]:
+        """Output only: the state of every target the plan changes, as Sentinel recorded it at
+        validation (again at approval, and after each of the plan's own changes).
+        """
+
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+        """What the plan should achieve, checked on telemetry after its last step."""
+
+    @_builtins.property
+    def prediction_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionResult]:
+        """Output only: each prediction's verdict with the values measured, once checked."""
+
     def __init__(
         self,
         *,
@@ -180,14 +283,347 @@ class Plan(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         status_message: _builtins.str = ...,
         measurements: _abc.Iterable[Global___AnalysisMeasurement] | None = ...,
+        preconditions: _abc.Iterable[Global___Precondition] | None = ...,
+        allow_drift: _abc.Iterable[_builtins.str] | None = ...,
+        recorded_state: _abc.Iterable[Global___TargetState] | None = ...,
+        predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        prediction_results: _abc.Iterable[Global___PredictionResult] | None = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "limits", b"limits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "measurements", b"measurements", "phase", b"phase", "plan_id", b"plan_id", "rationale", b"rationale", "request_id", b"request_id", "source", b"source", "status_message", b"status_message", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "update_time", b"update_time", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_drift", b"allow_drift", "confidence", b"confidence", "create_time", b"create_time", "expire_time", b"expire_time", "health_gates", b"health_gates", "limits", b"limits", "measurements", b"measurements", "phase", b"phase", "plan_id", b"plan_id", "preconditions", b"preconditions", "prediction_results", b"prediction_results", "predictions", b"predictions", "rationale", b"rationale", "recorded_state", b"recorded_state", "request_id", b"request_id", "source", b"source", "status_message", b"status_message", "steps", b"steps", "submitted_by", b"submitted_by", "transitions", b"transitions", "update_time", b"update_time", "violations", b"violations", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class Precondition(_message.Message):
+    """A condition on the current state of a plan's targets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    expression: _builtins.str
+    """CEL that must be true for every target the plan changes. It sees `target` (the target:
+    `target.node_id`, or `target.kubernetes`), `state` (the target's recorded fields, a map of
+    field name to value, e.g. state["gpu.0.power_limit_watts"]) and `sample` (the node's newest
+    telemetry sample as a map; empty for a target that is not a node).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        expression: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Precondition: _TypeAlias = Precondition  # noqa: Y015
+
+@_typing.final
+class TargetState(_message.Message):
+    """The state of one target as Sentinel observed it: the fields the plan's actions change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    OBSERVE_TIME_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The target's key: the node id, or "<cluster>/<namespace>/<kind>/<name>"."""
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Field name to value, as text: "gpu.0.power_limit_watts" -> "300", "cordoned" -> "false",
+        "resource_version" -> "12345".
+        """
+
+    @_builtins.property
+    def observe_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        observe_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observe_time", b"observe_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "observe_time", b"observe_time", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetState: _TypeAlias = TargetState  # noqa: Y015
+
+@_typing.final
+class Prediction(_message.Message):
+    """What a plan should achieve: a condition over the telemetry of its node targets that must
+    become true within a window after the last step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    ON_MISS_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    metric: _builtins.str
+    """A telemetry field over the targets' newest samples, one value per GPU (or per host), e.g.
+    "gpu.power_watts", "gpu.utilization_percent", "gpu.temperature_celsius",
+    "host.cpu_percent". Empty: the expression judges `samples` alone.
+    """
+    aggregation: Global___PredictionAggregation.ValueType
+    expression: _builtins.str
+    """CEL over `value` (the aggregated metric, a double) and `samples` (node id to its newest
+    sample as a map); true means the prediction holds, e.g. "value <= 460.0".
+    """
+    on_miss: Global___PredictionMissAction.ValueType
+    confidence: _builtins.float
+    """The planner's confidence in this prediction, in [0, 1]; 0 means the plan's confidence."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """How long after the last step the prediction has to come true; default 60 s."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        aggregation: Global___PredictionAggregation.ValueType = ...,
+        expression: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+        on_miss: Global___PredictionMissAction.ValueType = ...,
+        confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "confidence", b"confidence", "expression", b"expression", "metric", b"metric", "name", b"name", "on_miss", b"on_miss", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
+
+@_typing.final
+class PredictionResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TIME_TO_EFFECT_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    verdict: Global___PredictionVerdict.ValueType
+    observed: _builtins.float
+    """The aggregated metric when judged: when it held, or the last value measured in the window."""
+    message: _builtins.str
+    samples: _builtins.int
+    """Samples the last judgement was made on."""
+    confidence: _builtins.float
+    """The confidence the planner stated for it."""
+    @_builtins.property
+    def time_to_effect(self) -> _duration_pb2.Duration:
+        """From the end of the last step until the prediction held."""
+
+    @_builtins.property
+    def check_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        verdict: Global___PredictionVerdict.ValueType = ...,
+        observed: _builtins.float | None = ...,
+        message: _builtins.str = ...,
+        time_to_effect: _duration_pb2.Duration | None = ...,
+        check_time: _timestamp_pb2.Timestamp | None = ...,
+        samples: _builtins.int = ...,
+        confidence: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_observed", b"_observed", "check_time", b"check_time", "observed", b"observed", "time_to_effect", b"time_to_effect"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_observed", b"_observed", "check_time", b"check_time", "confidence", b"confidence", "message", b"message", "name", b"name", "observed", b"observed", "samples", b"samples", "time_to_effect", b"time_to_effect", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__observed: _TypeAlias = _typing.Literal["observed"]  # noqa: Y015
+    _WhichOneofArgType__observed: _TypeAlias = _typing.Literal["_observed", b"_observed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__observed) -> _WhichOneofReturnType__observed | None: ...
+
+Global___PredictionResult: _TypeAlias = PredictionResult  # noqa: Y015
+
+@_typing.final
+class PlanOutcome(_message.Message):
+    """What a plan did, per target and prediction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    TIME_TO_EFFECT_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    phase: Global___PlanPhase.ValueType
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetOutcome]: ...
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionResult]: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the first step started and the last one ended."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def time_to_effect(self) -> _duration_pb2.Duration:
+        """From the end of the last step until every prediction held; unset when one did not, or
+        the plan stated none.
+        """
+
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+        phase: Global___PlanPhase.ValueType = ...,
+        targets: _abc.Iterable[Global___TargetOutcome] | None = ...,
+        predictions: _abc.Iterable[Global___PredictionResult] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        time_to_effect: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "time_to_effect", b"time_to_effect"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "phase", b"phase", "plan_id", b"plan_id", "predictions", b"predictions", "start_time", b"start_time", "targets", b"targets", "time_to_effect", b"time_to_effect"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanOutcome: _TypeAlias = PlanOutcome  # noqa: Y015
+
+@_typing.final
+class TargetOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricChange]: ...
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        metrics: _abc.Iterable[Global___MetricChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetOutcome: _TypeAlias = TargetOutcome  # noqa: Y015
+
+@_typing.final
+class MetricChange(_message.Message):
+    """One telemetry metric of a target before the plan's first step and after its last."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """e.g. "gpu.power_watts" (over all GPUs of the node)."""
+    @_builtins.property
+    def before(self) -> Global___MetricSummary: ...
+    @_builtins.property
+    def after(self) -> Global___MetricSummary: ...
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        before: Global___MetricSummary | None = ...,
+        after: Global___MetricSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "metric", b"metric"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricChange: _TypeAlias = MetricChange  # noqa: Y015
+
+@_typing.final
+class MetricSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    p95: _builtins.float
+    min: _builtins.float
+    max: _builtins.float
+    count: _builtins.int
+    """Values summarised (samples × GPUs); 0 when none were received in the window."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        count: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "end_time", b"end_time", "max", b"max", "mean", b"mean", "min", b"min", "p95", b"p95", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricSummary: _TypeAlias = MetricSummary  # noqa: Y015
 
 @_typing.final
 class AnalysisMeasurement(_message.Message):
@@ -845,19 +1281,25 @@ class WatchPlanResponse(_message.Message):
 
     PLAN_FIELD_NUMBER: _builtins.int
     TRANSITION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     @_builtins.property
     def transition(self) -> Global___PlanTransition: ...
+    @_builtins.property
+    def outcome(self) -> Global___PlanOutcome:
+        """Set on the final message, once the plan is terminal."""
+
     def __init__(
         self,
         *,
         plan: Global___Plan | None = ...,
         transition: Global___PlanTransition | None = ...,
+        outcome: Global___PlanOutcome | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "transition", b"transition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "plan", b"plan", "transition", b"transition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "transition", b"transition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "plan", b"plan", "transition", b"transition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -946,3 +1388,42 @@ class CancelPlanResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelPlanResponse: _TypeAlias = CancelPlanResponse  # noqa: Y015
+
+@_typing.final
+class GetPlanOutcomeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_id", b"plan_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanOutcomeRequest: _TypeAlias = GetPlanOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class GetPlanOutcomeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcome(self) -> Global___PlanOutcome: ...
+    def __init__(
+        self,
+        *,
+        outcome: Global___PlanOutcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanOutcomeResponse: _TypeAlias = GetPlanOutcomeResponse  # noqa: Y015

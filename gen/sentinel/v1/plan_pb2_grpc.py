@@ -66,6 +66,11 @@ class PlanServiceStub:
                 request_serializer=sentinel_dot_v1_dot_plan__pb2.CancelPlanRequest.SerializeToString,
                 response_deserializer=sentinel_dot_v1_dot_plan__pb2.CancelPlanResponse.FromString,
                 _registered_method=True)
+        self.GetPlanOutcome = channel.unary_unary(
+                '/sentinel.v1.PlanService/GetPlanOutcome',
+                request_serializer=sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeRequest.SerializeToString,
+                response_deserializer=sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class PlanServiceServicer:
@@ -110,6 +115,14 @@ class PlanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPlanOutcome(self, request, context):
+        """What a plan really did, for the planner to learn from: per target, the telemetry it touched
+        before the first step and after the last, the prediction verdicts and the time to effect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_PlanServiceServicer_to_server(servicer, server):
                     servicer.CancelPlan,
                     request_deserializer=sentinel_dot_v1_dot_plan__pb2.CancelPlanRequest.FromString,
                     response_serializer=sentinel_dot_v1_dot_plan__pb2.CancelPlanResponse.SerializeToString,
+            ),
+            'GetPlanOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlanOutcome,
+                    request_deserializer=sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeRequest.FromString,
+                    response_serializer=sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class PlanService:
             '/sentinel.v1.PlanService/CancelPlan',
             sentinel_dot_v1_dot_plan__pb2.CancelPlanRequest.SerializeToString,
             sentinel_dot_v1_dot_plan__pb2.CancelPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlanOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sentinel.v1.PlanService/GetPlanOutcome',
+            sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeRequest.SerializeToString,
+            sentinel_dot_v1_dot_plan__pb2.GetPlanOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class PlanServiceStub:
     """Streams every transition and step update until the plan is terminal, current state first."""
     ApprovePlan: _grpc.UnaryUnaryMultiCallable[_plan_pb2.ApprovePlanRequest, _plan_pb2.ApprovePlanResponse]
     CancelPlan: _grpc.UnaryUnaryMultiCallable[_plan_pb2.CancelPlanRequest, _plan_pb2.CancelPlanResponse]
+    GetPlanOutcome: _grpc.UnaryUnaryMultiCallable[_plan_pb2.GetPlanOutcomeRequest, _plan_pb2.GetPlanOutcomeResponse]
+    """What a plan really did, for the planner to learn from: per target, the telemetry it touched
+    before the first step and after the last, the prediction verdicts and the time to effect.
+    """
 
 @_typing.type_check_only
 class PlanServiceAsyncStub(PlanServiceStub):
@@ -57,6 +61,10 @@ class PlanServiceAsyncStub(PlanServiceStub):
     """Streams every transition and step update until the plan is terminal, current state first."""
     ApprovePlan: _aio.UnaryUnaryMultiCallable[_plan_pb2.ApprovePlanRequest, _plan_pb2.ApprovePlanResponse]  # type: ignore[assignment]
     CancelPlan: _aio.UnaryUnaryMultiCallable[_plan_pb2.CancelPlanRequest, _plan_pb2.CancelPlanResponse]  # type: ignore[assignment]
+    GetPlanOutcome: _aio.UnaryUnaryMultiCallable[_plan_pb2.GetPlanOutcomeRequest, _plan_pb2.GetPlanOutcomeResponse]  # type: ignore[assignment]
+    """What a plan really did, for the planner to learn from: per target, the telemetry it touched
+    before the first step and after the last, the prediction verdicts and the time to effect.
+    """
 
 class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
     """PlanService takes action plans from InfraMind and operators, checks them against policy and
@@ -105,5 +113,15 @@ class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _plan_pb2.CancelPlanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_plan_pb2.CancelPlanResponse, _abc.Awaitable[_plan_pb2.CancelPlanResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPlanOutcome(
+        self,
+        request: _plan_pb2.GetPlanOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_plan_pb2.GetPlanOutcomeResponse, _abc.Awaitable[_plan_pb2.GetPlanOutcomeResponse]]:
+        """What a plan really did, for the planner to learn from: per target, the telemetry it touched
+        before the first step and after the last, the prediction verdicts and the time to effect.
+        """
 
 def add_PlanServiceServicer_to_server(servicer: PlanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
