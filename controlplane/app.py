@@ -12,6 +12,7 @@ import os
 import pathlib
 import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -25,6 +26,8 @@ from sentinel.v1 import (
     audit_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    autonomy_pb2,
+    autonomy_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
     events_pb2,
@@ -48,6 +51,7 @@ from controlplane.api import (
     AuditService,
     AuthInterceptor,
     AuthService,
+    AutonomyService,
     EnrollmentPortInterceptor,
     EnrollmentPortService,
     EnrollmentService,
@@ -58,15 +62,24 @@ from controlplane.api import (
     PlanService,
     PolicyService,
     TelemetryService,
+    budget_messages,
     pending_servicer,
     telemetry_sample_data,
 )
 from controlplane.audit import AuditLog
 from controlplane.auth import RateLimiter
+from controlplane.autonomy import (
+    Autonomy,
+    AutonomyStatus,
+    BreakerState,
+    autonomy_file_path,
+    load_autonomy_file,
+)
 from controlplane.enrollment import BootstrapTokens, CertificateIssuer, load_ca
 from controlplane.events import (
     AGENT_STATUS_CHANGED,
     ANALYSIS_MEASURED,
+    BREAKER_CHANGED,
     COMMAND_FINISHED,
     PLAN_TRANSITIONED,
     REVOKED,
@@ -105,6 +118,8 @@ from controlplane.plans import (
     LEASE_CHANNEL,
     TERMINAL,
     AnalysisRecord,
+    BudgetState,
+    DisruptionBudgets,
     FleetView,
     HealthGates,
     Lease,
@@ -114,6 +129,11 @@ from controlplane.plans import (
     PlanChange,
     PlanDesk,
     PlanLimitsConfig,
+    PredictionChecker,
+    StateGuard,
+    TelemetryHistory,
+    parse_budgets,
+    run_publisher,
 )
 from controlplane.policy import (
     REFRESH_INTERVAL_S,
@@ -125,7 +145,7 @@ from controlplane.policy import (
 from controlplane.retention import Retention, RetentionPolicy
 from controlplane.settings import ControlPlaneSettings
 from controlplane.store import Bus, Replicas, Store
-from controlplane.telemetry import TelemetryHub, TelemetryRelay
+from controlplane.telemetry import Sample, TelemetryHub, TelemetryRelay
 from controlplane.tracing import start_tracing
 from processkit import Supervisor, tune_gc_for_long_lived_heap
 
@@ -169,8 +189,8 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
 def _api_service_names() -> list[str]:
     """Full names of every service of the public API (all are registered, some as pending)."""
     modules = (
-        agent_pb2, audit_pb2, auth_pb2, enrollment_pb2, events_pb2, fleet_pb2, identity_pb2,
-        plan_pb2, policy_pb2, telemetry_pb2,
+        agent_pb2, audit_pb2, auth_pb2, autonomy_pb2, enrollment_pb2, events_pb2, fleet_pb2,
+        identity_pb2, plan_pb2, policy_pb2, telemetry_pb2,
     )  # fmt: skip
     return sorted(
         service.full_name
@@ -270,17 +290,19 @@ class ControlPlane:
             replicas=self.replicas,
             bus=self.bus,
         )
+        # The last minute of every node's summary metrics, for plans' outcomes (compact:
+        # a few floats per GPU and sample; see controlplane/plans/_predictions.py).
+        self.telemetry_history = TelemetryHistory()
         self.hub: TelemetryHub[telemetry_pb2.TelemetrySample] = TelemetryHub(
             self.store,
             ack_interval_s=settings.telemetry_ack_interval_s,
             send_ack=self._send_telemetry_ack,
             on_stored=self.registry.record_telemetry,
             on_flush=self.metrics.store_flush.observe,
-            # Only replicas relay telemetry; a lone control plane skips the hook entirely.
-            on_published=(lambda samples: self.relay.forward(samples))
-            if self.bus.enabled
-            else None,
+            # Only replicas relay telemetry; a lone control plane only keeps the history.
+            on_published=self._telemetry_published,
             on_subscriptions=lambda: self.relay.subscriptions_changed(),
+            on_relayed=lambda sample: self.telemetry_history.record((sample,)),
         )
         self.relay = TelemetryRelay(
             self.hub,
@@ -314,6 +336,8 @@ class ControlPlane:
                 node_known=self.registry.known,
                 is_cordoned=self.registry.is_cordoned,
                 on_cordon_changed=self.registry.set_cordoned,
+                power_limits=self._power_limits,
+                fresh=self.relay.fresh,
             )
         ]
         if self.clusters:
@@ -321,6 +345,30 @@ class ControlPlane:
                 KubernetesExecutor(self.clusters, opt_in_label=settings.kubernetes_opt_in_label)
             )
         self.executors = Executors(executors)
+        # Stale-plan guard (docs/safe-autonomy.md): target state recorded when a plan is judged
+        # and checked again right before each step.
+        self.state_guard = StateGuard(
+            self.executors, sample_data=self._sample_data, fresh=self.relay.fresh
+        )
+        # Safe autonomy (issue 12): planner calibration and the autonomy breaker, judged on every
+        # replica and read from memory on the submission path.
+        self.autonomy_path = autonomy_file_path(
+            settings.autonomy_policy_path, settings.policy_paths
+        )
+        self._calibrated_sources: set[str] = set()
+        autonomy_file = load_autonomy_file(self.autonomy_path)
+        self.autonomy = Autonomy(
+            self.store,
+            lambda: self.plans.repository,
+            thresholds=autonomy_file.breaker,
+            calibration_window_s=settings.planner_calibration_window_s,
+            replica_id=self.instance_id,
+            agents=self.registry.agents,
+            xids=self._xids,
+            on_breaker_changed=self._breaker_changed,
+            on_evaluated=self._publish_autonomy,
+            interval_s=settings.autonomy_interval_s,
+        )
         self.plans = PlanDesk(
             self.store,
             self.policy_engine,
@@ -340,6 +388,15 @@ class ControlPlane:
             on_change=self._plan_changed,
             bus=self.bus,
             on_remote_change=lambda _plan_id: self.controller.wake(),
+            guard=self.state_guard,
+            autonomy=self.autonomy,
+        )
+        # Fleet-wide disruption budgets (docs/safe-autonomy.md), shared by all running plans.
+        self.budgets = DisruptionBudgets(
+            self.store,
+            parse_budgets(list(autonomy_file.budgets), f"{self.autonomy_path}: budgets"),
+            lambda: {a.node_id: a.cordoned for a in self.registry.agents()},
+            on_state=self._publish_budgets,
         )
         self.controller = PipelineController(
             self.plans.repository,
@@ -359,7 +416,15 @@ class ControlPlane:
             ).observe(seconds),
             on_phase_counts=self._publish_plan_counts,
             on_measurement=self._audit_measurement,
+            predictions=PredictionChecker(self.relay.latest, telemetry_sample_data),
+            history=self.telemetry_history,
+            on_prediction=lambda source, verdict: self.metrics.plan_predictions.labels(
+                source, verdict.lower()
+            ).inc(),
             agent_on_kubernetes_node=self.registry.agent_on_kubernetes_node,
+            budgets=self.budgets,
+            guard=self.state_guard,
+            autonomy=self.autonomy,
         )
         # Retention (issue 10): only the replica holding the controller lease prunes; deletes
         # re-check their condition, so an overlap during a lease hand-over does no harm.
@@ -443,6 +508,31 @@ class ControlPlane:
         self.streams.cut_revoked(self.revocations)
         return close_revoked_sessions(self.registry.sessions(), self.revocations)
 
+    def _publish_budgets(self, states: Sequence[BudgetState]) -> None:
+        for state in states:
+            self.metrics.disruption_budget_limit.labels(state.budget.name).set(state.limit)
+            self.metrics.disruption_budget_in_use.labels(state.budget.name).set(state.in_use)
+
+    def _telemetry_published(self, samples: list[Sample[telemetry_pb2.TelemetrySample]]) -> None:
+        self.telemetry_history.record(samples)
+        if self.bus.enabled:
+            self.relay.forward(samples)
+
+    def _power_limits(self, node_id: str) -> dict[int, int] | None:
+        """A node's GPU power limits (index to milliwatts) in its newest telemetry sample."""
+        sample = self.relay.latest(node_id)
+        if sample is None:
+            return None
+        return {
+            gpu.index: gpu.power_limit_milliwatts
+            for gpu in sample.payload.gpus
+            if "power_limit_milliwatts" not in gpu.unsupported
+        }
+
+    def _sample_data(self, node_id: str) -> dict[str, Any] | None:
+        sample = self.relay.latest(node_id)
+        return None if sample is None else telemetry_sample_data(sample.payload)
+
     def _kubernetes_request(self, cluster: str, verb: str, seconds: float, reached: bool) -> None:
         self.metrics.kubernetes_reachable.labels(cluster).set(1 if reached else 0)
         self.metrics.kubernetes_api_latency.labels(cluster, verb).observe(seconds)
@@ -487,7 +577,42 @@ class ControlPlane:
         for violation in (*verdict.rejections, *verdict.approvals_required):
             self.metrics.policy_rejections.labels(violation.rule_id, violation.effect.value).inc()
 
+    def _xids(self, node_id: str) -> tuple[int, ...] | None:
+        """The node's GPUs' last XIDs, from its newest sample held here (never asks another
+        replica for it); None when there is none."""
+        sample = self.hub.latest(node_id)
+        return None if sample is None else tuple(gpu.last_xid for gpu in sample.payload.gpus)
+
+    def _breaker_changed(self, state: BreakerState, actor: str, reason: str) -> None:
+        self.events.emit(
+            BREAKER_CHANGED,
+            "autonomy/breaker",
+            {"tripped": state.tripped, "reason": reason, "actor": actor},
+        )
+
+    def _publish_autonomy(self, status: AutonomyStatus) -> None:
+        self.metrics.autonomy_breaker_tripped.set(1 if status.breaker.tripped else 0)
+        gauges = (
+            self.metrics.planner_hit_ratio,
+            self.metrics.planner_confidence,
+            self.metrics.planner_rollbacks,
+        )
+        sources = set()
+        for calibration in status.calibration:
+            source = calibration.source
+            sources.add(source)
+            self.metrics.planner_hit_ratio.labels(source).set(calibration.hit_rate)
+            self.metrics.planner_confidence.labels(source).set(calibration.mean_confidence)
+            self.metrics.planner_rollbacks.labels(source).set(calibration.rollbacks)
+        # Sources gone from the window go from the metrics too (one by one: a scrape runs on
+        # another thread and must never see the others missing).
+        for source in self._calibrated_sources - sources:
+            for gauge in gauges:
+                gauge.remove(source)
+        self._calibrated_sources = sources
+
     def _plan_changed(self, change: PlanChange) -> None:
+        self.autonomy.note(change.plan)
         plan_id = change.plan.plan_id
         for transition in change.transitions:
             self.events.emit(
@@ -545,6 +670,8 @@ class ControlPlane:
         await self.registry.load()
         await self.revocations.load()
         await self.events.start()
+        # A breaker tripped before a restart holds planner plans from the first submission on.
+        await self.autonomy.evaluate()
 
         server = grpc.aio.server(
             interceptors=[
@@ -583,6 +710,10 @@ class ControlPlane:
             IdentityService(
                 self.revocations, self.users, self._close_revoked_sessions, self.streams.cut_user
             ),
+            server,
+        )
+        autonomy_pb2_grpc.add_AutonomyServiceServicer_to_server(
+            AutonomyService(self.autonomy, budget_messages(self.budgets)),
             server,
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(
@@ -642,6 +773,9 @@ class ControlPlane:
             lambda: self.registry.run_sweeper(1.0, settings.last_seen_persist_interval_s),
         )
         self._supervisor.start("pipeline-controller", self.controller.run)
+        self._supervisor.start("autonomy-breaker", self.autonomy.run)
+        if self.budgets:
+            self._supervisor.start("disruption-budgets", lambda: run_publisher(self.budgets, 5.0))
         if settings.retention_interval_s > 0:
             self._supervisor.start(
                 "retention", lambda: self.retention.run(settings.retention_interval_s)

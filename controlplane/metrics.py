@@ -105,6 +105,13 @@ class ControlPlaneMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.plan_predictions = Counter(
+            "sentinel_plan_predictions",
+            "Verdicts on plans' predicted effects, by plan source and verdict (held, missed, "
+            "inconclusive).",
+            ["source", "verdict"],
+            registry=r,
+        )
         self.policy_evaluation = Histogram(
             "sentinel_policy_evaluation_seconds",
             "Time to evaluate all policies against one plan.",
@@ -176,6 +183,45 @@ class ControlPlaneMetrics:
             "sentinel_retention_pruned_rows",
             "Rows deleted because they outlived their retention, by table.",
             ["table"],
+            registry=r,
+        )
+        self.disruption_budget_limit = Gauge(
+            "sentinel_disruption_budget_limit",
+            "Nodes a disruption budget lets be changed or cordoned at once.",
+            ["budget"],
+            registry=r,
+        )
+        self.disruption_budget_in_use = Gauge(
+            "sentinel_disruption_budget_in_use",
+            "Nodes counted against a disruption budget now: held by running plans' waves, or "
+            "cordoned.",
+            ["budget"],
+            registry=r,
+        )
+        self.planner_hit_ratio = Gauge(
+            "sentinel_planner_prediction_hit_ratio",
+            "Share of a plan source's predictions judged within the calibration window that "
+            "held (1 when none was judged).",
+            ["source"],
+            registry=r,
+        )
+        self.planner_confidence = Gauge(
+            "sentinel_planner_stated_confidence",
+            "Mean confidence a plan source stated for its predictions judged within the "
+            "calibration window (0 when none).",
+            ["source"],
+            registry=r,
+        )
+        self.planner_rollbacks = Gauge(
+            "sentinel_planner_recent_rollbacks",
+            "Plans of a source that rolled back (or failed after a step ran) within the "
+            "calibration window.",
+            ["source"],
+            registry=r,
+        )
+        self.autonomy_breaker_tripped = Gauge(
+            "sentinel_autonomy_breaker_tripped",
+            "1 while the autonomy breaker is tripped (planner plans need an operator), else 0.",
             registry=r,
         )
         self.replica_bus_connected = Gauge(

@@ -106,6 +106,17 @@ class ControlPlaneSettings:
     policy_paths: str = ""
     """Comma-separated YAML policy files or directories of them, loaded at start (read-only
     through PolicyService); empty loads none."""
+    autonomy_policy_path: str = ""
+    """The autonomy policy file (YAML): breaker thresholds and the fleet-wide disruption
+    budgets under `budgets:` (docs/safe-autonomy.md); empty: `autonomy.yaml` in a
+    `policy_paths` directory (policies skip that name), and without one no budgets and a breaker
+    that never trips."""
+    planner_calibration_window_s: float = 24 * 3600.0
+    """Window of each plan source's calibration (`source` in policies, GetPlannerCalibration):
+    plans that ended within it, their rollbacks and judged predictions."""
+    autonomy_interval_s: float = 2.0
+    """How often each replica re-reads calibration and the breaker and judges the breaker's
+    thresholds (also at once after each plan that ends here)."""
     kubernetes_clusters: str = ""
     """Kubernetes clusters plans may act on: comma-separated `NAME=KUBECONFIG[#CONTEXT]` or
     `NAME=in-cluster`; empty: none (steps on Kubernetes objects are refused at submission)."""

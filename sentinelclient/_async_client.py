@@ -17,6 +17,8 @@ from sentinel.v1 import (
     audit_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    autonomy_pb2,
+    autonomy_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
     fleet_pb2,
@@ -68,6 +70,7 @@ class AsyncSentinelClient:
         self._auth = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._identity = identity_pb2_grpc.IdentityServiceStub(self._channel)
         self._enrollment = enrollment_pb2_grpc.EnrollmentServiceStub(self._channel)
+        self._autonomy = autonomy_pb2_grpc.AutonomyServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
         return self
@@ -244,6 +247,51 @@ class AsyncSentinelClient:
         )
         plan: plan_pb2.Plan = response.plan
         return plan
+
+    async def get_plan_outcome(self, plan_id: str) -> plan_pb2.PlanOutcome:
+        """What a plan did: per target, telemetry before its first step and after its last,
+        the prediction verdicts and the time to effect (docs/safe-autonomy.md)."""
+        response = await self._call(
+            self._plans.GetPlanOutcome,
+            plan_pb2.GetPlanOutcomeRequest(plan_id=plan_id),
+            "PlanService/GetPlanOutcome",
+            retry=True,
+        )
+        outcome: plan_pb2.PlanOutcome = response.outcome
+        return outcome
+
+    # --- safe autonomy ----------------------------------------------------------------------
+
+    async def get_autonomy_status(self) -> autonomy_pb2.GetAutonomyStatusResponse:
+        """The autonomy breaker, the disruption budgets with their holds, and every source's
+        calibration."""
+        response: autonomy_pb2.GetAutonomyStatusResponse = await self._call(
+            self._autonomy.GetAutonomyStatus,
+            autonomy_pb2.GetAutonomyStatusRequest(),
+            "AutonomyService/GetAutonomyStatus",
+            retry=True,
+        )
+        return response
+
+    async def get_planner_calibration(self, source: str) -> autonomy_pb2.PlannerCalibration:
+        response = await self._call(
+            self._autonomy.GetPlannerCalibration,
+            autonomy_pb2.GetPlannerCalibrationRequest(source=source),
+            "AutonomyService/GetPlannerCalibration",
+            retry=True,
+        )
+        calibration: autonomy_pb2.PlannerCalibration = response.calibration
+        return calibration
+
+    async def reset_breaker(self, reason: str) -> autonomy_pb2.AutonomyBreaker:
+        """Closes a tripped autonomy breaker (operators; the reason is required and audited)."""
+        response = await self._call(
+            self._autonomy.ResetBreaker,
+            autonomy_pb2.ResetBreakerRequest(reason=reason),
+            "AutonomyService/ResetBreaker",
+        )
+        breaker: autonomy_pb2.AutonomyBreaker = response.breaker
+        return breaker
 
     # --- fleet and telemetry ----------------------------------------------------------------
 

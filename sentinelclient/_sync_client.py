@@ -18,6 +18,8 @@ from sentinel.v1 import (
     audit_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    autonomy_pb2,
+    autonomy_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
     fleet_pb2,
@@ -70,6 +72,7 @@ class SentinelClient:
         self._auth = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._identity = identity_pb2_grpc.IdentityServiceStub(self._channel)
         self._enrollment = enrollment_pb2_grpc.EnrollmentServiceStub(self._channel)
+        self._autonomy = autonomy_pb2_grpc.AutonomyServiceStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -236,6 +239,51 @@ class SentinelClient:
         )
         plan: plan_pb2.Plan = response.plan
         return plan
+
+    def get_plan_outcome(self, plan_id: str) -> plan_pb2.PlanOutcome:
+        """What a plan did: per target, telemetry before its first step and after its last,
+        the prediction verdicts and the time to effect (docs/safe-autonomy.md)."""
+        response = self._call(
+            self._plans.GetPlanOutcome,
+            plan_pb2.GetPlanOutcomeRequest(plan_id=plan_id),
+            "PlanService/GetPlanOutcome",
+            retry=True,
+        )
+        outcome: plan_pb2.PlanOutcome = response.outcome
+        return outcome
+
+    # --- safe autonomy ----------------------------------------------------------------------
+
+    def get_autonomy_status(self) -> autonomy_pb2.GetAutonomyStatusResponse:
+        """The autonomy breaker, the disruption budgets with their holds, and every source's
+        calibration."""
+        response: autonomy_pb2.GetAutonomyStatusResponse = self._call(
+            self._autonomy.GetAutonomyStatus,
+            autonomy_pb2.GetAutonomyStatusRequest(),
+            "AutonomyService/GetAutonomyStatus",
+            retry=True,
+        )
+        return response
+
+    def get_planner_calibration(self, source: str) -> autonomy_pb2.PlannerCalibration:
+        response = self._call(
+            self._autonomy.GetPlannerCalibration,
+            autonomy_pb2.GetPlannerCalibrationRequest(source=source),
+            "AutonomyService/GetPlannerCalibration",
+            retry=True,
+        )
+        calibration: autonomy_pb2.PlannerCalibration = response.calibration
+        return calibration
+
+    def reset_breaker(self, reason: str) -> autonomy_pb2.AutonomyBreaker:
+        """Closes a tripped autonomy breaker (operators; the reason is required and audited)."""
+        response = self._call(
+            self._autonomy.ResetBreaker,
+            autonomy_pb2.ResetBreakerRequest(reason=reason),
+            "AutonomyService/ResetBreaker",
+        )
+        breaker: autonomy_pb2.AutonomyBreaker = response.breaker
+        return breaker
 
     # --- fleet and telemetry ----------------------------------------------------------------
 

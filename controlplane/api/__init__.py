@@ -3,6 +3,7 @@
 from controlplane.api._agent_service import AgentService
 from controlplane.api._audit_service import AuditService
 from controlplane.api._auth_service import AuthService
+from controlplane.api._autonomy_service import AutonomyService, BudgetMessages, budget_messages
 from controlplane.api._convert import telemetry_sample_data
 from controlplane.api._enrollment_service import (
     EnrollmentPortInterceptor,
@@ -25,6 +26,8 @@ __all__ = [
     "AuditService",
     "AuthInterceptor",
     "AuthService",
+    "AutonomyService",
+    "BudgetMessages",
     "EnrollmentPortInterceptor",
     "EnrollmentPortService",
     "EnrollmentService",
@@ -36,6 +39,7 @@ __all__ = [
     "PlanService",
     "PolicyService",
     "TelemetryService",
+    "budget_messages",
     "pending_servicer",
     "telemetry_sample_data",
 ]

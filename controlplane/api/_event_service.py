@@ -19,6 +19,7 @@ from controlplane.api._errors import abort
 from controlplane.events import (
     AGENT_STATUS_CHANGED,
     ANALYSIS_MEASURED,
+    BREAKER_CHANGED,
     COMMAND_FINISHED,
     PLAN_TRANSITIONED,
     REVOKED,
@@ -36,6 +37,7 @@ _KIND_TO_PB = {
     COMMAND_FINISHED: events_pb2.EVENT_KIND_COMMAND_FINISHED,
     ANALYSIS_MEASURED: events_pb2.EVENT_KIND_ANALYSIS_MEASURED,
     REVOKED: events_pb2.EVENT_KIND_REVOKED,
+    BREAKER_CHANGED: events_pb2.EVENT_KIND_BREAKER_CHANGED,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 _NEGATIVE_AFTER = "after_event_id: must not be negative"
@@ -114,6 +116,12 @@ def _fill_detail(message: events_pb2.Event, kind: str, p: dict[str, Any]) -> Non
                 value=p["value"],
                 reason=p.get("reason", ""),
                 revoked_by=p.get("revoked_by", ""),
+            )
+        )
+    elif kind == BREAKER_CHANGED:
+        message.breaker_changed.CopyFrom(
+            events_pb2.BreakerChanged(
+                tripped=bool(p["tripped"]), reason=p.get("reason", ""), actor=p.get("actor", "")
             )
         )
 

@@ -18,10 +18,12 @@ from controlplane.api._errors import abort
 from controlplane.api._paging import PageError, decode_token, encode_token, page_size
 from controlplane.auth import current_principal
 from controlplane.plans import (
+    SUMMARY_METRICS,
     Aggregation,
     HealthGate,
     KubernetesObject,
     Limits,
+    MetricSummary,
     MissAction,
     Phase,
     Plan,
@@ -32,6 +34,7 @@ from controlplane.plans import (
     PlanNotFound,
     PlanStateError,
     Precondition,
+    PreconditionFailed,
     Prediction,
     PredictionResult,
     RequestIdReused,
@@ -40,6 +43,7 @@ from controlplane.plans import (
     StepState,
     Target,
     Transition,
+    outcome_time_to_effect,
 )
 
 _PHASE_PREFIX = "PLAN_PHASE_"
@@ -176,6 +180,41 @@ def prediction_result_to_proto(result: PredictionResult) -> plan_pb2.PredictionR
     if result.time_to_effect_s is not None:
         message.time_to_effect.FromTimedelta(dt.timedelta(seconds=result.time_to_effect_s))
     message.check_time.FromDatetime(dt.datetime.fromisoformat(result.checked_at))
+    return message
+
+
+def _summary_to_proto(summary: MetricSummary, into: plan_pb2.MetricSummary) -> None:
+    into.mean, into.p95, into.min, into.max = summary.mean, summary.p95, summary.min, summary.max
+    into.count = summary.count
+    into.start_time.FromDatetime(dt.datetime.fromisoformat(summary.start))
+    into.end_time.FromDatetime(dt.datetime.fromisoformat(summary.end))
+
+
+def plan_outcome_to_proto(plan: Plan) -> plan_pb2.PlanOutcome:
+    """What the plan did: per target its telemetry before the first step and after the last,
+    the prediction verdicts and the time to effect."""
+    message = plan_pb2.PlanOutcome(
+        plan_id=plan.plan_id, phase=plan_pb2.PlanPhase.Value(_PHASE_PREFIX + plan.phase.value)
+    )
+    targets = list(dict.fromkeys([*plan.telemetry_before, *plan.telemetry_after]))
+    for target in targets:
+        before = plan.telemetry_before.get(target, {})
+        after = plan.telemetry_after.get(target, {})
+        out = message.targets.add(target=target)
+        known = [m for m in SUMMARY_METRICS if m in before or m in after]
+        for metric in [*known, *sorted({*before, *after} - set(known))]:
+            change = out.metrics.add(metric=metric)
+            if metric in before:
+                _summary_to_proto(before[metric], change.before)
+            if metric in after:
+                _summary_to_proto(after[metric], change.after)
+    for result in plan.prediction_results:
+        message.predictions.append(prediction_result_to_proto(result))
+    _timestamp(plan.started_at, message.start_time)
+    _timestamp(plan.steps_finished_at, message.end_time)
+    time_to_effect = outcome_time_to_effect(plan.predictions, plan.prediction_results)
+    if time_to_effect is not None:
+        message.time_to_effect.FromTimedelta(dt.timedelta(seconds=time_to_effect))
     return message
 
 
@@ -392,6 +431,10 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             )
         except PlanInvalid as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, _invalid_message(exc.problems))
+        except PreconditionFailed as exc:
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, _invalid_message(exc.problems)
+            )
         except RequestIdReused as exc:
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         response = plan_pb2.SubmitPlanResponse(
@@ -469,6 +512,9 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             response = plan_pb2.WatchPlanResponse(plan=plan_to_proto(plan))
             if transition is not None:
                 response.transition.CopyFrom(transition_to_proto(transition))
+            # The final message: the plan is terminal and this is its last transition.
+            if plan.phase.terminal and (transition is None or transition is plan.transitions[-1]):
+                response.outcome.CopyFrom(plan_outcome_to_proto(plan))
             yield response
 
     async def _operator_action(
@@ -485,6 +531,10 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except PlanStateError as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except PreconditionFailed as exc:  # approval judged on the state now
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, _invalid_message(exc.problems)
+            )
         except PlanConflict as exc:
             await abort(context, grpc.StatusCode.ABORTED, str(exc))
         return plan_to_proto(plan)
@@ -512,8 +562,8 @@ class PlanService(plan_pb2_grpc.PlanServiceServicer):
     async def GetPlanOutcome(
         self, request: plan_pb2.GetPlanOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> plan_pb2.GetPlanOutcomeResponse:
-        await self._get(request.plan_id, context)
-        await abort(context, grpc.StatusCode.UNIMPLEMENTED, "GetPlanOutcome: not built yet")
+        plan = await self._get(request.plan_id, context)
+        return plan_pb2.GetPlanOutcomeResponse(outcome=plan_outcome_to_proto(plan))
 
 
 __all__ = ["PlanService", "StepState", "plan_from_proto", "plan_to_proto"]

@@ -6,6 +6,7 @@ from controlplane.events._log import EVENT_CHANNEL, EventLog
 from controlplane.events._model import (
     AGENT_STATUS_CHANGED,
     ANALYSIS_MEASURED,
+    BREAKER_CHANGED,
     COMMAND_FINISHED,
     KINDS,
     PLAN_TRANSITIONED,
@@ -18,6 +19,7 @@ from controlplane.events._model import (
 __all__ = [
     "AGENT_STATUS_CHANGED",
     "ANALYSIS_MEASURED",
+    "BREAKER_CHANGED",
     "COMMAND_FINISHED",
     "EVENT_CHANNEL",
     "KINDS",

@@ -17,8 +17,18 @@ ANALYSIS_MEASURED: Final = "analysis.measured"
 REVOKED: Final = "identity.revoked"
 """A certificate (`certificate/<serial>`) or a node (`node/<node_id>`) was revoked."""
 
+BREAKER_CHANGED: Final = "autonomy.breaker_changed"
+"""The autonomy breaker tripped or was reset; subject `autonomy/breaker`."""
+
 KINDS: Final = frozenset(
-    {AGENT_STATUS_CHANGED, PLAN_TRANSITIONED, COMMAND_FINISHED, ANALYSIS_MEASURED, REVOKED}
+    {
+        AGENT_STATUS_CHANGED,
+        PLAN_TRANSITIONED,
+        COMMAND_FINISHED,
+        ANALYSIS_MEASURED,
+        REVOKED,
+        BREAKER_CHANGED,
+    }
 )
 
 

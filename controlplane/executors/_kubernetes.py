@@ -60,6 +60,8 @@ POD_TEMPLATE_HASH = "pod-template-hash"
 MAX_CONFLICT_RETRIES = 5
 _EVICTION_RETRY_S = 1.0
 _WATCH_SLICE_S = 10.0
+OBSERVE_TIMEOUT_S = 5.0
+"""How long reading a target's state for the stale-plan guard may take."""
 
 Verdict = tuple[bool, str]
 """(done, failure): done when the object reached what was asked; a failure ends the wait."""
@@ -260,6 +262,55 @@ class KubernetesExecutor:
             raise LookupError(f"where {target.key} runs is unknown: {exc}") from exc
         nodes = {pod.get("spec", {}).get("nodeName") for pod in listed.get("items", [])}
         return sorted(node for node in nodes if node)
+
+    async def observe(
+        self, action: str, parameters: Mapping[str, Any], target: Target
+    ) -> dict[str, str]:
+        """One GET of the object: its `resource_version` and `generation` (bumped by the API
+        server on every change of the spec), and the fields the action changes —
+        `spec.replicas` (scale), the container's image and env (rollout), the restart
+        annotation (restart), `spec.unschedulable` (cordon, uncordon, drain)."""
+        k = target.kubernetes
+        assert k is not None
+        cluster = self._clusters.get(k.cluster)
+        if cluster is None:
+            raise LookupError(f"cluster {k.cluster!r} is not configured")
+        deadline = time.monotonic() + OBSERVE_TIMEOUT_S
+        try:
+            if k.kind == "Node":
+                _, core, _ = cluster.apis()
+                obj = await cluster.call("get", core.read_node, k.name, deadline=deadline)
+            else:
+                workload = _Workload(cluster, k.kind)
+                obj = await cluster.call(
+                    "get", workload.read, k.name, k.namespace, deadline=deadline
+                )
+        except KubeError as exc:
+            if exc.status == 404:
+                raise LookupError(f"{target.key} does not exist") from exc
+            raise LookupError(f"{target.key} could not be read: {exc}") from exc
+        except TimeoutError as exc:
+            raise LookupError(
+                f"{target.key} could not be read within {OBSERVE_TIMEOUT_S:g} s"
+            ) from exc
+        metadata = obj.get("metadata", {})
+        fields = {"resource_version": str(metadata.get("resourceVersion", ""))}
+        if "generation" in metadata:
+            fields["generation"] = str(metadata["generation"])
+        paths: list[str] = []
+        if k.kind == "Node":
+            unschedulable = bool(obj.get("spec", {}).get("unschedulable", False))
+            fields["spec.unschedulable"] = "true" if unschedulable else "false"
+        elif action == "scale":
+            paths.append("spec.replicas")
+        elif action == "rollout":
+            container = str(parameters.get("container", ""))
+            paths += [f"containers.{container}.image", f"containers.{container}.env"]
+        elif action == "restart":
+            paths.append(f"spec.template.metadata.annotations.{RESTARTED_AT}")
+        for path in paths:
+            fields[path] = _show(_field(obj, path))
+        return fields
 
     async def dry_run(self, run: StepRun) -> DryRun:
         """Asks the API server for a server-side dry run (`dryRun=All`) of the run's writes

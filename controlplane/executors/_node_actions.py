@@ -18,10 +18,23 @@ from nodeactions import (
     check_power_limit,
     check_telemetry_interval,
     is_number,
+    read_power_limit,
 )
 
 Problems = list[tuple[str, str]]  # (field path relative to the step's parameters, message)
 Inverse = tuple[str, dict[str, Any]] | None  # (action, parameters) that undoes it, or None
+
+
+def power_limit_gpus(parameters: dict[str, Any]) -> frozenset[int] | None:
+    """The GPU indices a set_gpu_power_limit step sets; None for all of the node's GPUs (and
+    for parameters that do not check, which validation refuses anyway)."""
+    try:
+        request = read_power_limit(parameters)
+    except ValueError:
+        return None
+    if request.targets is None:
+        return None
+    return frozenset(target.index for target in request.targets)
 
 
 def _undo_power_limit(parameters: dict[str, Any], output: dict[str, Any]) -> Inverse:

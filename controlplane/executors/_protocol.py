@@ -2,8 +2,10 @@
 protocol, the targets it acts on, and the registry that picks an executor by a target's kind.
 
 The controller knows only this module. An executor validates a step's parameters, previews a
-run, runs the step on one target, withdraws a run that has not started, and says from what a run
-reported how to undo it. A new kind of target plugs in by registering an executor for its kind.
+run, runs the step on one target, withdraws a run that has not started, says from what a run
+reported how to undo it, and observes the fields of a target a run would change (so that a plan
+judged on one state does not act on another). A new kind of target plugs in by registering an
+executor for its kind.
 """
 
 from __future__ import annotations
@@ -182,6 +184,15 @@ class Executor(Protocol):
 
     async def withdraw(self, run: StepRun) -> bool:
         """Withdraws a run that has not started acting yet; True when it was withdrawn."""
+        ...
+
+    async def observe(
+        self, action: str, parameters: Mapping[str, Any], target: Target
+    ) -> dict[str, str]:
+        """The current values, as text, of the fields of `target` that running `action` with
+        `parameters` would change (e.g. "gpu.0.power_limit_watts" -> "700"); empty when there
+        is nothing to observe. Read-only and bounded in time; raises LookupError, with the
+        reason, when the target cannot be observed now (no telemetry yet, API unreachable)."""
         ...
 
     def undo(

@@ -2,6 +2,16 @@
 controller that executes them."""
 
 from controlplane.executors import KubernetesObject, Target
+from controlplane.plans._autonomy import BREAKER_RULE_ID, AutonomyGuard
+from controlplane.plans._budgets import (
+    BudgetConfigError,
+    BudgetHold,
+    BudgetState,
+    DisruptionBudget,
+    DisruptionBudgets,
+    parse_budgets,
+    run_publisher,
+)
 from controlplane.plans._controller import PipelineController
 from controlplane.plans._desk import (
     FleetView,
@@ -11,6 +21,11 @@ from controlplane.plans._desk import (
     RequestIdReused,
     SelfApproval,
     Submission,
+)
+from controlplane.plans._drift import (
+    PRECONDITION_VARIABLES,
+    PreconditionFailed,
+    StateGuard,
 )
 from controlplane.plans._gates import GATE_VARIABLES, HealthGates, gate_expression_problem
 from controlplane.plans._lease import LEASE_CHANNEL, Fence, Lease, LeaseLost
@@ -38,6 +53,13 @@ from controlplane.plans._model import (
     Violation,
     plan_document,
 )
+from controlplane.plans._predictions import (
+    METRICS,
+    SUMMARY_METRICS,
+    PredictionChecker,
+    TelemetryHistory,
+    outcome_time_to_effect,
+)
 from controlplane.plans._repository import (
     PlanChange,
     PlanConflict,
@@ -49,11 +71,21 @@ from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
+    "BREAKER_RULE_ID",
     "GATE_VARIABLES",
     "LEASE_CHANNEL",
+    "METRICS",
+    "PRECONDITION_VARIABLES",
+    "SUMMARY_METRICS",
     "TERMINAL",
     "Aggregation",
     "AnalysisRecord",
+    "AutonomyGuard",
+    "BudgetConfigError",
+    "BudgetHold",
+    "BudgetState",
+    "DisruptionBudget",
+    "DisruptionBudgets",
     "Fence",
     "FleetView",
     "HealthGate",
@@ -80,18 +112,25 @@ __all__ = [
     "PlanStateError",
     "PlannedCommand",
     "Precondition",
+    "PreconditionFailed",
     "Prediction",
+    "PredictionChecker",
     "PredictionResult",
     "PredictionVerdict",
     "RequestIdReused",
     "SelfApproval",
+    "StateGuard",
     "Step",
     "StepState",
     "Submission",
     "Target",
     "TargetState",
+    "TelemetryHistory",
     "Transition",
     "Violation",
     "gate_expression_problem",
+    "outcome_time_to_effect",
+    "parse_budgets",
     "plan_document",
+    "run_publisher",
 ]

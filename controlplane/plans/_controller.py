@@ -27,9 +27,27 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from controlplane.analysis import GateVerdict, Measurement, run_gate
 from controlplane.executors import Executors, StepRun, Target
+from controlplane.plans._autonomy import AutonomyGuard
+from controlplane.plans._budgets import DisruptionBudgets, WaveWait, wait_for_wave
+from controlplane.plans._drift import StateGuard
 from controlplane.plans._gates import HealthGates
 from controlplane.plans._lease import Lease, LeaseLost
-from controlplane.plans._model import AnalysisRecord, NodeResult, Phase, Plan, Step, StepState
+from controlplane.plans._model import (
+    AnalysisRecord,
+    MetricSummary,
+    NodeResult,
+    Phase,
+    Plan,
+    PredictionResult,
+    Step,
+    StepState,
+)
+from controlplane.plans._predictions import (
+    HISTORY_S,
+    PredictionChecker,
+    TelemetryHistory,
+    prediction_verdicts,
+)
 from controlplane.plans._repository import PlanConflict, PlanNotFound, PlanRepository
 from processkit import log_context, wait_event
 
@@ -40,6 +58,8 @@ ACTOR = "pipeline-controller"
 _TRACER = trace.get_tracer(__name__)
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
 _UNSUCCESSFUL = frozenset({Phase.FAILED, Phase.ROLLED_BACK})
+# How often the holds of finished plans are swept.
+_BUDGET_SWEEP_S = 30.0
 
 
 def _submission_context(plan: Plan) -> Context:
@@ -68,8 +88,18 @@ class PipelineController:
         on_step_finished: Callable[[str, str, float], None] | None = None,
         on_phase_counts: Callable[[dict[str, int]], None] | None = None,
         on_measurement: Callable[[Plan, AnalysisRecord], Awaitable[None]] | None = None,
+        predictions: PredictionChecker | None = None,
+        history: TelemetryHistory | None = None,
+        on_prediction: Callable[[str, str], None] | None = None,
         agent_on_kubernetes_node: Callable[[str], str | None] = lambda name: None,
+        autonomy: AutonomyGuard | None = None,
+        budgets: DisruptionBudgets | None = None,
+        guard: StateGuard | None = None,
     ) -> None:
+        self._guard = guard
+        self._budgets = budgets
+        self._budget_sweep_at = 0.0
+        self._autonomy = autonomy
         self._repository = repository
         self._lease = lease
         self._executors = executors
@@ -78,6 +108,9 @@ class PipelineController:
         self._on_step_finished = on_step_finished
         self._on_phase_counts = on_phase_counts
         self._on_measurement = on_measurement
+        self._predictions = predictions
+        self._history = history
+        self._on_prediction = on_prediction
         self._pause_lock = asyncio.Lock()
         self._agent_on_kubernetes_node = agent_on_kubernetes_node
         self._wake = asyncio.Event()
@@ -118,6 +151,10 @@ class PipelineController:
     async def reconcile(self) -> None:
         """One pass: expire plans that never started, drive every active plan."""
         now = _utcnow()
+        if self._budgets and time.monotonic() >= self._budget_sweep_at:
+            # Holds of plans that ended without releasing them (a controller killed mid-wave).
+            self._budget_sweep_at = time.monotonic() + _BUDGET_SWEEP_S
+            await self._budgets.sweep()
         for plan_id in await self._repository.expiring_plan_ids(now):
             await self._expire(plan_id, now)
         for plan_id in await self._repository.active_plan_ids():
@@ -181,7 +218,11 @@ class PipelineController:
                 "sentinel.controller": self._lease.holder,
             },
         ) as span:
-            plan = await self._drive_phases(plan)
+            try:
+                plan = await self._drive_phases(plan)
+            finally:
+                if self._budgets and plan.phase.terminal:
+                    await self._budgets.release(plan.plan_id)
             span.set_attribute("sentinel.plan.final_phase", plan.phase.value)
             if plan.phase in _UNSUCCESSFUL:
                 span.set_status(Status(StatusCode.ERROR, plan.status_message))
@@ -196,6 +237,9 @@ class PipelineController:
                     await self._expire(plan_id, _utcnow())
                     return plan
                 plan.started_at = _utcnow()
+                plan.telemetry_before = await self._telemetry_summaries(
+                    plan, plan.started_at - dt.timedelta(seconds=HISTORY_S), plan.started_at
+                )
                 plan = await self._save(plan, Phase.EXECUTING, "execution started")
             elif plan.phase in (Phase.EXECUTING, Phase.PAUSED):
                 # A plan found PAUSED (after a restart) goes on running its step: the run is
@@ -249,13 +293,95 @@ class PipelineController:
                     span.set_status(Status(StatusCode.ERROR, step.message))
             if ended is not None:
                 return ended
-        plan.status_message = "all steps succeeded"
-        return await self._save(plan, Phase.COMPLETED, "all steps succeeded")
+        return await self._finish(plan)
+
+    async def _finish(self, plan: Plan) -> Plan:
+        """After the last step: checks the plan's predictions (each verdict saved as it comes,
+        so a restarted controller judges only the undecided ones, with what is left of their
+        windows), summarises the telemetry since the last step, then completes the plan, or
+        rolls it back for a missed prediction that says so."""
+        if plan.steps_finished_at is None:
+            plan.steps_finished_at = _utcnow()
+            await self._save(plan)
+        nodes = await self._telemetry_nodes(plan)
+        decided = {result.name for result in plan.prediction_results}
+        pending = [p for p in plan.predictions if p.name not in decided]
+
+        async def keep(result: PredictionResult) -> None:
+            plan.prediction_results.append(result)
+            log.info("plan %s: %s", plan.plan_id, result.message)
+            await self._save(plan)
+            if self._on_prediction is not None:
+                self._on_prediction(plan.source, result.verdict.value)
+
+        async def cancelled() -> bool:
+            stored = await self._repository.get(plan.plan_id)
+            if stored.cancel_requested and not plan.cancel_requested:
+                plan.cancel_requested = stored.cancel_requested
+                plan.status_message = stored.status_message
+                plan.version = stored.version
+            return bool(plan.cancel_requested)
+
+        if pending and not plan.cancel_requested:
+            checker = self._predictions or PredictionChecker(lambda node: None, lambda p: {})
+            if self._history is not None:
+                self._history.watch(nodes)  # every sample of the after window counts
+            try:
+                await checker.verify(
+                    pending,
+                    nodes,
+                    finished_at=plan.steps_finished_at,
+                    plan_confidence=plan.confidence,
+                    decided=keep,
+                    stop=cancelled,
+                    stop_interval_s=self._interval_s,
+                )
+            finally:
+                if self._history is not None:
+                    self._history.unwatch(nodes)
+        plan.telemetry_after = await self._telemetry_summaries(
+            plan, plan.steps_finished_at, _utcnow(), nodes
+        )
+        if plan.cancel_requested:
+            return await self._fail(plan, None, plan.cancel_requested)
+        missed, roll_back = prediction_verdicts(plan.predictions, plan.prediction_results)
+        if roll_back:
+            return await self._fail(plan, None, "; ".join(roll_back))
+        plan.status_message = "; ".join(["all steps succeeded", *missed])
+        return await self._save(plan, Phase.COMPLETED, plan.status_message)
+
+    async def _telemetry_nodes(self, plan: Plan) -> list[str]:
+        """The agents whose telemetry the plan's predictions and outcome are about: its node
+        targets, and the agents of the Kubernetes nodes its workloads' pods run on."""
+        nodes: dict[str, None] = dict.fromkeys(plan.node_ids)
+        for step in plan.steps:
+            workloads = [target for target in step.targets if not target.node_id]
+            if workloads:
+                agents, _ = await self._agents_of(plan, step, workloads)
+                nodes.update(dict.fromkeys(agents))
+        return list(nodes)
+
+    async def _telemetry_summaries(
+        self,
+        plan: Plan,
+        start: dt.datetime,
+        end: dt.datetime,
+        nodes: Sequence[str] | None = None,
+    ) -> dict[str, dict[str, MetricSummary]]:
+        """Per node target, its summary metrics over the samples that arrived in the window."""
+        if self._history is None:
+            return {}
+        if nodes is None:
+            nodes = await self._telemetry_nodes(plan)
+        return {f"node/{node}": self._history.summaries(node, start, end) for node in nodes}
 
     async def _execute_step(self, plan: Plan, step: Step) -> Plan | None:
         """Runs one step wave by wave, each wave followed by the gates; None when it
         succeeded (and is saved), else the plan as its failure left it."""
         started = time.monotonic()
+        # A step found RUNNING is resumed (after a restart): the first wave with targets not
+        # yet recorded may have been in flight, its changes made but their results not stored.
+        resuming = step.state == StepState.RUNNING
         if step.state != StepState.RUNNING:
             step.state = StepState.RUNNING
             await self._save(plan)
@@ -263,6 +389,17 @@ class PipelineController:
         targets = step.targets
         for first in range(0, len(targets), size):
             wave = targets[first : first + size]
+            if (held := await self._hold_for_autonomy(plan)) is not None:
+                return await self._fail(plan, step, held)
+            if (refused := await self._hold_budgets(plan, step, wave)) is not None:
+                return await self._fail(plan, step, refused)
+            untouched = [t for t in wave if step.result_for(t.result_key) is None]
+            if resuming and untouched:
+                resuming = False  # possibly in flight: its changes are the plan's own
+            elif (stale := await self._stale(plan, step, untouched)) is not None:
+                if self._budgets:
+                    await self._budgets.release(plan.plan_id)
+                return await self._fail(plan, step, stale)
             with _TRACER.start_as_current_span(
                 "plan.wave",
                 attributes={
@@ -272,7 +409,14 @@ class PipelineController:
                     "sentinel.wave.targets": [t.key for t in wave],
                 },
             ) as span:
-                problem = await self._execute_wave(plan, step, wave, f"after wave {first // size}")
+                try:
+                    problem = await self._execute_wave(
+                        plan, step, wave, f"after wave {first // size}"
+                    )
+                finally:
+                    # Kept until the wave's gates are judged: its nodes are being changed.
+                    if self._budgets:
+                        await self._budgets.release(plan.plan_id)
                 if problem is not None:
                     span.set_status(Status(StatusCode.ERROR, problem[1]))
             if problem is not None:
@@ -280,11 +424,23 @@ class PipelineController:
                 if result:
                     self._step_finished(step, result, started)
                 return await self._fail(plan, step, why)
+        if self._guard is not None:
+            await self._guard.refresh(plan, step)  # saved with the step's success below
         step.state = StepState.SUCCEEDED
         step.message = _done_message(targets)
         self._step_finished(step, "succeeded", started)
         await self._save(plan)
         return None
+
+    async def _stale(self, plan: Plan, step: Step, untouched: Sequence[Target]) -> str | None:
+        """The stale-plan guard (_drift.py) on a wave's targets not yet started, right before
+        they are changed (after any wait for a disruption budget): None when they may be; else
+        why not (a target changed since the plan was judged, or a precondition no longer
+        holds). Targets already started are not passed: their change is the plan's own."""
+        if self._guard is None or not untouched:
+            return None
+        deadline = self._command_deadline(plan, step)
+        return await self._guard.check_step(plan, step, deadline, untouched)
 
     async def _execute_wave(
         self, plan: Plan, step: Step, wave: Sequence[Target], point: str
@@ -426,6 +582,37 @@ class PipelineController:
                     )
         return None
 
+    async def _hold_for_autonomy(self, plan: Plan) -> str | None:
+        """Before a wave: a planner plan pauses while the autonomy breaker is tripped (an
+        operator's approve resumes it); None when it may go on, else why it must roll back."""
+        if self._autonomy is None or (why := self._autonomy.wave_hold(plan)) is None:
+            return None
+        plan.waiting_reason = why
+        ended = await self._pause(plan, why, self._autonomy.pause_timeout_s)
+        plan.waiting_reason = ""
+        return ended
+
+    async def _hold_budgets(self, plan: Plan, step: Step, wave: Sequence[Target]) -> str | None:
+        """Before a wave: takes the disruption budgets' holds on its nodes, waiting while a
+        budget is used up; None when taken, else why the plan must fail."""
+        if not self._budgets:
+            return None
+
+        async def refresh() -> str:
+            stored = await self._repository.get(plan.plan_id)
+            plan.version, plan.cancel_requested = stored.version, stored.cancel_requested
+            if plan.cancel_requested:
+                return plan.cancel_requested
+            if self._lease.fence is None:
+                raise LeaseLost("no lease")
+            return "the plan's deadline passed" if self._deadline_passed(plan) else ""
+
+        async def save() -> None:
+            await self._save(plan)
+
+        how = WaveWait(refresh, save, lambda: self._lease.fence)
+        return await wait_for_wave(self._budgets, plan, step, wave, how)
+
     async def _pause(self, plan: Plan, why: str, timeout_s: float) -> str | None:
         """Pauses the plan for an operator; None when one resumed it (approve), else why the
         pause ended without that (a cancel, or the timeout), with the plan EXECUTING again and
@@ -492,9 +679,10 @@ class PipelineController:
             output=dict(outcome.output),
         )
 
-    async def _fail(self, plan: Plan, step: Step, reason: str) -> Plan:
-        step.state = StepState.FAILED
-        step.message = reason
+    async def _fail(self, plan: Plan, step: Step | None, reason: str) -> Plan:
+        if step is not None:  # None: the plan failed after its steps (a missed prediction)
+            step.state = StepState.FAILED
+            step.message = reason
         plan.status_message = reason
         log.warning("plan %s: %s", plan.plan_id, reason)
         if any(r.state == StepState.SUCCEEDED for s in plan.steps for r in s.node_results):

@@ -19,6 +19,8 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from controlplane.executors import Executors, FieldChange, StepRun, Target
+from controlplane.plans._autonomy import BREAKER_RULE_ID, AutonomyGuard
+from controlplane.plans._drift import PreconditionFailed, StateGuard
 from controlplane.plans._gates import gate_expression_problem
 from controlplane.plans._model import (
     Phase,
@@ -39,7 +41,8 @@ from controlplane.plans._repository import (
     RequestIdConflict,
 )
 from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig, validate_plan
-from controlplane.policy import EvaluationContext, PolicyEngine, Verdict
+from controlplane.policy import Effect, EvaluationContext, PolicyEngine, Verdict
+from controlplane.policy import Violation as PolicyViolation
 from controlplane.store import Bus, Store
 from processkit import wait_event
 
@@ -145,7 +148,11 @@ class PlanDesk:
         on_change: Callable[[PlanChange], None] | None = None,
         bus: Bus | None = None,
         on_remote_change: Callable[[str], None] | None = None,
+        autonomy: AutonomyGuard | None = None,
+        guard: StateGuard | None = None,
     ) -> None:
+        self._autonomy = autonomy
+        self._guard = guard
         replicated = bus is not None and bus.enabled
         self.repository = PlanRepository(store, self._changed, bus if replicated else None)
         self._on_remote_change = on_remote_change
@@ -165,8 +172,9 @@ class PlanDesk:
     # --- submission -------------------------------------------------------------------------
 
     async def submit(self, draft: Plan, principal: str, *, validate_only: bool) -> Submission:
-        """Validates, checks policy and (unless `validate_only`) stores the plan, already in
-        its verdict's phase. Raises PlanInvalid, RequestIdReused.
+        """Validates, records its targets' state and checks its preconditions, checks policy
+        and (unless `validate_only`) stores the plan, already in its verdict's phase. Raises
+        PlanInvalid, PreconditionFailed, RequestIdReused.
 
         Traced as `plan.submit` (a child of the calling RPC's span), whose context is stored
         with the plan: its execution continues the same trace."""
@@ -210,6 +218,17 @@ class PlanDesk:
         plan.trace_context = {}
         _TRACE_CONTEXT.inject(plan.trace_context)  # nothing when the submission is not traced
         digest = digest_of(plan)
+        if self._guard is not None:
+            try:
+                with _TRACER.start_as_current_span("plan.record_state"):
+                    await self._guard.record(plan)
+            except PreconditionFailed:
+                # A retry of a submission that was stored: the plan may since have changed
+                # its own targets; it is replayed, not judged again.
+                existing = await self.repository.find_by_request_id(plan.request_id)
+                if plan.request_id and existing is not None:
+                    return self._replay(existing, digest)
+                raise
         submitting = otel_context.get_current()
 
         def decide(recent: dict[str, int]) -> Decision:
@@ -293,6 +312,7 @@ class PlanDesk:
         return Submission(existing, preview_of(existing, self._executors), replayed=True)
 
     def _evaluate(self, plan: Plan, now: dt.datetime, recent: dict[str, int]) -> Verdict:
+        autonomy = self._autonomy
         context = EvaluationContext(
             now=now,
             fleet_size=self._fleet.fleet_size(),
@@ -300,8 +320,16 @@ class PlanDesk:
             cordoned_nodes=self._fleet.cordoned_nodes(),
             recent_plans_by_target=recent,
             rate_window_s=self._rate_window.total_seconds(),
+            source=autonomy.source_variables(plan.source) if autonomy else {},
+            breaker=autonomy.breaker_variables() if autonomy else {},
         )
-        return self._policy.evaluate(plan_document(plan), context)
+        verdict = self._policy.evaluate(plan_document(plan), context)
+        # The breaker's hold is built in, after the policies: no policy edit removes it.
+        if autonomy is not None and (held := autonomy.admission_hold(plan)) is not None:
+            plan.waiting_reason = held
+            hold = PolicyViolation(BREAKER_RULE_ID, held, "", Effect.REQUIRE_APPROVAL, "builtin")
+            verdict = Verdict(verdict.rejections, (*verdict.approvals_required, hold))
+        return verdict
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -381,7 +409,12 @@ class PlanDesk:
                     f"{principal} submitted plan {plan_id} and may not approve it; "
                     "another operator must"
                 )
+            if self._guard is not None:
+                # Judged on the state at approval, which the steps are then checked against:
+                # raises PreconditionFailed, leaving the plan awaiting approval.
+                await self._guard.record(plan)
             why = f"approved by {principal}" + (f": {reason}" if reason else "")
+            plan.waiting_reason = ""  # whatever it waited for, an operator let it go
             try:
                 return await self.repository.save(
                     plan, to_phase=Phase.APPROVED, actor=principal, reason=why

@@ -45,7 +45,8 @@ ALLOWED_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.PENDING: frozenset({Phase.VALIDATING}),
     Phase.VALIDATING: frozenset({Phase.APPROVED, Phase.REJECTED, Phase.AWAITING_APPROVAL}),
     Phase.AWAITING_APPROVAL: frozenset({Phase.APPROVED, Phase.CANCELLED}),
-    Phase.APPROVED: frozenset({Phase.EXECUTING, Phase.CANCELLED}),
+    # Back to AWAITING_APPROVAL: the autonomy breaker tripped before a planner's plan started.
+    Phase.APPROVED: frozenset({Phase.EXECUTING, Phase.CANCELLED, Phase.AWAITING_APPROVAL}),
     Phase.EXECUTING: frozenset({Phase.COMPLETED, Phase.FAILED, Phase.ROLLING_BACK, Phase.PAUSED}),
     # An operator's approve resumes it; a cancel or the pause's timeout resume it too, and
     # the controller then rolls it back from EXECUTING.

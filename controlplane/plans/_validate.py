@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from controlplane.analysis import check_gate
 from controlplane.executors import Executors, TargetKind
+from controlplane.plans._drift import drift_pattern_problem, precondition_expression_problem
 from controlplane.plans._model import Plan
+from controlplane.plans._predictions import prediction_problems
 
 _ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
 MAX_TEXT = 10_000
@@ -22,6 +24,8 @@ MAX_STEP_TIMEOUT_S = 24 * 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_GATE_WINDOW_S = 3600.0
 MAX_PAUSE_S = 7 * 24 * 3600.0
+MAX_PRECONDITIONS = 50
+MAX_DRIFT_PATTERNS = 100
 
 
 class PlanInvalid(ValueError):
@@ -150,6 +154,34 @@ def validate_plan(
                 bad(f"{at}.expression", error)
         if not 0 < gate.window_s <= MAX_GATE_WINDOW_S:
             bad(f"{at}.window", f"must be within (0, {MAX_GATE_WINDOW_S:g}] seconds")
+
+    for path, message in prediction_problems(plan.predictions):
+        bad(path, message)
+
+    if len(plan.preconditions) > MAX_PRECONDITIONS:
+        bad("preconditions", f"at most {MAX_PRECONDITIONS}, got {len(plan.preconditions)}")
+    precondition_names: dict[str, int] = {}
+    for i, precondition in enumerate(plan.preconditions[:MAX_PRECONDITIONS]):
+        at = f"preconditions[{i}]"
+        if not _ID.match(precondition.name):
+            bad(f"{at}.name", "required: 1-128 letters, digits, '.', '_' or '-'")
+        elif precondition.name in precondition_names:
+            first = precondition_names[precondition.name]
+            bad(f"{at}.name", f"duplicate of preconditions[{first}]")
+        else:
+            precondition_names[precondition.name] = i
+        if not precondition.expression.strip():
+            bad(f"{at}.expression", "required: a CEL expression over `target`, `state`, `sample`")
+        else:
+            error = precondition_expression_problem(precondition.expression)
+            if error is not None:
+                bad(f"{at}.expression", error)
+    if len(plan.allow_drift) > MAX_DRIFT_PATTERNS:
+        bad("allow_drift", f"at most {MAX_DRIFT_PATTERNS} patterns, got {len(plan.allow_drift)}")
+    for i, pattern in enumerate(plan.allow_drift[:MAX_DRIFT_PATTERNS]):
+        error = drift_pattern_problem(pattern)
+        if error is not None:
+            bad(f"allow_drift[{i}]", error)
 
     if plan.limits.max_nodes_in_parallel < 1:
         bad("limits.max_nodes_in_parallel", "must be at least 1")

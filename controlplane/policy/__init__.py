@@ -10,7 +10,12 @@ from controlplane.policy._book import (
 )
 from controlplane.policy._cel import Expression, ExpressionError, compile_expression
 from controlplane.policy._engine import ID_PATTERN, PolicyEngine, check_policy
-from controlplane.policy._files import load_policy_files, policy_from_data, policy_to_data
+from controlplane.policy._files import (
+    AUTONOMY_FILE_NAME,
+    load_policy_files,
+    policy_from_data,
+    policy_to_data,
+)
 from controlplane.policy._model import (
     Effect,
     EvaluationContext,
@@ -23,6 +28,7 @@ from controlplane.policy._model import (
 )
 
 __all__ = [
+    "AUTONOMY_FILE_NAME",
     "ID_PATTERN",
     "REFRESH_INTERVAL_S",
     "Effect",

@@ -34,7 +34,17 @@ log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,127}")
 MAX_EXPRESSION_LENGTH = 10_000
-PLAN_VARIABLES = frozenset({"plan", "fleet", "history", "now"})
+PLAN_VARIABLES = frozenset({"plan", "fleet", "history", "now", "source", "breaker"})
+# `source` of a plan whose source has no history in the calibration window: no evidence
+# against it (hit rate 1).
+_NO_CALIBRATION: dict[str, Any] = {
+    "prediction_hit_rate": 1.0,
+    "predictions": 0,
+    "predictions_held": 0,
+    "recent_rollbacks": 0,
+    "plans": 0,
+    "mean_confidence": 0.0,
+}
 STEP_VARIABLES = PLAN_VARIABLES | {"step", "index"}
 
 
@@ -130,6 +140,8 @@ def _variables(plan: Mapping[str, Any], context: EvaluationContext) -> dict[str,
             "window_seconds": float(context.rate_window_s),
         },
         "now": context.now,
+        "source": {**_NO_CALIBRATION, "name": plan.get("source", ""), **context.source},
+        "breaker": {"tripped": False, "reason": "", **context.breaker},
         "index": 0,
     }
 

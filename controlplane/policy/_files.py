@@ -114,6 +114,11 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
     }
 
 
+AUTONOMY_FILE_NAME = "autonomy.yaml"
+"""In a policy directory, the autonomy guards' thresholds (breaker, disruption budgets), not a
+policy: `controlplane.autonomy.load_autonomy_file` reads it."""
+
+
 def _files_of(paths: str) -> list[pathlib.Path]:
     files: list[pathlib.Path] = []
     for entry in (p.strip() for p in paths.split(",")):
@@ -122,7 +127,13 @@ def _files_of(paths: str) -> list[pathlib.Path]:
         path = pathlib.Path(entry)
         if path.is_dir():
             files.extend(
-                sorted(f for f in path.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+                sorted(
+                    f
+                    for f in path.iterdir()
+                    if f.suffix in (".yaml", ".yml")
+                    and f.is_file()
+                    and f.name != AUTONOMY_FILE_NAME
+                )
             )
         elif path.is_file():
             files.append(path)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class Effect(enum.StrEnum):
@@ -108,3 +109,8 @@ class EvaluationContext:
     recent_plans_by_target: Mapping[str, int]
     """Accepted plans touching each target key within `rate_window_s`."""
     rate_window_s: float
+    source: Mapping[str, Any] = field(default_factory=dict)
+    """The calibration of the plan's source (`source` in rules; docs/safe-autonomy.md); keys
+    missing here take the values of a source with no history."""
+    breaker: Mapping[str, Any] = field(default_factory=dict)
+    """The autonomy breaker (`breaker` in rules): tripped, reason; empty: not tripped."""

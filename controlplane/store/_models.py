@@ -95,6 +95,8 @@ class PlanRow(Base):
     __table_args__ = (
         Index("ix_plans_phase", "phase"),
         Index("ix_plans_source_created", "source", "created_at"),
+        # Planner calibration reads the plans that ended (changed) recently.
+        Index("ix_plans_updated", "updated_at"),
     )
 
     plan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -331,3 +333,54 @@ class LoginRow(Base):
 
 
 REFRESH_FAMILIES = cast(Table, LoginRow.__table__)
+
+
+class DisruptionBudgetRow(Base):
+    """A configured disruption budget as last computed (its limit and covered nodes); the row
+    is locked while a plan takes holds against it, so the decision is atomic across replicas."""
+
+    __tablename__ = "disruption_budgets"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node_limit: Mapped[int] = mapped_column(Integer)
+    nodes_covered: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class DisruptionHoldRow(Base):
+    """A node of a running wave counted against a budget: kept from before the wave's actions
+    until its gates are judged, and released when the wave ends or the plan is terminal."""
+
+    __tablename__ = "disruption_holds"
+    __table_args__ = (Index("ix_disruption_holds_plan", "plan_id"),)
+
+    budget: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # "node/<id>" or "k8s/<cluster>/Node/<name>".
+    node: Mapped[str] = mapped_column(String(512), primary_key=True)
+    plan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+DISRUPTION_BUDGETS = cast(Table, DisruptionBudgetRow.__table__)
+DISRUPTION_HOLDS = cast(Table, DisruptionHoldRow.__table__)
+
+
+class AutonomyBreakerRow(Base):
+    """The autonomy breaker (one row, id 1): whether it is tripped, why and by which replica,
+    and the last reset (who, when, why); changed only by conditional updates on `version`."""
+
+    __tablename__ = "autonomy_breaker"
+
+    breaker_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tripped: Mapped[bool] = mapped_column(default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    trip_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    tripped_by: Mapped[str] = mapped_column(String(128), default="")
+    reset_by: Mapped[str] = mapped_column(String(512), default="")
+    reset_time: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    reset_reason: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+AUTONOMY_BREAKER = cast(Table, AutonomyBreakerRow.__table__)

@@ -105,8 +105,10 @@ class TelemetryHub(Generic[P]):
         clock: Callable[[], float] = time.monotonic,
         on_published: Callable[[list[Sample[P]]], None] | None = None,
         on_subscriptions: Callable[[], None] | None = None,
+        on_relayed: Callable[[Sample[P]], None] | None = None,
     ) -> None:
         self._on_published = on_published
+        self._on_relayed = on_relayed
         self._on_subscriptions = on_subscriptions
         self._store = store
         self._ack_interval = ack_interval_s
@@ -220,6 +222,8 @@ class TelemetryHub(Generic[P]):
         node.latest = sample
         for subscriber in self._subscribers:
             subscriber.offer(sample)
+        if self._on_relayed is not None:
+            self._on_relayed(sample)
         return True
 
     def subscribed_nodes(self) -> list[frozenset[str]]:

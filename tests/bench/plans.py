@@ -12,6 +12,14 @@ events) and nothing executes; execution speed is the nodes' business, not submis
 
     python -m tests.bench.plans                             # SQLite in a temp dir
     python -m tests.bench.plans --database-url postgresql+psycopg://user@127.0.0.1:5432/db
+    python -m tests.bench.plans --guards ...                # also with every guard on
+
+With --guards, every repeat measures two servers one after the other (in alternating order,
+on the same database): one as above, and one with every safe-autonomy guard on
+(docs/safe-autonomy.md): plans carrying a precondition, allow_drift and a prediction (the
+state of every target recorded at validation, the precondition judged on each), policies
+reading the source's calibration and the breaker, and an autonomy file with the breaker and a
+disruption budget. The figure that matters is the p99 added by the guards.
 """
 
 from __future__ import annotations
@@ -48,6 +56,38 @@ rules:
     message: needs approval
     field: confidence
     effect: REQUIRE_APPROVAL
+"""
+
+
+GUARD_POLICY = """
+policy_id: bench-guards
+description: the shipped guardrails' calibration and breaker rules
+rules:
+  - rule_id: poorly-calibrated-source-needs-approval
+    expression: source.predictions < 10 || source.prediction_hit_rate >= 0.9
+    message: needs approval
+    field: source
+    effect: REQUIRE_APPROVAL
+  - rule_id: rolled-back-source-needs-approval
+    expression: source.recent_rollbacks < 2
+    message: needs approval
+    field: source
+    effect: REQUIRE_APPROVAL
+  - rule_id: breaker-open
+    expression: "!breaker.tripped || plan.confidence >= 0.99"
+    message: needs approval
+    field: confidence
+    effect: REQUIRE_APPROVAL
+"""
+
+AUTONOMY_FILE = """
+breaker:
+  max_rollbacks: 3
+  max_unhealthy_fraction: 0.2
+  window_seconds: 3600
+budgets:
+  - name: fleet
+    max_percent: 25
 """
 
 
@@ -94,8 +134,22 @@ def _register_nodes(database_url: str, count: int) -> list[str]:
     return nodes
 
 
-def _request(nodes: list[str], i: int) -> plan_pb2.SubmitPlanRequest:
+def _request(nodes: list[str], i: int, guards: bool = False) -> plan_pb2.SubmitPlanRequest:
     plan = plan_pb2.Plan(source="bench", rationale="benchmark", confidence=0.5)
+    if guards:
+        plan.preconditions.add(
+            name="not-too-hot",
+            expression=("!has(sample.gpus) || sample.gpus.all(g, g.temperature_celsius < 90)"),
+        )
+        plan.allow_drift.append("gpu.*.power_limit_watts")
+        prediction = plan.predictions.add(
+            name="power-down",
+            metric="gpu.power_watts",
+            aggregation=plan_pb2.PREDICTION_AGGREGATION_MEAN,
+            expression="value <= 460.0",
+            confidence=0.8,
+        )
+        prediction.window.FromSeconds(120)
     for s, action in enumerate(("set_gpu_power_limit", "run_diagnostic")):
         step = plan.steps.add(step_id=f"s{s}", action=action)
         for k in range(5):
@@ -165,7 +219,9 @@ def _row(name: str, latencies: list[float], wall: float) -> dict[str, float]:
     }
 
 
-async def _measure(port: int, directory: pathlib.Path, nodes: list[str], args: Any) -> list[Any]:
+async def _measure(
+    port: int, directory: pathlib.Path, nodes: list[str], args: Any, guards: bool, repeats: int
+) -> list[Any]:
     credentials = grpc.ssl_channel_credentials(
         (directory / "ca.pem").read_bytes(),
         (directory / "planner.key").read_bytes(),
@@ -176,18 +232,18 @@ async def _measure(port: int, directory: pathlib.Path, nodes: list[str], args: A
     ]
     try:
         stub = plan_pb2_grpc.PlanServiceStub(channels[0])
-        first = await stub.SubmitPlan(_request(nodes, 0))
+        first = await stub.SubmitPlan(_request(nodes, 0, guards))
         assert first.plan.phase == plan_pb2.PLAN_PHASE_AWAITING_APPROVAL, first.plan
         plan_id = first.plan.plan_id
 
         async def submit(s: plan_pb2_grpc.PlanServiceStub, i: int) -> None:
-            await s.SubmitPlan(_request(nodes, i))
+            await s.SubmitPlan(_request(nodes, i, guards))
 
         async def get(s: plan_pb2_grpc.PlanServiceStub, i: int) -> None:
             await s.GetPlan(plan_pb2.GetPlanRequest(plan_id=plan_id))
 
         rows = []
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             await _closed_loop(channels, 100, args.concurrency, submit)  # warm-up
             rows.append(
                 (
@@ -229,77 +285,134 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="", help="write the server's cProfile here")
     parser.add_argument("--rate", type=float, default=200, help="open-loop submissions/s")
     parser.add_argument("--repeats", type=int, default=3, help="measurements (medians shown)")
+    parser.add_argument(
+        "--guards", action="store_true", help="also measure with every safe-autonomy guard on"
+    )
     args = parser.parse_args(argv)
 
+    rows: list[Any] = []
+    cpu: dict[bool, float] = {False: 0.0, True: 0.0}
     with tempfile.TemporaryDirectory(prefix="sentinel-bench-plans-") as tmp:
         directory = pathlib.Path(tmp)
         _pki(directory)
         database_url = args.database_url or f"sqlite:///{directory / 'bench.db'}"
         nodes = _register_nodes(database_url, args.nodes)
         (directory / "policy.yaml").write_text(APPROVAL_POLICY)
-        port = _free_port()
-        # --profile PATH runs the server's event loop thread under cProfile.
-        profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                *profile,
-                "-m",
-                "controlplane.main",
-                "--certs-dir",
-                str(directory),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--metrics-listen",
-                "",
-                "--enrollment-listen",
-                "127.0.0.1:0",
-                "--database-url",
-                database_url,
-                "--policy-paths",
-                str(directory / "policy.yaml"),
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert server.stdout is not None
-            line = server.stdout.readline()
-            if b"listening" not in line:
-                print(f"control plane did not start: {line!r}", file=sys.stderr)
-                return 1
-            cpu_before = _cpu_seconds(server.pid)
-            rows = asyncio.run(_measure(port, directory, nodes, args))
-            cpu_used = _cpu_seconds(server.pid) - cpu_before
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
+        (directory / "guards.yaml").write_text(GUARD_POLICY)
+        (directory / "autonomy.yaml").write_text(AUTONOMY_FILE)
+        if not args.guards:
+            measured, cpu[False] = _run_server(args, directory, database_url, nodes, False)
+            rows += [(False, *row) for row in measured]
+        else:
+            # One repeat at a time, the two servers in alternating order, so that neither
+            # always runs on the fuller database or the warmer machine.
+            for repeat in range(args.repeats):
+                for guards in (False, True) if repeat % 2 == 0 else (True, False):
+                    measured, used = _run_server(args, directory, database_url, nodes, guards, 1)
+                    cpu[guards] += used
+                    rows += [(guards, *row) for row in measured]
 
     backend = database_url.split(":", 1)[0]
     print(f"\nplans benchmark: {backend}, {args.plans} calls per measurement, "
           f"{args.concurrency} in flight, {args.repeats} repeats (medians)")  # fmt: skip
-    print(f"{'call':<15}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    medians: dict[str, dict[str, float]] = {}
-    for name in ("GetPlan", "SubmitPlan", "SubmitPlan x1", f"SubmitPlan @{args.rate:g}/s"):
-        measured = [_row(name, lat, wall) for _, n, lat, wall in rows if n == name]
-        medians[name] = {
-            key: statistics.median(m[key] for m in measured)
-            for key in ("per_s", "p50_ms", "p99_ms")
-        }
-        m = medians[name]
-        print(f"{name:<15}{m['per_s']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}")
-    ratio = medians["SubmitPlan"]["p50_ms"] / medians["GetPlan"]["p50_ms"]
-    print(f"SubmitPlan / GetPlan p50 latency ratio: {ratio:.2f}")
-    print(f"server CPU over all measurements: {cpu_used:.1f} s")
-    at_rate = medians[f"SubmitPlan @{args.rate:g}/s"]
-    most = medians["SubmitPlan"]["per_s"]
-    print(
-        f"targets (PostgreSQL): p99 <= 25 ms at {args.rate:g}/s: "
-        f"{'met' if at_rate['p99_ms'] <= 25 else 'MISSED'} ({at_rate['p99_ms']:.1f} ms); "
-        f">= 200 plans/s: {'met' if most >= 200 else 'MISSED'} ({most:.0f}/s)"
-    )
+    names = ("GetPlan", "SubmitPlan", "SubmitPlan x1", f"SubmitPlan @{args.rate:g}/s")
+    results: dict[bool, dict[str, dict[str, float]]] = {}
+    for guards in (False, True) if args.guards else (False,):
+        if args.guards:
+            print(f"-- guards {'on' if guards else 'off'}")
+        print(f"{'call':<15}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        medians: dict[str, dict[str, float]] = {}
+        for name in names:
+            measured_rows = [
+                _row(name, lat, wall) for g, _, n, lat, wall in rows if g == guards and n == name
+            ]
+            medians[name] = {
+                key: statistics.median(m[key] for m in measured_rows)
+                for key in ("per_s", "p50_ms", "p99_ms")
+            }
+            m = medians[name]
+            print(f"{name:<15}{m['per_s']:>10.0f}{m['p50_ms']:>10.2f}{m['p99_ms']:>10.2f}")
+        ratio = medians["SubmitPlan"]["p50_ms"] / medians["GetPlan"]["p50_ms"]
+        print(f"SubmitPlan / GetPlan p50 latency ratio: {ratio:.2f}")
+        print(f"server CPU over all measurements: {cpu[guards]:.1f} s")
+        at_rate = medians[f"SubmitPlan @{args.rate:g}/s"]
+        most = medians["SubmitPlan"]["per_s"]
+        print(
+            f"targets (PostgreSQL): p99 <= 25 ms at {args.rate:g}/s: "
+            f"{'met' if at_rate['p99_ms'] <= 25 else 'MISSED'} ({at_rate['p99_ms']:.1f} ms); "
+            f">= 200 plans/s: {'met' if most >= 200 else 'MISSED'} ({most:.0f}/s)"
+        )
+        results[guards] = medians
+    if args.guards:
+        print("-- guards on minus off (medians of the repeats)")
+        for name in names[1:]:
+            off, on = results[False][name], results[True][name]
+            print(
+                f"{name:<15} p50 {on['p50_ms'] - off['p50_ms']:+.2f} ms, "
+                f"p99 {on['p99_ms'] - off['p99_ms']:+.2f} ms, "
+                f"calls/s {on['per_s'] / off['per_s']:.2f}x"
+            )
+        added = results[True][names[3]]["p99_ms"] - results[False][names[3]]["p99_ms"]
+        print(
+            f"target: <= 2 ms added at p99 ({names[3]}): "
+            f"{'met' if added <= 2 else 'MISSED'} ({added:+.2f} ms)"
+        )
     return 0
+
+
+def _run_server(
+    args: Any,
+    directory: pathlib.Path,
+    database_url: str,
+    nodes: list[str],
+    guards: bool,
+    repeats: int | None = None,
+) -> tuple[list[Any], float]:
+    """Starts a control plane (with every guard on, or none), measures, stops it; returns the
+    measurements and the server's CPU seconds over them."""
+    policies = str(directory / "policy.yaml")
+    extra: list[str] = []
+    if guards:
+        policies += "," + str(directory / "guards.yaml")
+        extra = ["--autonomy-policy-path", str(directory / "autonomy.yaml")]
+    port = _free_port()
+    # --profile PATH runs the server's event loop thread under cProfile.
+    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            *profile,
+            "-m",
+            "controlplane.main",
+            "--certs-dir",
+            str(directory),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            "",
+            "--enrollment-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            database_url,
+            "--policy-paths",
+            policies,
+            *extra,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if b"listening" not in line:
+            raise SystemExit(f"control plane did not start: {line!r}")
+        cpu_before = _cpu_seconds(server.pid)
+        rows = asyncio.run(_measure(port, directory, nodes, args, guards, repeats or args.repeats))
+        return rows, _cpu_seconds(server.pid) - cpu_before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
 
 
 def _cpu_seconds(pid: int) -> float:

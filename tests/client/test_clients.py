@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -252,3 +253,37 @@ async def test_a_logged_in_user_calls_with_its_own_role_not_the_certificates(
             with pytest.raises(SentinelError) as denied_again:
                 await by_setting.delete_user("vera")
             assert denied_again.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_outcome_calibration_and_breaker_through_both_clients(
+    pki: Pki, control_plane: ControlPlane, agent_factory: AgentFactory
+) -> None:
+    await agent_factory("node-1", control_plane.port)
+    async with AsyncSentinelClient(settings_for(pki, control_plane.port)) as client:
+        submitted = await client.submit_plan(_interval_plan())
+        final = await client.wait_for_plan(submitted.plan.plan_id)
+        outcome = await client.get_plan_outcome(final.plan_id)
+
+        async def counted() -> Any:
+            calibration = await client.get_planner_calibration(final.source)
+            return calibration if calibration.plans == 1 else None
+
+        calibration = await eventually(counted)
+        with pytest.raises(SentinelError) as refused:
+            await client.reset_breaker("a planner may not")
+    assert final.phase == plan_pb2.PLAN_PHASE_COMPLETED
+    assert (outcome.plan_id, outcome.phase) == (final.plan_id, plan_pb2.PLAN_PHASE_COMPLETED)
+    assert not outcome.predictions  # the plan stated none
+    assert (calibration.source, calibration.rollbacks, calibration.predictions) == (
+        final.source,
+        0,
+        0,
+    )
+    assert calibration.hit_rate == 1.0  # nothing judged: no evidence against the source
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+    def status() -> bool:
+        with SentinelClient(settings_for(pki, control_plane.port, "viewer", "v")) as viewer:
+            return viewer.get_autonomy_status().breaker.tripped
+
+    assert await asyncio.to_thread(status) is False

@@ -87,6 +87,7 @@ _ALLOWED_OUTCOME: dict[str, grpc.StatusCode] = {
     "/sentinel.v1.EventService/WatchEvents": grpc.StatusCode.DEADLINE_EXCEEDED,
     "/sentinel.v1.PlanService/SubmitPlan": _INVALID,  # no plan
     "/sentinel.v1.PlanService/GetPlan": _INVALID,  # no plan_id
+    "/sentinel.v1.PlanService/GetPlanOutcome": _INVALID,  # no plan_id
     "/sentinel.v1.PlanService/ListPlans": _OK,
     "/sentinel.v1.PlanService/WatchPlan": _INVALID,  # no plan_id
     "/sentinel.v1.PlanService/ApprovePlan": _INVALID,  # no plan_id
@@ -104,6 +105,9 @@ _ALLOWED_OUTCOME: dict[str, grpc.StatusCode] = {
     "/sentinel.v1.IdentityService/CreateUser": _INVALID,  # no username
     "/sentinel.v1.IdentityService/DeleteUser": _INVALID,  # username: required
     "/sentinel.v1.IdentityService/ListUsers": _OK,
+    "/sentinel.v1.AutonomyService/GetAutonomyStatus": _OK,
+    "/sentinel.v1.AutonomyService/GetPlannerCalibration": _INVALID,  # source: required
+    "/sentinel.v1.AutonomyService/ResetBreaker": _INVALID,  # reason: required
     "/grpc.health.v1.Health/Check": _OK,
     "/grpc.health.v1.Health/Watch": _OK,  # its first message, SERVING
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _OK,
@@ -258,6 +262,7 @@ _AREAS = {
     "policies": "PolicyService",
     "audit": "AuditService",
     "events": "EventService",
+    "autonomy": "AutonomyService",
 }
 _SPECIAL = {"approvals": ("PlanService", "ApprovePlan")}
 _READ_PREFIXES = ("Get", "List", "Watch", "Stream")
@@ -339,10 +344,13 @@ def test_the_readme_role_table_is_read_as_written() -> None:
             ("PlanService", "GetPlan"),
             ("PlanService", "ListPlans"),
             ("PlanService", "WatchPlan"),
+            ("PlanService", "GetPlanOutcome"),
             ("PolicyService", "ListPolicies"),
             ("PolicyService", "GetPolicy"),
             ("EventService", "ListEvents"),
             ("EventService", "WatchEvents"),
+            ("AutonomyService", "GetAutonomyStatus"),
+            ("AutonomyService", "GetPlannerCalibration"),
         )
     }
 

@@ -100,6 +100,7 @@ async def test_state_machine_allows_exactly_the_designed_transitions() -> None:
         ("VALIDATING", "AWAITING_APPROVAL"),
         ("AWAITING_APPROVAL", "APPROVED"), ("AWAITING_APPROVAL", "CANCELLED"),
         ("APPROVED", "EXECUTING"), ("APPROVED", "CANCELLED"),
+        ("APPROVED", "AWAITING_APPROVAL"),  # the autonomy breaker tripped before it started
         ("EXECUTING", "COMPLETED"), ("EXECUTING", "FAILED"), ("EXECUTING", "ROLLING_BACK"),
         ("ROLLING_BACK", "ROLLED_BACK"), ("ROLLING_BACK", "FAILED"),
         ("EXECUTING", "PAUSED"), ("PAUSED", "EXECUTING"),

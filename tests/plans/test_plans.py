@@ -598,16 +598,16 @@ async def test_gpu_power_limit_plan_failing_on_one_node_restores_the_other_nodes
     cp = await control_plane_factory()
     await agent_factory("gpu-a", cp.port)
     await agent_factory("gpu-b", cp.port)
+    capped = plan(
+        step("set_gpu_power_limit", ["gpu-a"], {"watts": 250}, step_id="cap-a"),
+        # 900 W is beyond these boards' 700 W maximum: the agent refuses it.
+        step("set_gpu_power_limit", ["gpu-b"], {"watts": 900}, step_id="cap-b"),
+    )
+    # The boards are shared: gpu-a's cap shows on gpu-b too, which the stale-plan guard would
+    # (rightly) call drift before cap-b; this test is about the agent's refusal.
+    capped.allow_drift.append("gpu.*.power_limit_watts")
     async with plan_client(pki, cp.port) as planner:
-        submitted = await planner.SubmitPlan(
-            plan_pb2.SubmitPlanRequest(
-                plan=plan(
-                    step("set_gpu_power_limit", ["gpu-a"], {"watts": 250}, step_id="cap-a"),
-                    # 900 W is beyond these boards' 700 W maximum: the agent refuses it.
-                    step("set_gpu_power_limit", ["gpu-b"], {"watts": 900}, step_id="cap-b"),
-                )
-            )
-        )
+        submitted = await planner.SubmitPlan(plan_pb2.SubmitPlanRequest(plan=capped))
         done = await wait_terminal(planner, submitted.plan.plan_id)
 
     assert phases(done)[-2:] == ["ROLLING_BACK", "ROLLED_BACK"], done.status_message

@@ -113,7 +113,7 @@ class DisruptionBudget(_message.Message):
     HOLDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kubernetes_cluster: _builtins.str
-    """Covers the Kubernetes Node targets of this cluster too (cordon, drain); empty: none."""
+    """Covers the Kubernetes Node targets of this cluster (cordon, drain); empty: none."""
     max_nodes: _builtins.int
     """At most this many nodes at once; 0: no absolute limit."""
     max_percent: _builtins.float
@@ -123,7 +123,9 @@ class DisruptionBudget(_message.Message):
     limit: _builtins.int
     @_builtins.property
     def node_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The nodes it covers, as glob patterns over node ids; empty: every node."""
+        """The agent nodes it covers, as glob patterns over node ids; empty: every agent node, unless
+        kubernetes_cluster is set (then it covers that cluster's Node targets only).
+        """
 
     @_builtins.property
     def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetHold]: ...

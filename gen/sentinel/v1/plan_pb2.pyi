@@ -357,11 +357,16 @@ class TargetState(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     OBSERVE_TIME_FIELD_NUMBER: _builtins.int
     target: _builtins.str
-    """The target's key: the node id, or "<cluster>/<namespace>/<kind>/<name>"."""
+    """The target as its step results name it: the node id, or
+    "k8s/<cluster>/<namespace>/<kind>/<name>".
+    """
     @_builtins.property
     def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Field name to value, as text: "gpu.0.power_limit_watts" -> "300", "cordoned" -> "false",
-        "resource_version" -> "12345".
+        "generation" -> "7" (resource_version is recorded too, for people: it changes with every
+        status update, so it never counts as drift). A target Sentinel could not observe when the
+        plan was judged (a node that had sent no telemetry) has no fields: its state right before
+        its first step is the baseline.
         """
 
     @_builtins.property
