@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from sentinel.v1 import plan_pb2
 
 from sentinelclient import PlanUpdate, SentinelClient, load_plan
@@ -19,9 +19,9 @@ from sentinelctl._output import (
     print_streamed,
     table,
 )
-from sentinelctl._values import local_time
+from sentinelctl._values import local_time, seconds
 
-PLAN_COMMANDS = ("get", "submit", "validate")
+PLAN_COMMANDS = ("get", "outcome", "submit", "validate")
 """Subcommands of `plan`; any other word after `plan` is a plan id (`plan ID` = `plan get ID`)."""
 
 _PHASES = [
@@ -32,7 +32,8 @@ _PHASES = [
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `submit`, `plans`, `plan get|submit|validate`, `watch`, `approve` and `cancel`."""
+    """Adds `submit`, `plans`, `plan get|outcome|submit|validate`, `watch`, `approve` and
+    `cancel`."""
     submit = sub.add_parser("submit", help="submit a plan from a YAML or JSON file")
     submit.add_argument("file")
     submit.add_argument("--validate-only", action="store_true", help="verdict only, store nothing")
@@ -43,12 +44,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_output_argument(plans)
     plans.set_defaults(func=_plans)
 
-    plan = sub.add_parser("plan", help="one plan: get (`plan ID` for short), submit, validate")
+    plan = sub.add_parser(
+        "plan", help="one plan: get (`plan ID` for short), outcome, submit, validate"
+    )
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     get = plan_sub.add_parser("get", help="one plan in full (JSON unless -o says otherwise)")
     get.add_argument("plan_id")
     add_output_argument(get, default="json")
     get.set_defaults(func=_get)
+    outcome = plan_sub.add_parser(
+        "outcome", help="what a plan did: telemetry before and after, prediction verdicts"
+    )
+    outcome.add_argument("plan_id")
+    add_output_argument(outcome)
+    outcome.set_defaults(func=_outcome)
     plan_submit = plan_sub.add_parser("submit", help="submit a plan file (YAML or JSON)")
     plan_submit.add_argument("-f", "--file", required=True, help="plan file; - reads stdin")
     plan_submit.add_argument(
@@ -230,6 +239,76 @@ def plan_summary(plan: plan_pb2.Plan) -> list[str]:
     lines += ["", "TRANSITIONS"]
     lines += [_transition_line(t) for t in plan.transitions]
     return lines
+
+
+def _outcome(args: argparse.Namespace, client: SentinelClient) -> None:
+    outcome = client.get_plan_outcome(args.plan_id)
+    if args.output == "table":
+        for line in outcome_summary(outcome):
+            print(line)
+    else:
+        print_data(message_data(outcome), args.output)
+
+
+def _when(ts: timestamp_pb2.Timestamp, present: bool) -> str:
+    return local_time(ts, "%Y-%m-%d %H:%M:%S") if present else "-"
+
+
+def outcome_summary(outcome: plan_pb2.PlanOutcome) -> list[str]:
+    """A plan's outcome for people: when it ran, each target's metrics before its first step
+    and after its last, and each prediction's verdict."""
+    started = _when(outcome.start_time, outcome.HasField("start_time"))
+    ended = _when(outcome.end_time, outcome.HasField("end_time"))
+    effect = seconds(outcome.time_to_effect) if outcome.HasField("time_to_effect") else "-"
+    lines = [
+        f"plan            {outcome.plan_id}  {_phase_name(outcome.phase)}",
+        f"ran             {started} .. {ended}",
+        f"time to effect  {effect}",
+        "",
+        "TARGETS",
+    ]
+    rows = [
+        (
+            target.target,
+            change.metric,
+            *_summary_cells(change.before),
+            *_summary_cells(change.after),
+        )
+        for target in outcome.targets
+        for change in target.metrics
+    ]
+    # A target without metrics still shows: the plan touched it, no telemetry was kept.
+    rows += [(t.target, "-", "-", "-", 0, "-", "-", 0) for t in outcome.targets if not t.metrics]
+    if rows:
+        headers = ("TARGET", "METRIC", "BEFORE MEAN", "BEFORE P95", "BEFORE N")
+        lines += table((*headers, "AFTER MEAN", "AFTER P95", "AFTER N"), rows)
+    else:
+        lines.append("(no targets)")
+    lines += ["", "PREDICTIONS"]
+    if outcome.predictions:
+        lines += table(
+            ("NAME", "VERDICT", "OBSERVED", "TIME TO EFFECT", "MESSAGE"),
+            [_prediction_row(p) for p in outcome.predictions],
+        )
+    else:
+        lines.append("(the plan stated none)")
+    return lines
+
+
+def _summary_cells(summary: plan_pb2.MetricSummary) -> tuple[str, str, int]:
+    # No values in the window: a mean of 0 would read as a measurement.
+    if not summary.count:
+        return "-", "-", 0
+    return f"{summary.mean:.1f}", f"{summary.p95:.1f}", summary.count
+
+
+def _prediction_row(prediction: plan_pb2.PredictionResult) -> tuple[str, str, str, str, str]:
+    verdict = plan_pb2.PredictionVerdict.Name(prediction.verdict).removeprefix(
+        "PREDICTION_VERDICT_"
+    )
+    observed = f"{prediction.observed:g}" if prediction.HasField("observed") else "-"
+    effect = seconds(prediction.time_to_effect) if prediction.HasField("time_to_effect") else "-"
+    return prediction.name, verdict, observed, effect, prediction.message
 
 
 def _gate_row(gate: plan_pb2.HealthGate) -> tuple[str, str, str]:

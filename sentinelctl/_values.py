@@ -36,6 +36,11 @@ def duration(value: str) -> duration_pb2.Duration:
     return result
 
 
+def seconds(value: duration_pb2.Duration) -> str:
+    """A duration as seconds, e.g. `12.5s` or `600s`."""
+    return f"{value.ToTimedelta().total_seconds():g}s"
+
+
 def ago(ts: timestamp_pb2.Timestamp) -> str:
     """How long ago, e.g. `42s ago` or `7m ago`."""
     seconds = (dt.datetime.now(dt.UTC) - ts.ToDatetime(dt.UTC)).total_seconds()

@@ -14,8 +14,15 @@ sentinelctl submit FILE [--validate-only]
 sentinelctl plans [--phase P] [--target T]
                                     list plans, oldest first
 sentinelctl plan ID / plan get ID   one plan in full (JSON)
+sentinelctl plan outcome ID         what a plan did: each target's metrics before and after,
+                                    the prediction verdicts, the time to effect
 sentinelctl watch ID                follow a plan step by step until it ends
 sentinelctl approve ID [--reason R] / sentinelctl cancel ID [--reason R]
+sentinelctl autonomy                the autonomy breaker, disruption budgets with their
+                                    holders, and each plan source's calibration
+sentinelctl calibration SOURCE      how often one source's predictions came true
+sentinelctl breaker reset --reason R
+                                    close a tripped autonomy breaker (operators)
 sentinelctl policy list / get ID / delete ID
 sentinelctl policy apply -f FILE    create or update the policies in a YAML or JSON file
 sentinelctl policy test -f FILE     check them on the server, storing nothing
@@ -41,7 +48,7 @@ import argparse
 import sys
 
 from sentinelclient import DocumentError, SentinelError
-from sentinelctl import _audit, _completion, _fleet, _identity, _plans, _policy
+from sentinelctl import _audit, _autonomy, _completion, _fleet, _identity, _plans, _policy
 from sentinelctl._connection import add_connection_arguments, open_client
 from sentinelctl._values import duration
 
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     # Registration order is the order `--help` lists the commands in.
-    for commands in (_fleet, _audit, _plans, _policy, _identity, _completion):
+    for commands in (_fleet, _audit, _plans, _autonomy, _policy, _identity, _completion):
         commands.register(sub)
     return parser
 

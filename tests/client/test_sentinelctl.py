@@ -1,6 +1,6 @@
 """`sentinelctl` for daily use, against a real control plane over real TLS with a real agent:
--o json|yaml, plan files in YAML, validation tables, watch progress, policy files, login, and
-the shell completion script."""
+-o json|yaml, plan files in YAML, validation tables, watch progress, plan outcomes, the
+autonomy guards, policy files, login, and the shell completion script."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import textwrap
 import pytest
 import yaml
 from google.protobuf import json_format
+from sentinel.v1 import plan_pb2
 
 from controlplane import ControlPlane
 from sentinelclient import AsyncSentinelClient
 from sentinelctl import cli
 from tests.client._rig import settings_for
-from tests.conftest import AgentFactory, Pki
+from tests.conftest import AgentFactory, ControlPlaneFactory, Pki
 
 pytestmark = pytest.mark.usefixtures("no_nvidia_driver")
 
@@ -46,12 +47,17 @@ limits:
 
 
 async def _ctl(
-    pki: Pki, cp: ControlPlane, capsys: pytest.CaptureFixture[str], *argv: str
+    pki: Pki,
+    cp: ControlPlane,
+    capsys: pytest.CaptureFixture[str],
+    *argv: str,
+    identity: tuple[str, str] = ("operator", "admin"),
 ) -> tuple[int, str, str]:
-    pki.client("operator", "admin")
+    pki.client(*identity)
     base = ["--server", f"localhost:{cp.port}", "--certs-dir", str(pki.directory)]
+    stem = "-".join(identity)
     # sentinelctl's client blocks; a thread keeps it off this test's event loop.
-    code = await asyncio.to_thread(cli.main, [*base, "--identity", "operator-admin", *argv])
+    code = await asyncio.to_thread(cli.main, [*base, "--identity", stem, *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -187,6 +193,88 @@ async def test_watch_shows_each_step_and_gate_as_the_plan_runs(
     assert code == 0 and updates[-1]["plan"]["phase"] == "PLAN_PHASE_COMPLETED"
 
 
+async def test_plan_outcome_prints_each_target_and_json_matches_the_client(
+    pki: Pki,
+    control_plane: ControlPlane,
+    agent_factory: AgentFactory,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await agent_factory("node-1", control_plane.port)
+    code, out, err = await _ctl(
+        pki, control_plane, capsys, "plan", "submit", "-f", _plan_file(tmp_path, "measured")
+    )
+    assert code == 0, err
+    plan_id = out.split()[1]
+    async with AsyncSentinelClient(settings_for(pki, control_plane.port)) as client:
+        assert (await client.wait_for_plan(plan_id)).phase == plan_pb2.PLAN_PHASE_COMPLETED
+        outcome = await client.get_plan_outcome(plan_id)
+
+    code, out, err = await _ctl(pki, control_plane, capsys, "plan", "outcome", plan_id)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[1:] == [plan_id, "COMPLETED"]
+    targets = lines[lines.index("TARGETS") + 1 : lines.index("PREDICTIONS") - 1]
+    assert targets[0].split()[:2] == ["TARGET", "METRIC"]
+    assert "BEFORE P95" in targets[0] and "AFTER MEAN" in targets[0]
+    assert {row.split()[0] for row in targets[1:]} == {"node/node-1"}
+    assert lines[lines.index("PREDICTIONS") + 1] == "(the plan stated none)"
+    code, out, _ = await _ctl(pki, control_plane, capsys, "plan", "outcome", plan_id, "-o", "json")
+    expected = json_format.MessageToDict(outcome, preserving_proto_field_name=True)
+    assert code == 0 and json.loads(out) == expected
+    assert [t["target"] for t in expected["targets"]] == ["node/node-1"]
+
+
+async def test_autonomy_shows_breaker_and_budgets_and_only_an_operator_resets_the_breaker(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = tmp_path / "autonomy.yaml"
+    policy.write_text(
+        "breaker:\n  max_rollbacks: 3\n  window_seconds: 600\n"
+        "budgets:\n  - name: pool\n    node_patterns: ['node-*']\n    max_nodes: 1\n"
+    )
+    cp = await control_plane_factory(autonomy_policy_path=str(policy))
+    await agent_factory("node-1", cp.port)
+
+    code, out, err = await _ctl(pki, cp, capsys, "autonomy")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "breaker     not tripped"
+    assert "last reset  never" in lines
+    budgets = lines[lines.index("BUDGETS") + 1 :]
+    assert budgets[0].split() == ["NAME", "LIMIT", "COVERED", "IN", "USE", "HOLDERS"]
+    assert budgets[1].split() == ["pool", "1", "1", "0", "-"]
+    assert "CALIBRATION" in lines
+    code, out, _ = await _ctl(pki, cp, capsys, "autonomy", "-o", "json")
+    status = json.loads(out)
+    assert code == 0 and status["budgets"][0]["name"] == "pool"
+    assert status["breaker"]["thresholds"]["max_rollbacks"] == 3
+    code, out, _ = await _ctl(pki, cp, capsys, "calibration", "inframind", "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out)["source"] == "inframind"
+
+    planner = ("planner", "inframind")
+    code, out, err = await _ctl(
+        pki, cp, capsys, "breaker", "reset", "--reason", "I am fine", identity=planner
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("sentinelctl: PERMISSION_DENIED: ")
+    code, out, err = await _ctl(pki, cp, capsys, "breaker", "reset", "--reason", "checked")
+    assert code == 0, err
+    assert out == (
+        "breaker not tripped: reset by spiffe://sentinel.local/operator/admin: checked\n"
+    )
+    code, out, _ = await _ctl(pki, cp, capsys, "autonomy")
+    assert code == 0 and "by spiffe://sentinel.local/operator/admin: checked" in out
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["breaker", "reset"])  # argparse: --reason is required
+    assert refused.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+
+
 async def test_policy_apply_creates_updates_and_test_reports_field_paths(
     pki: Pki,
     control_plane: ControlPlane,
@@ -286,7 +374,10 @@ def test_completion_scripts_are_valid_and_complete_commands_flags_and_values(
         return sorted(result.stdout.split())
 
     assert complete("pl") == ["plan", "plans"]
-    assert complete("plan", "") == ["get", "submit", "validate"]
+    assert complete("plan", "") == ["get", "outcome", "submit", "validate"]
+    assert complete("breaker", "") == ["reset"]
+    assert "--reason" in complete("breaker", "reset", "--")
+    assert complete("cal") == ["calibration"]
     assert complete("--server", "cp:7443", "plans", "-o", "") == ["json", "table", "yaml"]
     assert complete("plans", "--phase", "roll") == ["rolled_back", "rolling_back"]
     assert complete("plan", "submit", "-f", "pl") == ["plan.yaml"]
