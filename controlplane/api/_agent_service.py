@@ -5,6 +5,7 @@ messages between the stream and the fleet/telemetry domain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -71,6 +72,20 @@ def outbound_message(message: Outbound) -> agent_pb2.ConnectResponse:
             reason=message.reason, reconnect_after=_duration(message.reconnect_after_s)
         )
     )
+
+
+HELLO_BEFORE_REFUSAL_S = 1.0
+"""How long a refusal (capacity, admission) waits for the agent's hello first."""
+
+
+async def _let_hello_arrive(context: grpc.aio.ServicerContext) -> None:
+    """Reads (and drops) the agent's hello before a refusal, waiting at most a second. A status
+    sent while the client's first write is still in flight reaches it as INTERNAL "Internal
+    error from Core" (gRPC core replaces the status when that write fails), so the agent would
+    lose the retry-after and fall back to its short backoff: the feedback loop admission
+    control is there to prevent. A client that sends nothing is refused after the wait."""
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await asyncio.wait_for(context.read(), HELLO_BEFORE_REFUSAL_S)
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -200,9 +215,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # Checked and counted before the first await, so concurrent connects cannot all slip
         # in under the limit; before the hello, so a full replica spends nothing on it.
         if self._over_capacity():
+            await _let_hello_arrive(context)
             await self._refuse_for_capacity(context)
         limit = self._settings.max_opening_sessions
         if limit > 0 and self._opening >= limit:
+            await _let_hello_arrive(context)
             await self._refuse_for_admission(context)
         self._admitted += 1
         self._opening += 1

@@ -61,8 +61,8 @@ async def test_agent_over_capacity_is_refused_with_retry_after_and_waits_it_out(
     async with grpc.aio.secure_channel(
         f"localhost:{cp.port}", pki.channel_credentials("agent", "node-4")
     ) as channel:
-        # Refused before the hello is read: no write here, which would race the refusal (gRPC
-        # then fails the write, and the call, with INTERNAL instead of the server's status).
+        # A client that sends no hello is refused after the server waited a second for one
+        # (it lets a hello arrive first, so that an agent's write never races the refusal).
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call.read()
