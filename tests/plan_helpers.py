@@ -113,6 +113,20 @@ def phases(message: plan_pb2.Plan) -> list[str]:
     return [n.removeprefix("PLAN_PHASE_") for n in names]
 
 
+APPROVAL_POLICY = """
+policy_id: approvals
+description: low-confidence plans need an operator
+rules:
+  - rule_id: confidence-floor
+    expression: plan.confidence >= 0.8
+    message: confidence below 0.8 needs an operator's approval
+    field: confidence
+    effect: REQUIRE_APPROVAL
+"""
+"""Sends every plan of confidence below 0.8 to approval (pass `confidence=0.5` to `plan`):
+it is stored AWAITING_APPROVAL and nothing runs until an operator approves it."""
+
+
 def write_policy(path: pathlib.Path, text: str) -> str:
     path.write_text(text)
     return str(path)

@@ -22,7 +22,12 @@ from typing import Any
 
 from controlplane.executors import Executors, Target, TargetKind
 from controlplane.plans._model import Plan, Precondition, Step, TargetState
-from controlplane.policy import Expression, ExpressionError, compile_expression
+from controlplane.policy import (
+    Expression,
+    ExpressionError,
+    compile_expression,
+    expression_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +56,7 @@ class PreconditionFailed(Exception):
 
 def precondition_expression_problem(source: str) -> str | None:
     """Why a precondition's expression cannot be used, or None."""
-    try:
-        expression = compile_expression(source)
-    except ExpressionError as exc:
-        return str(exc)
-    unknown = sorted(expression.variables - PRECONDITION_VARIABLES)
-    if unknown:
-        known = ", ".join(sorted(PRECONDITION_VARIABLES))
-        return f"unknown variable(s) {', '.join(unknown)}; preconditions may use {known}"
-    return None
+    return expression_problem(source, PRECONDITION_VARIABLES, "preconditions")
 
 
 def drift_pattern_problem(pattern: str) -> str | None:
@@ -133,22 +130,33 @@ class StateGuard:
         Raises PreconditionFailed naming `plan.preconditions[i]` for one that does not hold.
         Never waits: submission is a hot path, and the plan's own step checks again."""
         until = time.monotonic() + self._observe_wait_s
+        nodes = {t.node_id for step in plan.steps for t in step.targets if t.node_id}
+        if nodes and self._fresh is not None:
+            await self._fresh(nodes)  # one round for all of them, where replicas relay
         gate = asyncio.Semaphore(OBSERVATIONS_IN_PARALLEL)
-        pairs = [(step, target) for step in plan.steps for target in step.targets]
 
-        async def one(step: Step, target: Target) -> dict[str, str] | None:
-            async with gate:
-                try:
+        async def one(step: Step, target: Target) -> dict[str, str]:
+            try:
+                if target.node_id:
                     return await self._observe(step, target, until)
-                except LookupError as exc:
-                    log.debug("plan %s: %s not observed: %s", plan.plan_id, target.key, exc)
-                    return None
+                async with gate:  # a bounded GET each: a few at a time
+                    return await self._observe(step, target, until)
+            except LookupError as exc:
+                log.debug("plan %s: %s not observed: %s", plan.plan_id, target.key, exc)
+                return {}
 
-        observed = await asyncio.gather(*(one(step, target) for step, target in pairs))
+        pairs = [(step, target) for step in plan.steps for target in step.targets]
+        # Nodes one after the other (reads of memory: telemetry, the registry; a task per
+        # target costs more than it saves); Kubernetes objects concurrently.
+        observed = [await one(step, target) for step, target in pairs if target.node_id]
+        observed += await asyncio.gather(
+            *(one(step, target) for step, target in pairs if not target.node_id)
+        )
+        ordered = [t for _, t in pairs if t.node_id] + [t for _, t in pairs if not t.node_id]
         fields: dict[str, dict[str, str]] = {}
-        for (_, target), result in zip(pairs, observed, strict=True):
-            if result:
-                fields.setdefault(target.result_key, {}).update(result)
+        for target, values in zip(ordered, observed, strict=True):
+            if values:
+                fields.setdefault(target.result_key, {}).update(values)
         at = _now_text()
         plan.recorded_state = {key: TargetState(key, values, at) for key, values in fields.items()}
         problems = await self._preconditions(plan, _targets_of(plan.steps), "does not hold")

@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from controlplane.plans._model import HealthGate
-from controlplane.policy import ExpressionError, compile_expression
+from controlplane.policy import ExpressionError, compile_expression, expression_problem
 from controlplane.telemetry import Sample
 
 GATE_VARIABLES = frozenset({"sample", "node_id"})
@@ -25,15 +25,7 @@ _TRACER = trace.get_tracer(__name__)
 
 def gate_expression_problem(source: str) -> str | None:
     """Why a health-gate expression cannot be used, or None."""
-    try:
-        expression = compile_expression(source)
-    except ExpressionError as exc:
-        return str(exc)
-    unknown = sorted(expression.variables - GATE_VARIABLES)
-    if unknown:
-        known = ", ".join(sorted(GATE_VARIABLES))
-        return f"unknown variable(s) {', '.join(unknown)}; health gates may use {known}"
-    return None
+    return expression_problem(source, GATE_VARIABLES, "health gates")
 
 
 class HealthGates(Generic[P]):

@@ -27,7 +27,12 @@ from controlplane.plans._model import (
     PredictionResult,
     PredictionVerdict,
 )
-from controlplane.policy import Expression, ExpressionError, compile_expression
+from controlplane.policy import (
+    Expression,
+    ExpressionError,
+    compile_expression,
+    expression_problem,
+)
 from controlplane.telemetry import Sample
 
 PREDICTION_VARIABLES = frozenset({"value", "samples"})
@@ -201,16 +206,10 @@ def _expression_problem(prediction: Prediction) -> str | None:
         return "required: a CEL expression over `value` (and `samples`), e.g. 'value <= 460.0'"
     if len(prediction.expression) > 10_000:
         return "at most 10000 characters"
-    try:
-        expression = compile_expression(prediction.expression)
-    except ExpressionError as exc:
-        return str(exc)
-    variables = expression.variables
-    unknown = sorted(variables - PREDICTION_VARIABLES)
-    if unknown:
-        known = ", ".join(sorted(PREDICTION_VARIABLES))
-        return f"unknown variable(s) {', '.join(unknown)}; predictions may use {known}"
-    if "value" in variables and not prediction.metric:
+    problem = expression_problem(prediction.expression, PREDICTION_VARIABLES, "predictions")
+    if problem is not None:
+        return problem
+    if not prediction.metric and "value" in compile_expression(prediction.expression).variables:
         return "uses `value`, but the prediction names no metric"
     return None
 

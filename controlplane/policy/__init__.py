@@ -8,7 +8,12 @@ from controlplane.policy._book import (
     PolicyNotFound,
     PolicyReadOnly,
 )
-from controlplane.policy._cel import Expression, ExpressionError, compile_expression
+from controlplane.policy._cel import (
+    Expression,
+    ExpressionError,
+    compile_expression,
+    expression_problem,
+)
 from controlplane.policy._engine import ID_PATTERN, PolicyEngine, check_policy
 from controlplane.policy._files import (
     AUTONOMY_FILE_NAME,
@@ -48,6 +53,7 @@ __all__ = [
     "Violation",
     "check_policy",
     "compile_expression",
+    "expression_problem",
     "load_policy_files",
     "policy_from_data",
     "policy_to_data",

@@ -4,6 +4,7 @@ expression refers to."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -102,3 +103,21 @@ class Expression:
 def compile_expression(source: str) -> Expression:
     """Compiles `source` once for many evaluations; raises ExpressionError."""
     return Expression(source, compile_program(source))
+
+
+@functools.lru_cache(maxsize=1024)
+def expression_problem(source: str, allowed: frozenset[str], users: str) -> str | None:
+    """Why `source` cannot be used where only the variables `allowed` exist, or None; `users`
+    names who may use them in the message ("health gates"). Remembered per source: planners
+    send the same expressions again and again, and compiling one costs about 100 µs."""
+    try:
+        expression = compile_expression(source)
+    except ExpressionError as exc:
+        return str(exc)
+    unknown = sorted(expression.variables - allowed)
+    if unknown:
+        return (
+            f"unknown variable(s) {', '.join(unknown)}; {users} may use "
+            f"{', '.join(sorted(allowed))}"
+        )
+    return None

@@ -22,20 +22,16 @@ from tests.executors.conftest import NAMESPACE, kube, kube_b, kubeconfig  # noqa
 from tests.fakenvml import FakeNvml, h100
 from tests.kubeapi import KubeApiServer
 from tests.kubeapi.objects import deployment
-from tests.plan_helpers import plan, plan_client, step, wait_terminal, write_policy
+from tests.plan_helpers import (
+    APPROVAL_POLICY,
+    plan,
+    plan_client,
+    step,
+    wait_terminal,
+    write_policy,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-APPROVAL_POLICY = """
-policy_id: approvals
-description: low-confidence plans need an operator
-rules:
-  - rule_id: confidence-floor
-    expression: plan.confidence >= 0.8
-    message: confidence below 0.8 needs an operator's approval
-    field: confidence
-    effect: REQUIRE_APPROVAL
-"""
 
 
 def _reported_limits(cp: ControlPlane, node_id: str) -> list[int] | None:

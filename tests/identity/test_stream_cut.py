@@ -27,20 +27,10 @@ from sentinel.v1 import (
 from certs import certificate_serial_hex
 from controlplane import ControlPlane
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
-from tests.plan_helpers import plan, step
+from tests.plan_helpers import APPROVAL_POLICY, plan, step
 
 SECRET = b"0123456789abcdef0123456789abcdef-stream-secret"
 PASSWORD = "correct horse battery"
-APPROVAL_POLICY = """
-policy_id: approvals
-description: low-confidence plans wait for an operator, so their watch stays open
-rules:
-  - rule_id: confidence-floor
-    expression: plan.confidence >= 0.8
-    message: needs approval
-    field: confidence
-    effect: REQUIRE_APPROVAL
-"""
 
 Opener = Callable[[grpc.aio.Channel, Any], Any]
 

@@ -18,6 +18,7 @@ from sentinelctl import main as ctl_main
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually
 from tests.fakenvml import FakeNvml, h100
 from tests.plan_helpers import (
+    APPROVAL_POLICY,
     phases,
     plan,
     plan_client,
@@ -26,17 +27,6 @@ from tests.plan_helpers import (
     write_policy,
 )
 from tests.processes.test_processes import _metrics as scrape_metrics
-
-APPROVAL_POLICY = """
-policy_id: approvals
-description: low-confidence plans need an operator
-rules:
-  - rule_id: confidence-floor
-    expression: plan.confidence >= 0.8
-    message: confidence below 0.8 needs an operator's approval
-    field: confidence
-    effect: REQUIRE_APPROVAL
-"""
 
 STRICT_POLICY = """
 policy_id: strict
