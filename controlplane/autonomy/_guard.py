@@ -104,6 +104,10 @@ class Autonomy:
         self._interval_s = interval_s
         self._wake = asyncio.Event()
         self._xid_watch = _XidWatch()
+        # Nodes count as unhealthy only once seen after this start: after a restart of the
+        # control plane every agent looks silent until it reconnects, which is not news about
+        # the fleet (and tripping then would hold every plan after every restart).
+        self._started_at = _utcnow()
         self.state = BreakerState()
 
     # --- AutonomyGuard (memory only: the submission's hot path) -----------------------------
@@ -229,13 +233,15 @@ class Autonomy:
         return None
 
     def _unhealthy(self, agents: list[AgentState], since: dt.datetime) -> dict[str, str]:
-        """Nodes silent or disconnected (since before the last reset: acknowledged by it, not
-        counted), and nodes with a new XID within the window."""
-        reset = self.state.reset_time
+        """Nodes that turned silent or disconnected within the window (`since`: its start, or
+        the last reset, which acknowledged what was down then) after being seen by this
+        control plane, and nodes with a new XID within the window."""
+        seen_after = max(since, self._started_at)
         found: dict[str, str] = {}
         for agent in agents:
-            if agent.status in (AgentStatus.DISCONNECTED, AgentStatus.SUSPECT) and (
-                reset is None or agent.last_seen >= reset
+            if (
+                agent.status in (AgentStatus.DISCONNECTED, AgentStatus.SUSPECT)
+                and agent.last_seen >= seen_after
             ):
                 found[agent.node_id] = agent.status.value.lower()
         for node_id, at in self._xid_watch.changed_at.items():

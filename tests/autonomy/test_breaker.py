@@ -265,6 +265,24 @@ async def test_breaker_trips_when_too_much_of_the_fleet_is_unhealthy(
     assert not (await _breaker(pki, cp.port)).tripped
 
 
+async def test_a_restarted_control_plane_does_not_trip_on_agents_not_yet_back(
+    pki: Pki,
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    # After a restart every agent looks silent until it reconnects: not news about the fleet.
+    autonomy = _autonomy_file(tmp_path, rollbacks=0, unhealthy=0.4)
+    cp = await control_plane_factory(autonomy_policy_path=autonomy, autonomy_interval_s=0.2)
+    agents = [await agent_factory(n, cp.port) for n in ("node-a", "node-b")]
+    await cp.stop()
+    for agent in agents:
+        await agent.stop()
+    restarted = await control_plane_factory(autonomy_policy_path=autonomy, autonomy_interval_s=0.2)
+    await asyncio.sleep(1.0)  # five judgements
+    assert not (await _breaker(pki, restarted.port)).tripped
+
+
 # --- the domain, without a server -------------------------------------------------------------
 
 
