@@ -94,6 +94,11 @@ class ReplicaExecutor:
     async def placement(self, target: Target, deadline: dt.datetime) -> list[str]:
         return []
 
+    async def observe(
+        self, action: str, parameters: Mapping[str, Any], target: Target
+    ) -> dict[str, str]:
+        return {"replicas": str(self.cluster.replicas.get(target.key, 1))}
+
     async def dry_run(self, run: StepRun) -> DryRun:
         before = self.cluster.replicas.get(run.target.key, 1)
         after = int(run.parameters["replicas"])
