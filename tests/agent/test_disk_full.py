@@ -5,6 +5,7 @@ unusable state directory at start is exit code 2."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pathlib
 import subprocess
@@ -203,12 +204,20 @@ def test_unwritable_state_directory_at_start_exits_2(
     not_a_directory = tmp_path / "state"
     not_a_directory.write_text("a file where the state directory should be")
 
-    code = agent_main(
+    # In this process: main() sets up the root logger (a handler on this test's captured
+    # stderr, which closes with the test), so the test's logging is put back afterwards.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = agent_main(
             [
                 "--node-id", "node-1", "--ca", str(pki.ca_path), "--cert", str(cert),
                 "--key", str(key), "--state-dir", str(not_a_directory), "--metrics-listen", "",
             ]
         )  # fmt: skip
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
     assert code == 2
     assert f"the state directory {not_a_directory} is not usable" in capfd.readouterr().err

@@ -261,7 +261,7 @@ async def test_autonomy_shows_breaker_and_budgets_and_only_an_operator_resets_th
         pki, cp, capsys, "breaker", "reset", "--reason", "I am fine", identity=planner
     )
     assert code == 1 and out == ""
-    assert err.startswith("sentinelctl: PERMISSION_DENIED: ")
+    assert err.splitlines()[-1].startswith("sentinelctl: PERMISSION_DENIED: ")
     code, out, err = await _ctl(pki, cp, capsys, "breaker", "reset", "--reason", "checked")
     assert code == 0, err
     assert out == (
