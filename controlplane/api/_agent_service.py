@@ -124,10 +124,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 log.warning("%d session(s) still closing at shutdown", len(still))
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str
+        self,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        level: int = logging.WARNING,
     ) -> NoReturn:
         self._metrics.sessions_refused.labels(reason).inc()
-        log.warning("agent session refused: %s", message)
+        log.log(level, "agent session refused: %s", message)
         await abort(context, code, message)
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> agent_pb2.Hello:
@@ -145,7 +150,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "bad_hello", first.problem
             )
-        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+        if first is grpc.aio.EOF:
+            # The client went away before its hello (gave up waiting, in a storm): nothing to
+            # warn an operator about, one of thousands then.
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "no_hello",
+                "the client closed the stream before its hello",
+                logging.DEBUG,
+            )
+        if first.WhichOneof("message") != "hello":
             await self._refuse(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -389,6 +389,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     grpc.StatusCode.UNAVAILABLE,
                     "the database is unavailable (restarting or unreachable); retry shortly",
                 )
+            if _peer_gone(exc, context):
+                # Answering a client that already went away (a status, a refusal): there is
+                # no one to tell, and nothing went wrong here.
+                code = "CANCELLED"
+                log.debug("%s: the client went away before the answer: %r", method, exc)
+                raise
             code = "UNKNOWN"
             log.exception("unhandled error in %s", method)
             raise
@@ -453,3 +459,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return await behavior(request, context)
 
         return coroutine
+
+
+def _peer_gone(exc: Exception, context: grpc.aio.ServicerContext) -> bool:
+    """Whether `exc` is gRPC failing to send to a client that has already gone: the call is
+    cancelled, or the batch that carries the status failed (grpc's ExecuteBatchError, not part
+    of its public API, hence the name)."""
+    return context.cancelled() or type(exc).__name__ == "ExecuteBatchError"
