@@ -14,6 +14,7 @@ import pathlib
 import signal
 import sys
 
+from controlplane._fds import OpenFilesLimit, raise_open_files_limit
 from controlplane.app import ControlPlane
 from controlplane.settings import ControlPlaneSettings, TlsFiles
 from controlplane.store import StoreError
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None) -> tuple[ControlPlaneSettings, argparse.N
     return ControlPlaneSettings(tls=tls, **values), args
 
 
-async def serve(settings: ControlPlaneSettings) -> None:
-    control_plane = ControlPlane(settings)
+async def serve(settings: ControlPlaneSettings, open_files: OpenFilesLimit | None = None) -> None:
+    control_plane = ControlPlane(settings, open_files=open_files)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -94,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 path.parent,
             )
             return 2
+    # Each agent session holds a descriptor: take all the hard limit allows, before anything
+    # opens one (start-up logs what that leaves room for).
+    open_files = raise_open_files_limit()
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, open_files))
     except (StoreError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1

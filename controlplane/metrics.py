@@ -42,7 +42,8 @@ class ControlPlaneMetrics:
         )
         self.sessions_refused = Counter(
             "sentinel_agent_sessions_refused",
-            "Agent sessions refused, by reason.",
+            "Agent sessions refused, by reason (among them capacity: max_agents reached; "
+            "fd_limit: the open-files limit reached; admission: too many being opened).",
             ["reason"],
             registry=r,
         )
@@ -158,7 +159,8 @@ class ControlPlaneMetrics:
         )
         self.sessions_capacity = Gauge(
             "sentinel_agent_sessions_capacity",
-            "Agent sessions this replica holds at most (max_agents); 0 means no limit.",
+            "Agent sessions this replica holds at most: max_agents, or fewer when its "
+            "open-files limit leaves room for fewer; 0 means no limit.",
             registry=r,
         )
         self.certificate_expiry = Gauge(

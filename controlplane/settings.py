@@ -87,6 +87,11 @@ class ControlPlaneSettings:
     capacity_retry_after_s: float = 5.0
     """Least retry-after of a session refused for capacity (drawn uniformly from [this,
     2 x this], sent as `retry-after-ms` trailing metadata)."""
+    open_files_reserve: int = 0
+    """Descriptors kept out of agent sessions' reach for everything else (database connections,
+    operators' calls, connections of agents being refused, metrics scrapes): sessions beyond the
+    soft open-files limit, less what is open at start and this, are refused like those beyond
+    `max_agents` (reason `fd_limit`). 0: 5 % of the limit, at least 64."""
     max_opening_sessions: int = 64
     """Sessions being opened at once (hello read, registered, welcomed, unfinished commands
     re-sent); beyond it a new session is refused with UNAVAILABLE and a short retry-after, so a
