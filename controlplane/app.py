@@ -44,6 +44,7 @@ from sentinel.v1 import (
     telemetry_pb2_grpc,
 )
 
+from controlplane._fds import OpenFilesLimit, describe, session_room
 from controlplane._tls import ReloadingServerCredentials
 from controlplane.api import (
     PENDING_SERVICES,
@@ -244,8 +245,12 @@ class ControlPlane:
     """One control plane process: builds every part from the settings, serves, and stops them
     in order."""
 
-    def __init__(self, settings: ControlPlaneSettings) -> None:
+    def __init__(
+        self, settings: ControlPlaneSettings, *, open_files: OpenFilesLimit | None = None
+    ) -> None:
         self.settings = settings
+        # The open-files limit as the process entry raised it (None: as it is, not raised).
+        self._open_files = open_files
         self.metrics = ControlPlaneMetrics()
         self.metrics_registry = self.metrics.registry
         self.store = Store(settings.database_url, threads=settings.store_threads)
@@ -363,8 +368,8 @@ class ControlPlane:
             thresholds=autonomy_file.breaker,
             calibration_window_s=settings.planner_calibration_window_s,
             replica_id=self.instance_id,
-            agents=self.registry.agents,
-            xids=self._xids,
+            fleet_size=self.registry.count,
+            unhealthy=self.registry.unhealthy,
             on_breaker_changed=self._breaker_changed,
             on_evaluated=self._publish_autonomy,
             interval_s=settings.autonomy_interval_s,
@@ -488,7 +493,8 @@ class ControlPlane:
     def _publish_process_gauges(self) -> None:
         m = self.metrics
         m.sessions_open.set_function(lambda: len(self.registry.sessions()))
-        m.sessions_capacity.set(self.settings.max_agents)
+        limit = self._agent_service.session_limit if self._agent_service else None
+        m.sessions_capacity.set(limit or 0)
         m.replicas_live.set_function(lambda: len(self.replicas.others()) + 1)
         m.replica_bus_connected.set_function(lambda: 1.0 if self.bus.connected.is_set() else 0.0)
         loop = asyncio.get_running_loop()  # scrapes run on the HTTP server's thread
@@ -515,6 +521,11 @@ class ControlPlane:
 
     def _telemetry_published(self, samples: list[Sample[telemetry_pb2.TelemetrySample]]) -> None:
         self.telemetry_history.record(samples)
+        if self.autonomy.watches_xids:
+            # New XIDs count towards the breaker; judged from the samples received here.
+            observe = self.autonomy.observe_xids
+            for sample in samples:
+                observe(sample.node_id, tuple(gpu.last_xid for gpu in sample.payload.gpus))
         if self.bus.enabled:
             self.relay.forward(samples)
 
@@ -576,12 +587,6 @@ class ControlPlane:
         self.metrics.policy_evaluation.observe(seconds)
         for violation in (*verdict.rejections, *verdict.approvals_required):
             self.metrics.policy_rejections.labels(violation.rule_id, violation.effect.value).inc()
-
-    def _xids(self, node_id: str) -> tuple[int, ...] | None:
-        """The node's GPUs' last XIDs, from its newest sample held here (never asks another
-        replica for it); None when there is none."""
-        sample = self.hub.latest(node_id)
-        return None if sample is None else tuple(gpu.last_xid for gpu in sample.payload.gpus)
 
     def _breaker_changed(self, state: BreakerState, actor: str, reason: str) -> None:
         self.events.emit(
@@ -690,8 +695,20 @@ class ControlPlane:
             options=_server_options(settings),
         )
         self.issuer = await asyncio.to_thread(self._make_issuer)
+        # Counted once the store, policies and issuer hold their files; the listening sockets
+        # opened below come out of the reserve.
+        room = session_room(
+            self._open_files or OpenFilesLimit.current(), settings.open_files_reserve
+        )
+        log.log(*describe(room, settings.max_agents))
         self._agent_service = AgentService(
-            settings, self.registry, self.hub, self.commands, self.metrics, issuer=self.issuer
+            settings,
+            self.registry,
+            self.hub,
+            self.commands,
+            self.metrics,
+            issuer=self.issuer,
+            session_room=room,
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._agent_service, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetService(self.registry), server)

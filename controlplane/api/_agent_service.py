@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 from sentinel.v1 import agent_pb2, agent_pb2_grpc, telemetry_pb2
 
 from certs import IdentityError, validate_name
+from controlplane._fds import SessionRoom, effective_session_limit
 from controlplane.api import _convert
 from controlplane.api._enrollment_service import issuance_status
 from controlplane.api._errors import abort
@@ -100,8 +101,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         ledger: CommandLedger,
         metrics: ControlPlaneMetrics,
         issuer: CertificateIssuer | None = None,
+        session_room: SessionRoom | None = None,
     ) -> None:
         self._settings = settings
+        self._session_room = session_room
+        self.session_limit, self._limit_reason = effective_session_limit(
+            settings.max_agents, session_room
+        )
+        """Sessions this replica holds at most (None: no limit): `max_agents`, or less when the
+        open-files limit leaves room for fewer (`_limit_reason` is then "fd_limit")."""
         self._issuer = issuer
         self._registry = registry
         self._hub = hub
@@ -199,10 +207,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         return hello
 
     def _over_capacity(self) -> bool:
-        """Whether a new session would exceed `max_agents`. A node that already holds a session
-        here is let in: its new session replaces the old one rather than adding to the count."""
-        limit = self._settings.max_agents
-        if limit <= 0 or self._admitted < limit:
+        """Whether a new session would exceed `max_agents` or the open-files room. A node that
+        already holds a session here is let in: its new session replaces the old one rather
+        than adding to the count."""
+        limit = self.session_limit
+        if limit is None or self._admitted < limit:
             return False
         return self._registry.session_for(current_principal().name) is None
 
@@ -211,15 +220,25 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # trailer is the convention of every other retryable refusal (Login, Enroll).
         base = self._settings.capacity_retry_after_s
         retry_ms = max(1, math.ceil(self._rng.uniform(base, 2 * base) * 1000))
-        self._metrics.sessions_refused.labels("capacity").inc()
-        log.info(
-            "agent session refused: this replica holds its maximum of %d agent sessions",
-            self._settings.max_agents,
-        )
+        retry = f"retry in {retry_ms / 1000:.1f} s (another replica may have room)"
+        self._metrics.sessions_refused.labels(self._limit_reason).inc()
+        room = self._session_room
+        if self._limit_reason == "fd_limit" and room is not None:
+            message = (
+                f"this control plane is at its open-files limit: {self.session_limit} agent "
+                f"sessions fit in its {room.limit.soft} descriptors ({room.open_at_start} open "
+                f"at start, {room.reserve} kept in reserve): {retry}; its operator can raise "
+                "the limit (`ulimit -n`, LimitNOFILE) or add replicas"
+            )
+        else:
+            message = (
+                f"this control plane holds its maximum of {self.session_limit} agent "
+                f"sessions: {retry}"
+            )
+        log.info("agent session refused: %s", message)
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
-            f"this control plane holds its maximum of {self._settings.max_agents} agent "
-            f"sessions: retry in {retry_ms / 1000:.1f} s (another replica may have room)",
+            message,
             trailing_metadata=(("retry-after-ms", str(retry_ms)),),
         )
         raise AssertionError("unreachable: context.abort raises")
@@ -320,7 +339,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def _write_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
-            message = await session.outbound.get()
+            message = await session.next_outbound()
             if message is None:
                 return
             try:

@@ -20,7 +20,7 @@ from controlplane.autonomy._calibration import (
     is_planner_plan,
 )
 from controlplane.autonomy._config import BreakerThresholds
-from controlplane.fleet import AgentState, AgentStatus
+from controlplane.fleet import AgentStatus, Liveness
 from controlplane.plans import (
     IllegalTransition,
     Phase,
@@ -84,8 +84,8 @@ class Autonomy:
         thresholds: BreakerThresholds,
         calibration_window_s: float,
         replica_id: str,
-        agents: Callable[[], Iterable[AgentState]] = list,
-        xids: Callable[[str], tuple[int, ...] | None] = lambda node_id: None,
+        fleet_size: Callable[[], int] = lambda: 0,
+        unhealthy: Callable[[], Iterable[Liveness]] = list,
         on_breaker_changed: Callable[[BreakerState, str, str], None] | None = None,
         on_evaluated: Callable[[AutonomyStatus], None] | None = None,
         interval_s: float = 2.0,
@@ -97,8 +97,8 @@ class Autonomy:
         self._breakers = BreakerStore(store)
         self._repository = repository
         self._replica_id = replica_id
-        self._agents = agents
-        self._xids = xids
+        self._fleet_size = fleet_size
+        self._unhealthy_nodes = unhealthy
         self._on_breaker_changed = on_breaker_changed
         self._on_evaluated = on_evaluated
         self._interval_s = interval_s
@@ -185,7 +185,6 @@ class Autonomy:
         state = await self._breakers.read()
         self.state = state
         await self.calibration.refresh(now)
-        self._watch_xids(now)
         if not state.tripped and (reason := self._trip_reason(state, now)) is not None:
             tripped = await self._breakers.trip(state, reason, self._replica_id, now)
             if tripped is not None:
@@ -220,45 +219,49 @@ class Autonomy:
                     f"(limit {limits.max_rollbacks}): {_plan_ids(rollbacks)}"
                 )
         if limits.max_unhealthy_fraction:
-            agents = list(self._agents())
-            unhealthy = self._unhealthy(agents, since)
-            if agents and len(unhealthy) / len(agents) > limits.max_unhealthy_fraction:
+            fleet = self._fleet_size()
+            unhealthy = self._unhealthy(since)
+            if fleet and len(unhealthy) / fleet > limits.max_unhealthy_fraction:
                 shown = "; ".join(f"{n} {why}" for n, why in sorted(unhealthy.items())[:5])
                 more = f" and {len(unhealthy) - 5} more" if len(unhealthy) > 5 else ""
                 return (
-                    f"{len(unhealthy)} of {len(agents)} nodes unhealthy "
-                    f"({len(unhealthy) / len(agents):.0%}, limit "
+                    f"{len(unhealthy)} of {fleet} nodes unhealthy "
+                    f"({len(unhealthy) / fleet:.0%}, limit "
                     f"{limits.max_unhealthy_fraction:.0%}): {shown}{more}"
                 )
         return None
 
-    def _unhealthy(self, agents: list[AgentState], since: dt.datetime) -> dict[str, str]:
+    def _unhealthy(self, since: dt.datetime) -> dict[str, str]:
         """Nodes that turned silent or disconnected within the window (`since`: its start, or
         the last reset, which acknowledged what was down then) after being seen by this
         control plane, and nodes with a new XID within the window."""
-        seen_after = max(since, self._started_at)
+        seen_after = max(since, self._started_at).timestamp()
         found: dict[str, str] = {}
-        for agent in agents:
+        for node in self._unhealthy_nodes():
             if (
-                agent.status in (AgentStatus.DISCONNECTED, AgentStatus.SUSPECT)
-                and agent.last_seen >= seen_after
+                node.status in (AgentStatus.DISCONNECTED, AgentStatus.SUSPECT)
+                and node.last_seen >= seen_after
             ):
-                found[agent.node_id] = agent.status.value.lower()
+                found[node.node_id] = node.status.value.lower()
         for node_id, at in self._xid_watch.changed_at.items():
             if at >= since and node_id not in found:
                 found[node_id] = f"new XID {self._xid_watch.seen.get(node_id)}"
         return found
 
-    def _watch_xids(self, now: dt.datetime) -> None:
+    @property
+    def watches_xids(self) -> bool:
+        """Whether new XIDs count towards the breaker (`observe_xids` is worth calling)."""
+        return bool(self.thresholds.max_unhealthy_fraction)
+
+    def observe_xids(self, node_id: str, xids: tuple[int, ...]) -> None:
+        """The last XID of each GPU in a sample received here (per sample, on the hot path:
+        keep it a dict lookup and a comparison). The first value seen is a baseline."""
         watch = self._xid_watch
-        for agent in self._agents():
-            xids = self._xids(agent.node_id)
-            if xids is None:
-                continue
-            before = watch.seen.get(agent.node_id)
-            if before is not None and before != xids and any(xids):
-                watch.changed_at[agent.node_id] = now
-            watch.seen[agent.node_id] = xids
+        before = watch.seen.get(node_id)
+        if before != xids:
+            if before is not None and any(xids):
+                watch.changed_at[node_id] = _utcnow()
+            watch.seen[node_id] = xids
 
     async def _requeue(self) -> None:
         """Planner plans approved but not started go back to AWAITING_APPROVAL (unless an

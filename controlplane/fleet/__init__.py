@@ -15,6 +15,7 @@ from controlplane.fleet._model import (
     ConfigOut,
     GoAwayOut,
     HelloInfo,
+    Liveness,
     Outbound,
     TelemetryAckOut,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigOut",
     "GoAwayOut",
     "HelloInfo",
+    "Liveness",
     "Outbound",
     "TelemetryAckOut",
     "UnknownCommand",

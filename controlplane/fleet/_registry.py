@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,12 +27,20 @@ from sqlalchemy import Connection, bindparam, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controlplane.fleet._model import AgentSession, AgentState, AgentStatus, HelloInfo
+from controlplane.fleet._model import (
+    AgentSession,
+    AgentState,
+    AgentStatus,
+    HelloInfo,
+    Liveness,
+    compact_inventory,
+)
 from controlplane.store import AGENTS, REPLICAS, AgentRow, Bus, Replicas, Store
 
 log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "sentinel_agent"
+_ids = random.Random()  # noqa: S311  # seeded from the OS at import; ids, not secrets
 # Seconds between full re-reads of the directory: the safety net under the bus.
 DIRECTORY_REFRESH_S = 30.0
 
@@ -108,6 +116,9 @@ class AgentRegistry:
         self._clock = clock
         self._agents: dict[str, _Agent] = {}
         self._counts: dict[AgentStatus, int] = dict.fromkeys(AgentStatus, 0)
+        # Nodes not CONNECTED, kept as statuses change: the breaker reads them every few
+        # seconds, which must not cost a pass over the whole fleet.
+        self._unhealthy: dict[str, _Agent] = {}
         self._dirty_last_seen: set[str] = set()
         self._watchers: set[asyncio.Queue[AgentState | None]] = set()
 
@@ -141,6 +152,7 @@ class AgentRegistry:
             held = self._held_elsewhere(row.replica_id)
             if status is AgentStatus.CONNECTED and not held:
                 status = AgentStatus.SUSPECT
+            inventory_json, kubernetes_node_name = compact_inventory(row.inventory)
             state = AgentState(
                 node_id=row.node_id,
                 status=status,
@@ -149,7 +161,8 @@ class AgentRegistry:
                 agent_version=row.agent_version,
                 spiffe_id=row.spiffe_id,
                 capabilities=tuple(row.capabilities),
-                inventory=row.inventory,
+                inventory_json=inventory_json,
+                kubernetes_node_name=kubernetes_node_name,
                 last_telemetry_seq=row.last_telemetry_seq,
                 telemetry_gap_samples=row.telemetry_gap_samples,
                 cordoned=row.cordoned,
@@ -157,7 +170,7 @@ class AgentRegistry:
                 replica_address=self._address_of(row.replica_id) if held else "",
                 connected_at=row.connected_at if held else None,
             )
-            self._agents[row.node_id] = _Agent(
+            agent = self._agents[row.node_id] = _Agent(
                 state,
                 last_heard=now,
                 last_seen=row.last_seen.timestamp(),
@@ -166,7 +179,7 @@ class AgentRegistry:
                 replica=row.replica_id if held else "",
                 session_key=row.session_id if held else "",
             )
-            self._counts[status] += 1
+            self._count(agent, None)
         self._publish_counts()
 
     def _held_elsewhere(self, replica_id: str) -> bool:
@@ -204,6 +217,14 @@ class AgentRegistry:
             key=lambda s: s.node_id,
         )
 
+    def unhealthy(self) -> list[Liveness]:
+        """The nodes not CONNECTED (Suspect, Disconnected) and when each was last seen; cheap
+        however large the fleet, as long as most of it is healthy."""
+        return [
+            Liveness(node_id, agent.state.status, agent.last_seen)
+            for node_id, agent in self._unhealthy.items()
+        ]
+
     def known(self, node_id: str) -> bool:
         return node_id in self._agents
 
@@ -225,7 +246,7 @@ class AgentRegistry:
         claims = [
             (agent.state.last_seen, node_id)
             for node_id, agent in self._agents.items()
-            if (agent.state.inventory.get("host") or {}).get("kubernetesNodeName") == name
+            if agent.state.kubernetes_node_name == name
         ]
         return max(claims)[1] if claims else None
 
@@ -282,7 +303,9 @@ class AgentRegistry:
 
     async def _open_session(self, hello: HelloInfo) -> tuple[AgentSession, AgentState]:
         now = _utcnow()
-        session = AgentSession(session_id=uuid.uuid4().hex, node_id=hello.node_id)
+        # 128 random bits, as uuid4 has, without its system call per session (a reconnect
+        # storm opens thousands a second); a session id names a session, it is no secret.
+        session = AgentSession(session_id=f"{_ids.getrandbits(128):032x}", node_id=hello.node_id)
         known = self._agents.get(hello.node_id)
         previous = known.state.status if known else None
         held_seq = known.seq if known else 0
@@ -330,6 +353,7 @@ class AgentRegistry:
             # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
             # the row exists now, and the second attempt updates it.
             seq, gaps, first_seen, cordoned = await self._store.run(upsert)
+        inventory_json, kubernetes_node_name = compact_inventory(hello.inventory)
         state = AgentState(
             node_id=hello.node_id,
             status=AgentStatus.CONNECTED,
@@ -338,7 +362,8 @@ class AgentRegistry:
             agent_version=hello.agent_version,
             spiffe_id=hello.spiffe_id,
             capabilities=hello.capabilities,
-            inventory=hello.inventory,
+            inventory_json=inventory_json,
+            kubernetes_node_name=kubernetes_node_name,
             last_telemetry_seq=seq,
             telemetry_gap_samples=gaps,
             session_id=session.session_id,
@@ -353,7 +378,7 @@ class AgentRegistry:
         if agent is None:
             agent = _Agent(state, self._clock(), now.timestamp(), seq, gaps, session)
             self._agents[hello.node_id] = agent
-            self._counts[state.status] += 1
+            self._count(agent, None)
             self._publish_counts()
         else:
             agent.session = session
@@ -485,11 +510,22 @@ class AgentRegistry:
     # -- internals ----------------------------------------------------------------------
 
     def _set_state(self, agent: _Agent, state: AgentState) -> None:
-        if state.status is not agent.state.status:
-            self._counts[agent.state.status] -= 1
-            self._counts[state.status] += 1
-            self._publish_counts()
+        previous = agent.state.status
         agent.state = state
+        if state.status is not previous:
+            self._count(agent, previous)
+            self._publish_counts()
+
+    def _count(self, agent: _Agent, previous: AgentStatus | None) -> None:
+        """Keeps the per-status counts and the unhealthy set in step with `agent.state`."""
+        status = agent.state.status
+        if previous is not None:
+            self._counts[previous] -= 1
+        self._counts[status] += 1
+        if status is AgentStatus.CONNECTED:
+            self._unhealthy.pop(agent.state.node_id, None)
+        else:
+            self._unhealthy[agent.state.node_id] = agent
 
     async def _change_status(
         self, agent: _Agent, status: AgentStatus, *, leave_directory: bool = False
@@ -638,6 +674,7 @@ class AgentRegistry:
                 return  # a write of ours not yet visible, or an older row: keep ours
         held = self._held_elsewhere(row.replica_id)
         status = AgentStatus(row.status)
+        inventory_json, kubernetes_node_name = compact_inventory(row.inventory)
         state = AgentState(
             node_id=row.node_id,
             status=status,
@@ -646,7 +683,8 @@ class AgentRegistry:
             agent_version=row.agent_version,
             spiffe_id=row.spiffe_id,
             capabilities=tuple(row.capabilities),
-            inventory=row.inventory,
+            inventory_json=inventory_json,
+            kubernetes_node_name=kubernetes_node_name,
             last_telemetry_seq=row.last_telemetry_seq,
             telemetry_gap_samples=row.telemetry_gap_samples,
             session_id=row.session_id if held else "",
@@ -663,7 +701,7 @@ class AgentRegistry:
                 row.telemetry_gap_samples,
             )
             self._agents[row.node_id] = agent
-            self._counts[status] += 1
+            self._count(agent, None)
             self._publish_counts()
         else:
             before = agent.snapshot()

@@ -3,7 +3,6 @@ on open streams at once and not only on the next connection."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Iterable
 from typing import Protocol
@@ -21,7 +20,7 @@ class RevocableSession(Protocol):
     @property
     def certificate_not_before(self) -> dt.datetime | None: ...
     @property
-    def closed(self) -> asyncio.Event: ...
+    def closed(self) -> bool: ...
     def close(self, reason: str, *, revoked: bool = False) -> None: ...
 
 
@@ -32,7 +31,7 @@ def close_revoked_sessions(sessions: Iterable[RevocableSession], revocations: Re
         revocation = revocations.is_revoked(
             session.certificate_serial, session.node_id, session.certificate_not_before
         )
-        if revocation is not None and not session.closed.is_set():
+        if revocation is not None and not session.closed:
             session.close(revocation.describe(), revoked=True)
             closed += 1
     return closed

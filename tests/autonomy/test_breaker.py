@@ -372,3 +372,26 @@ def test_wave_hold_spares_operator_plans_and_keeps_a_breaker_pause_across_restar
     assert autonomy.wave_hold(plan_by(PLANNER)) is None
     paused = plan_by(PLANNER, Phase.PAUSED, "autonomy breaker tripped: earlier")
     assert autonomy.wave_hold(paused) == "autonomy breaker tripped: earlier"
+
+
+def test_a_new_xid_counts_as_unhealthy_and_the_first_value_seen_is_only_a_baseline() -> None:
+    """XIDs are watched per sample as telemetry arrives (no pass over the fleet)."""
+    autonomy = Autonomy(
+        None,  # type: ignore[arg-type]  # no store: only the in-memory judgement is used
+        lambda: None,  # type: ignore[arg-type,return-value]
+        thresholds=BreakerThresholds(max_unhealthy_fraction=0.2),
+        calibration_window_s=3600,
+        replica_id="r",
+        fleet_size=lambda: 4,
+    )
+    assert autonomy.watches_xids
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    autonomy.observe_xids("node-a", (0, 79))  # a value from before: the baseline, not news
+    autonomy.observe_xids("node-a", (0, 79))
+    autonomy.observe_xids("node-b", (0, 0))
+    autonomy.observe_xids("node-b", (0, 0))
+    assert autonomy._trip_reason(BreakerState(), now) is None
+    autonomy.observe_xids("node-b", (48, 0))
+    reason = autonomy._trip_reason(BreakerState(), now)
+    assert reason is not None
+    assert reason.startswith("1 of 4 nodes unhealthy (25%, limit 20%): node-b new XID (48, 0)")

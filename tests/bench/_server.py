@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import multiprocessing
+import os
 import pathlib
 import random
 import re
 import time
 import traceback
+import tracemalloc
 import urllib.request
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -59,6 +62,10 @@ class RunConfig:
     """Time between ping starts when they run after the window."""
     keepalive_s: float = 30.0
     seed: int = 1
+    grpc_options: tuple[tuple[str, int | str], ...] = ()
+    """Extra gRPC server options given to both servers (experiments: `--grpc-option`)."""
+    settings: tuple[tuple[str, str], ...] = ()
+    """Control-plane settings overridden for Sentinel (`--setting`), as their text."""
 
 
 class ServerUnderTest(Protocol):
@@ -151,7 +158,12 @@ class BaselineServer:
             root_certificates=(directory / "ca.pem").read_bytes(),
             require_client_auth=True,
         )
-        server = grpc.aio.server(options=baseline_server_options(self._config.keepalive_s))
+        server = grpc.aio.server(
+            options=[
+                *baseline_server_options(self._config.keepalive_s),
+                *self._config.grpc_options,
+            ]
+        )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(self._service, server)
         self.port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
@@ -195,7 +207,12 @@ class SentinelServer:
             ),
             telemetry_interval_s=self._config.interval_s,
             keepalive_time_s=self._config.keepalive_s,
+            extra_grpc_options=self._config.grpc_options,
         )
+        if self._config.settings:
+            settings = dataclasses.replace(
+                settings, **_typed_settings(settings, dict(self._config.settings))
+            )
         self._control_plane = ControlPlane(settings)
         await self._control_plane.start()
         self.port = self._control_plane.port
@@ -233,6 +250,20 @@ class SentinelServer:
     async def stop(self) -> None:
         if self._control_plane is not None:
             await self._control_plane.stop()
+
+
+def _typed_settings(settings: Any, overrides: dict[str, str]) -> dict[str, Any]:
+    """`--setting` values converted to the type of the field they override."""
+    typed: dict[str, Any] = {}
+    for name, text in overrides.items():
+        current = getattr(settings, name)
+        if isinstance(current, bool):
+            typed[name] = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, int | float):
+            typed[name] = type(current)(text)
+        else:
+            typed[name] = text
+    return typed
 
 
 # -- the measurement --------------------------------------------------------------------------
@@ -452,6 +483,39 @@ async def _loop_lag(stop: asyncio.Event, period_s: float = 0.1) -> list[float]:
     return lags
 
 
+def _start_tracemalloc() -> bool:
+    """With SENTINEL_BENCH_TRACEMALLOC=N (frames per trace), allocations are traced and the
+    lines whose memory grew most between the start and the end of the window are printed: where
+    the per-agent RSS goes. Tracing slows the server several times: no figure of such a run is
+    a measurement."""
+    frames = int(os.environ.get("SENTINEL_BENCH_TRACEMALLOC", "0") or 0)
+    if frames <= 0:
+        return False
+    tracemalloc.start(frames)
+    return True
+
+
+def _report_allocations(config: RunConfig, before: tracemalloc.Snapshot) -> None:
+    after = tracemalloc.take_snapshot()
+    key = "traceback" if tracemalloc.get_traceback_limit() > 1 else "lineno"
+    growth = after.compare_to(before, key)
+    total = sum(stat.size_diff for stat in growth)
+    print(
+        f"  {config.kind}: traced Python allocations grew {total / 1024:.0f} KiB = "
+        f"{total / 1024 / config.agents:.1f} KiB per agent; largest:",
+        flush=True,
+    )
+    for stat in growth[:30]:
+        where = " <- ".join(
+            f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in stat.traceback
+        )
+        print(
+            f"    {stat.size_diff / config.agents:8.0f} B/agent "
+            f"{stat.count_diff:+8d} blocks  {where}",
+            flush=True,
+        )
+
+
 async def measure(config: RunConfig) -> Message:
     unhandled = UnhandledErrors()
     asyncio.get_running_loop().set_exception_handler(unhandled)
@@ -460,11 +524,13 @@ async def measure(config: RunConfig) -> Message:
     server: ServerUnderTest = (
         SentinelServer(config) if config.kind == "sentinel" else BaselineServer(config)
     )
+    traced = _start_tracemalloc()
     await server.start()
     # Let start-up allocations and background tasks settle before the reference reading.
     gc.collect()
     await asyncio.sleep(1.0)
     rss_before = rss_bytes()
+    before_snapshot = tracemalloc.take_snapshot() if traced else None
     print(
         f"  {config.kind}: serving on port {server.port}; connecting {config.agents} agents",
         flush=True,
@@ -495,6 +561,8 @@ async def measure(config: RunConfig) -> Message:
         lag_probe = asyncio.create_task(_loop_lag(stop_lag_probe))
         window = await _steady_window(server, config, simulators)
         rss_after = rss_bytes()
+        if before_snapshot is not None:
+            _report_allocations(config, before_snapshot)
         threads = thread_count()
         if config.kind == "sentinel" and config.pings > 0 and not config.pings_in_window:
             # Telemetry keeps flowing: the round trips are taken under the same steady load, but

@@ -99,8 +99,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=600.0,
         help="seconds the fleet may take to connect (default 600)",
     )
+    parser.add_argument(
+        "--grpc-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra gRPC server option for both servers (repeatable; integers as integers)",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a control-plane setting for Sentinel's server (repeatable), e.g. "
+        "max_opening_sessions=0",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
+    settings = []
+    for setting in args.setting:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            parser.error(f"--setting {setting!r}: expected NAME=VALUE")
+        settings.append((name, value))
+    args.setting = tuple(settings)
+    options: list[tuple[str, int | str]] = []
+    for option in args.grpc_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            parser.error(f"--grpc-option {option!r}: expected KEY=VALUE")
+        options.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    args.grpc_option = tuple(options)
     if args.agents < 1 or args.window <= 0 or args.interval <= 0 or args.repeats < 1:
         parser.error("--agents, --window, --interval and --repeats must be positive")
     if args.simulators == 0:
@@ -358,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     pings_in_window=args.pings_in_window,
                     ping_spacing_s=args.ping_spacing,
                     seed=repeat + 1,
+                    grpc_options=args.grpc_option,
+                    settings=args.setting,
                 )
                 result = run_one(config)
                 runs[kind].append(result)
