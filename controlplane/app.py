@@ -181,6 +181,11 @@ def _server_options(settings: ControlPlaneSettings) -> list[tuple[str, int | str
         # operator a few), and a connection that never finishes its TLS handshake is closed
         # instead of holding a descriptor for gRPC's default two minutes.
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        *(
+            [("grpc.tsi.max_frame_size", settings.tls_max_frame_size)]
+            if settings.tls_max_frame_size
+            else []
+        ),
         ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
         *age,
         *settings.extra_grpc_options,

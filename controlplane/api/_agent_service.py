@@ -356,12 +356,24 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _read_loop(self, session: AgentSession, context: grpc.aio.ServicerContext) -> str:
         """Reads until the agent closes the stream or the session is closed from our side.
 
-        The per-message path is a plain `await context.read()` in one task, which a close from
-        our side cancels.
+        The per-message path is a plain `await context.read()` in the call's own task; a close
+        from our side (superseded, liveness, shutdown, revocation) cancels that task, and the
+        cancellation is taken back here. No second task per session: thousands of sessions
+        would each hold one.
         """
         node_id = session.node_id
+        task = asyncio.current_task()
+        assert task is not None
+        closing = False
 
-        async def pump() -> str:
+        def stop_reading() -> None:
+            nonlocal closing
+            if not closing:
+                closing = True
+                task.cancel()
+
+        session.on_close = stop_reading
+        try:
             while True:
                 request = await context.read()
                 if request is grpc.aio.EOF:
@@ -370,26 +382,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 self._registry.heard_from(node_id)
                 await self._dispatch(session, request, context)
-
-        reader = asyncio.create_task(pump(), name=f"session-reader:{node_id}")
-        # Closing the session from our side (superseded, liveness, shutdown) stops the reader;
-        # no extra task per session waits for that.
-
-        def stop_reader() -> None:
-            reader.cancel()
-
-        session.on_close = stop_reader
-        try:
-            await asyncio.wait({reader})
-            if reader.cancelled():
-                # Give the writer a moment to flush a GoAway before the stream ends.
-                await asyncio.sleep(0.05)
-                return session.close_reason
-            return reader.result()
+        except asyncio.CancelledError:
+            # Ours alone (not also the client's going away or the server stopping): the
+            # session ends with its reason once the writer has had a moment to flush a GoAway.
+            if not closing or task.cancelling() > 1:
+                raise
+            task.uncancel()
+            session.on_close = None
+            await asyncio.sleep(0.05)
+            return session.close_reason
         finally:
             session.on_close = None
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
 
     async def _dispatch(
         self,

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.fleet._model import AgentSession, CommandOut
-from controlplane.store import COMMANDS, Bus, CommandRow, Store, fit
+from controlplane.store import COMMANDS, Bus, CommandRow, Store, WriteBatcher, fit
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class CommandLedger:
         bus: Bus | None = None,
     ) -> None:
         self._store = store
+        # The unfinished commands of sessions opening together are read together.
+        self._redeliveries = WriteBatcher(store)
         self._session_for = session_for
         self._on_finished = on_finished
         self._bus = bus if bus is not None and bus.enabled else None
@@ -334,7 +336,7 @@ class CommandLedger:
                 )
             return out
 
-        commands = await self._store.run(pending)
+        commands = await self._redeliveries.run(pending)
         if commands:
             log.info("sending %d unfinished command(s)", len(commands), extra={"node_id": node_id})
         sent = time.monotonic()

@@ -35,7 +35,7 @@ from controlplane.fleet._model import (
     Liveness,
     compact_inventory,
 )
-from controlplane.store import AGENTS, REPLICAS, AgentRow, Bus, Replicas, Store
+from controlplane.store import AGENTS, REPLICAS, AgentRow, Bus, Replicas, Store, WriteBatcher
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class AgentRegistry:
         on_status_changed: Callable[[AgentState, AgentStatus | None], None] | None = None,
     ) -> None:
         self._store = store
+        # Session openings arriving together (a reconnect storm) are written together.
+        self._openings = WriteBatcher(store)
         # Called with (new state, previous status or None) for each status change this replica
         # wrote to the store (not for those it learned from other replicas' rows).
         self._on_status_changed = on_status_changed
@@ -348,7 +350,7 @@ class AgentRegistry:
             return seq, gaps, row.first_seen, bool(row.cordoned)
 
         try:
-            seq, gaps, first_seen, cordoned = await self._store.run(upsert)
+            seq, gaps, first_seen, cordoned = await self._openings.run(upsert)
         except IntegrityError:
             # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
             # the row exists now, and the second attempt updates it.

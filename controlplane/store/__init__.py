@@ -1,5 +1,6 @@
 """Persistence of the control plane: schema, migrations and the store thread."""
 
+from controlplane.store._batch import WriteBatcher
 from controlplane.store._bus import MAX_PAYLOAD, Bus
 from controlplane.store._models import (
     AGENTS,
@@ -87,6 +88,7 @@ __all__ = [
     "StoreError",
     "UserRow",
     "UtcDateTime",
+    "WriteBatcher",
     "database_unavailable",
     "fit",
     "has_nul",
