@@ -99,6 +99,7 @@ def baseline_server_options(keepalive_s: float) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", max(keepalive_ms // 2, 1000)),
         ("grpc.http2.max_ping_strikes", 3),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.tsi.max_frame_size", 4096),
     ]
 
 

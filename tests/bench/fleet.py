@@ -34,10 +34,16 @@ from tests.bench._server import RunConfig, server_process_main
 TRUST_DOMAIN = "sentinel.local"
 KB = 1024  # as /proc's "kB"
 
-TARGET_AGENTS = 5000
-TARGET_CPU_RATIO = 1.5
-TARGET_RSS_PER_AGENT_KB = 150.0
-TARGET_PING_P99_MS = 50.0
+# Issue 14's targets (2 cores, 5 s telemetry, host + 8 GPUs). The agent count is what one
+# process should hold; the others are judged at whatever count the run used, and were stated
+# for 5,000 agents (connect ratio, loop lag) or any fleet size (CPU, RSS).
+TARGET_AGENTS = 20000
+TARGET_STATED_AT = 5000
+TARGET_CPU_RATIO = 1.1
+TARGET_RSS_PER_AGENT_KB = 100.0
+TARGET_PING_P99_MS = 20.0
+TARGET_CONNECT_RATIO = 1.5
+TARGET_LOOP_LAG_P99_MS = 5.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--simulators",
         type=int,
         default=0,
-        help="simulator processes (default: 1, or 2 above 2,500 agents)",
+        help="simulator processes (default: one per 2,500 agents)",
     )
     parser.add_argument(
         "--slices", type=int, default=6, help="window slices measured separately (default 6)"
@@ -133,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.agents < 1 or args.window <= 0 or args.interval <= 0 or args.repeats < 1:
         parser.error("--agents, --window, --interval and --repeats must be positive")
     if args.simulators == 0:
-        args.simulators = 1 if args.agents <= 2500 else 2
+        args.simulators = max(1, math.ceil(args.agents / 2500))
     return args
 
 
@@ -269,11 +275,19 @@ def summarise(runs: dict[str, list[Message]], agents: int) -> Message:
                 "rss_per_agent_bytes",
                 "ping_p50_ms",
                 "ping_p99_ms",
+                "loop_lag_p99_ms",
+                "simulator_core_percent",
             )
         }
     baseline = figures.get("baseline", {}).get("cpu_us_per_message")
     sentinel = figures.get("sentinel", {}).get("cpu_us_per_message")
     ratio = sentinel / baseline if sentinel and baseline else None
+    connect_baseline = figures.get("baseline", {}).get("connect_s")
+    connect_sentinel = figures.get("sentinel", {}).get("connect_s")
+    connect_ratio = (
+        connect_sentinel / connect_baseline if connect_sentinel and connect_baseline else None
+    )
+    lag = figures.get("sentinel", {}).get("loop_lag_p99_ms")
 
     def verdict(measured: bool, met: bool, value: str) -> dict[str, Any]:
         return {
@@ -313,8 +327,23 @@ def summarise(runs: dict[str, list[Message]], agents: int) -> Message:
             p99 is not None and p99 <= TARGET_PING_P99_MS and pings_failed == 0,
             "-" if p99 is None else f"{p99:.1f} ms, {pings_failed} failed",
         ),
+        f"time to connect all <= {TARGET_CONNECT_RATIO} x baseline": verdict(
+            connect_ratio is not None,
+            connect_ratio is not None and connect_ratio <= TARGET_CONNECT_RATIO,
+            "-" if connect_ratio is None else f"{connect_ratio:.2f} x",
+        ),
+        f"event-loop lag p99 <= {TARGET_LOOP_LAG_P99_MS:.0f} ms": verdict(
+            lag is not None,
+            lag is not None and lag <= TARGET_LOOP_LAG_P99_MS,
+            "-" if lag is None else f"{lag:.1f} ms",
+        ),
     }
-    return {"figures": figures, "cpu_ratio": ratio, "targets": targets}
+    return {
+        "figures": figures,
+        "cpu_ratio": ratio,
+        "connect_ratio": connect_ratio,
+        "targets": targets,
+    }
 
 
 def report_summary(summary: Message, agents: int, window: float, repeats: int) -> None:
@@ -331,6 +360,8 @@ def report_summary(summary: Message, agents: int, window: float, repeats: int) -
         ("RSS per agent (KB)", "rss_per_agent_bytes", lambda v: f"{v / KB:.1f}"),
         ("ping round trip p50 (ms)", "ping_p50_ms", lambda v: f"{v:.1f}"),
         ("ping round trip p99 (ms)", "ping_p99_ms", lambda v: f"{v:.1f}"),
+        ("event-loop lag p99 (ms)", "loop_lag_p99_ms", lambda v: f"{v:.1f}"),
+        ("simulators' CPU (% of a core)", "simulator_core_percent", lambda v: f"{v:.0f}"),
     ]
     for title, key, fmt in rows:
         cells = []
@@ -340,12 +371,14 @@ def report_summary(summary: Message, agents: int, window: float, repeats: int) -
         print(f"  {title:28}" + "".join(cells))
     if summary["cpu_ratio"] is not None:
         print(f"  CPU per message, sentinel / baseline: {summary['cpu_ratio']:.2f}")
+    if summary["connect_ratio"] is not None:
+        print(f"  time to connect all, sentinel / baseline: {summary['connect_ratio']:.2f}")
     print(
         "Targets"
         + (
             ""
-            if agents >= TARGET_AGENTS
-            else f" (stated for {TARGET_AGENTS:,} agents; "
+            if agents >= TARGET_STATED_AT
+            else f" (stated for {TARGET_STATED_AT:,} agents and more; "
             "at fewer, fixed costs weigh more per message and per agent)"
         )
     )
