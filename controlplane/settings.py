@@ -109,9 +109,9 @@ class ControlPlaneSettings:
     a low value hurts bursty clients."""
     tls_max_frame_size: int = 4096
     """Largest TLS record the server sends and buffers per connection (bytes; gRPC keeps it
-    within 1,024 to 16,384; 0 leaves its default of 16,384). Each connection holds a buffer of this size
-    for its whole life: 4 KB instead of 16 KB saves about 8 KB per agent (measured at 1,000
-    agents); messages larger than a frame are sent as several."""
+    within 1,024 to 16,384; 0 leaves its default of 16,384). Each connection holds a buffer
+    of this size for its whole life: 4 KB instead of 16 KB saves about 8 KB per agent
+    (measured at 1,000 agents); messages larger than a frame are sent as several."""
     handshake_timeout_s: float = 10.0
     """A connection that has not finished its TLS handshake by then is closed (half-open or
     stalled clients do not hold descriptors)."""

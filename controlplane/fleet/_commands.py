@@ -81,6 +81,35 @@ def new_command_id() -> str:
     return f"cmd-{time.time_ns():x}-{uuid.uuid4().hex[:12]}"
 
 
+_OPEN_STATES = (CommandState.PENDING.value, CommandState.SENT.value, CommandState.ACKED.value)
+
+
+def _unfinished_commands(db: Session, node_ids: list[str]) -> list[list[CommandOut]]:
+    """For each node (sessions opening together), its unfinished and unexpired commands in
+    creation order, marked sent once more; the expired ones are marked EXPIRED instead. One
+    query for all the nodes."""
+    now = _utcnow()
+    rows = db.scalars(
+        select(CommandRow)
+        .where(CommandRow.node_id.in_(sorted(set(node_ids))), CommandRow.state.in_(_OPEN_STATES))
+        .order_by(CommandRow.created_at, CommandRow.command_id)
+    )
+    out: dict[str, list[CommandOut]] = {node_id: [] for node_id in node_ids}
+    for row in rows:
+        if row.deadline <= now:
+            row.state = CommandState.EXPIRED.value
+            row.finished_at = now
+            continue
+        row.deliveries += 1
+        row.sent_at = row.sent_at or now
+        if row.state == CommandState.PENDING.value:
+            row.state = CommandState.SENT.value
+        out[row.node_id].append(
+            CommandOut(row.command_id, row.plan_id, row.action, row.parameters, row.deadline)
+        )
+    return [out[node_id] for node_id in node_ids]
+
+
 class CommandLedger:
     """Stores commands before they are sent, delivers them in order per node, and hands results
     back."""
@@ -94,7 +123,7 @@ class CommandLedger:
     ) -> None:
         self._store = store
         # The unfinished commands of sessions opening together are read together.
-        self._redeliveries = WriteBatcher(store)
+        self._redeliveries = WriteBatcher(store, _unfinished_commands)
         self._session_for = session_for
         self._on_finished = on_finished
         self._bus = bus if bus is not None and bus.enabled else None
@@ -306,37 +335,7 @@ class CommandLedger:
     async def redeliver(self, session: AgentSession) -> int:
         """Re-sends, in creation order, every unfinished and unexpired command of the node."""
         node_id = session.node_id
-        now = _utcnow()
-        open_states = [
-            CommandState.PENDING.value,
-            CommandState.SENT.value,
-            CommandState.ACKED.value,
-        ]
-
-        def pending(db: Session) -> list[CommandOut]:
-            rows = db.scalars(
-                select(CommandRow)
-                .where(CommandRow.node_id == node_id, CommandRow.state.in_(open_states))
-                .order_by(CommandRow.created_at, CommandRow.command_id)
-            )
-            out = []
-            for row in rows:
-                if row.deadline <= now:
-                    row.state = CommandState.EXPIRED.value
-                    row.finished_at = now
-                    continue
-                row.deliveries += 1
-                row.sent_at = row.sent_at or now
-                if row.state == CommandState.PENDING.value:
-                    row.state = CommandState.SENT.value
-                out.append(
-                    CommandOut(
-                        row.command_id, row.plan_id, row.action, row.parameters, row.deadline
-                    )
-                )
-            return out
-
-        commands = await self._redeliveries.run(pending)
+        commands = await self._redeliveries.run(node_id)
         if commands:
             log.info("sending %d unfinished command(s)", len(commands), extra={"node_id": node_id})
         sent = time.monotonic()

@@ -21,9 +21,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, exists, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -78,6 +78,51 @@ class _Agent:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Opening:
+    """A session to register in the directory (one item of a batched write)."""
+
+    hello: HelloInfo
+    session_id: str
+    held_seq: int
+    """The telemetry high-water mark this replica holds for the node (0: none)."""
+    held_gaps: int
+    now: dt.datetime
+
+
+class _Opened(NamedTuple):
+    """A registered node's telemetry high-water mark, gaps, first sight and cordon."""
+
+    seq: int
+    gaps: int
+    first_seen: dt.datetime
+    cordoned: bool
+
+
+_OPENING_UPDATE = (
+    update(AGENTS)
+    .where(AGENTS.c.node_id == bindparam("key"))
+    .values(
+        {
+            name: bindparam(f"v_{name}")  # a bind may not bear its column's name
+            for name in (
+                "status",
+                "last_seen",
+                "agent_version",
+                "spiffe_id",
+                "capabilities",
+                "inventory",
+                "last_telemetry_seq",
+                "telemetry_gap_samples",
+                "replica_id",
+                "session_id",
+                "connected_at",
+            )
+        }
+    )
+)
+
+
 class WatcherOverflow(Exception):
     """A WatchAgents subscriber fell too far behind and was cut off."""
 
@@ -99,7 +144,7 @@ class AgentRegistry:
     ) -> None:
         self._store = store
         # Session openings arriving together (a reconnect storm) are written together.
-        self._openings = WriteBatcher(store)
+        self._openings = WriteBatcher(store, self._write_openings)
         # Called with (new state, previous status or None) for each status change this replica
         # wrote to the store (not for those it learned from other replicas' rows).
         self._on_status_changed = on_status_changed
@@ -294,6 +339,84 @@ class AgentRegistry:
             self._spawn_write(self._close_abandoned(opening))
             raise
 
+    def _write_openings(self, db: Session, openings: list[_Opening]) -> list[_Opened]:
+        """Registers sessions in the directory: for all of them one SELECT of the rows (locked,
+        in node order), one INSERT of the new nodes, one UPDATE of the known ones."""
+        connection = db.connection()
+        known: dict[str, _Opened] = {
+            row.node_id: _Opened(
+                row.last_telemetry_seq, row.telemetry_gap_samples, row.first_seen, row.cordoned
+            )
+            for row in connection.execute(
+                select(
+                    AGENTS.c.node_id,
+                    AGENTS.c.last_telemetry_seq,
+                    AGENTS.c.telemetry_gap_samples,
+                    AGENTS.c.first_seen,
+                    AGENTS.c.cordoned,
+                )
+                .where(AGENTS.c.node_id.in_(sorted({o.hello.node_id for o in openings})))
+                .order_by(AGENTS.c.node_id)
+                .with_for_update()
+            )
+        }
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        results: list[_Opened] = []
+        for opening in openings:
+            hello = opening.hello
+            row = known.get(hello.node_id)
+            # The row is the truth when the node was last held by another replica.
+            seq = max(opening.held_seq, row.seq if row else 0)
+            gaps = max(opening.held_gaps, row.gaps if row else 0)
+            if seq > max(hello.next_telemetry_seq - 1, 0):
+                # The agent never produced the samples we hold: its state directory was reset.
+                # Trust its numbering from here, or every new sample would be dropped as a
+                # duplicate.
+                log.warning(
+                    "agent telemetry seq restarted (held %d, agent's next is %d): state was reset",
+                    seq,
+                    hello.next_telemetry_seq,
+                    extra={"node_id": hello.node_id},
+                )
+                seq = max((hello.oldest_unacked_seq or hello.next_telemetry_seq) - 1, 0)
+            values = {
+                "key": hello.node_id,
+                "status": AgentStatus.CONNECTED.value,
+                "last_seen": opening.now,
+                "agent_version": hello.agent_version,
+                "spiffe_id": hello.spiffe_id,
+                "capabilities": list(hello.capabilities),
+                "inventory": hello.inventory,
+                "last_telemetry_seq": seq,
+                "telemetry_gap_samples": gaps,
+                "replica_id": self.replica_id,
+                "session_id": opening.session_id,
+                "connected_at": opening.now,
+            }
+            if row is None:
+                row = _Opened(seq, gaps, opening.now, False)
+                inserts.append({**values, "first_seen": opening.now, "cordoned": False})
+            else:
+                row = _Opened(seq, gaps, row.first_seen, bool(row.cordoned))
+                updates.append(values)
+            known[hello.node_id] = row
+            results.append(row)
+        if inserts:
+            connection.execute(
+                insert(AGENTS),
+                [{"node_id" if k == "key" else k: v for k, v in i.items()} for i in inserts],
+            )
+        if updates:
+            connection.execute(
+                _OPENING_UPDATE,
+                [{k if k == "key" else f"v_{k}": v for k, v in u.items()} for u in updates],
+            )
+        if self._bus is not None:
+            for node_id in sorted({o.hello.node_id for o in openings}):
+                self._bus.notify(connection, AGENT_CHANNEL, node_id)
+        return results
+
     async def _close_abandoned(
         self, opening: asyncio.Future[tuple[AgentSession, AgentState]]
     ) -> None:
@@ -312,49 +435,13 @@ class AgentRegistry:
         previous = known.state.status if known else None
         held_seq = known.seq if known else 0
         held_gaps = known.gaps if known else 0
-        claimed = max(hello.next_telemetry_seq - 1, 0)
-        bus = self._bus
-
-        def upsert(db: Session) -> tuple[int, int, dt.datetime, bool]:
-            # The row is the truth when the node was last held by another replica.
-            row = db.get(AgentRow, hello.node_id, with_for_update=True)
-            seq = max(held_seq, row.last_telemetry_seq if row else 0)
-            gaps = max(held_gaps, row.telemetry_gap_samples if row else 0)
-            if seq > claimed:
-                # The agent never produced the samples we hold: its state directory was reset.
-                # Trust its numbering from here, or every new sample would be dropped as a
-                # duplicate.
-                log.warning(
-                    "agent telemetry seq restarted (held %d, agent's next is %d): state was reset",
-                    seq,
-                    hello.next_telemetry_seq,
-                    extra={"node_id": hello.node_id},
-                )
-                seq = max((hello.oldest_unacked_seq or hello.next_telemetry_seq) - 1, 0)
-            if row is None:
-                row = AgentRow(node_id=hello.node_id, first_seen=now, cordoned=False)
-                db.add(row)
-            row.status = AgentStatus.CONNECTED.value
-            row.last_seen = now
-            row.agent_version = hello.agent_version
-            row.spiffe_id = hello.spiffe_id
-            row.capabilities = list(hello.capabilities)
-            row.inventory = hello.inventory
-            row.last_telemetry_seq = seq
-            row.telemetry_gap_samples = gaps
-            row.replica_id = self.replica_id
-            row.session_id = session.session_id
-            row.connected_at = now
-            if bus is not None:
-                bus.notify(db.connection(), AGENT_CHANNEL, hello.node_id)
-            return seq, gaps, row.first_seen, bool(row.cordoned)
-
+        opening = _Opening(hello, session.session_id, held_seq, held_gaps, now)
         try:
-            seq, gaps, first_seen, cordoned = await self._openings.run(upsert)
+            seq, gaps, first_seen, cordoned = await self._openings.run(opening)
         except IntegrityError:
-            # Two first sessions of a new node raced on PostgreSQL's parallel store threads:
-            # the row exists now, and the second attempt updates it.
-            seq, gaps, first_seen, cordoned = await self._store.run(upsert)
+            # Two first sessions of a new node raced on PostgreSQL's parallel store threads
+            # (or two replicas): the row exists now, and the second attempt updates it.
+            seq, gaps, first_seen, cordoned = await self._openings.run(opening)
         inventory_json, kubernetes_node_name = compact_inventory(hello.inventory)
         state = AgentState(
             node_id=hello.node_id,

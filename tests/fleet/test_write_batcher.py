@@ -41,7 +41,7 @@ def _stored(store: Store) -> list[str]:
 async def test_writes_arriving_together_share_transactions_and_each_is_acknowledged(
     store: Store,
 ) -> None:
-    batcher = WriteBatcher(store)
+    batcher = WriteBatcher.of_works(store)
     names = [f"node-{i:03d}" for i in range(200)]
     results = await asyncio.gather(*(batcher.run(_add(name)) for name in names))
     assert results == names
@@ -51,14 +51,14 @@ async def test_writes_arriving_together_share_transactions_and_each_is_acknowled
 
 
 async def test_a_write_alone_is_written_at_once(store: Store) -> None:
-    batcher = WriteBatcher(store)
+    batcher = WriteBatcher.of_works(store)
     assert await batcher.run(_add("alone")) == "alone"
     assert batcher.batches == 1
     assert _stored(store) == ["alone"]
 
 
 async def test_a_failing_write_fails_only_its_own_caller(store: Store) -> None:
-    batcher = WriteBatcher(store)
+    batcher = WriteBatcher.of_works(store)
     await batcher.run(_add("taken"))
     names = ["a", "b", "taken", "c", "d"]
     results = await asyncio.gather(
@@ -72,7 +72,7 @@ async def test_a_failing_write_fails_only_its_own_caller(store: Store) -> None:
 
 
 async def test_a_cancelled_caller_does_not_take_its_write_back(store: Store) -> None:
-    batcher = WriteBatcher(store)
+    batcher = WriteBatcher.of_works(store)
     first = asyncio.create_task(batcher.run(_add("first")))
     second = asyncio.create_task(batcher.run(_add("second")))
     await asyncio.sleep(0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -25,31 +24,28 @@ NODE = "cancel-reg"
 
 
 class _HeldRegistration:
-    """Holds the store thread inside the transaction that registers a session, after its
-    writes are flushed and before it commits, until released."""
+    """Holds the store thread inside the transaction that registers a session (the registry's
+    batched writer of session openings), after its writes are flushed and before it commits,
+    until released."""
 
     def __init__(self, cp: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = asyncio.Event()
         self.release = threading.Event()
         self.armed = False
         loop = asyncio.get_running_loop()
-        original = cp.store.run
+        openings = cp.registry._openings
+        original = openings._write_many
 
-        async def run(work: Callable[[Session], Any]) -> Any:
-            if not (self.armed and "open_session" in work.__qualname__):
-                return await original(work)
-            self.armed = False
-
-            def held(db: Session) -> Any:
-                result = work(db)
+        def held(db: Session, items: list[Any]) -> list[Any]:
+            result = original(db, items)
+            if self.armed:
+                self.armed = False
                 db.flush()
                 loop.call_soon_threadsafe(self.entered.set)
                 self.release.wait(10)
-                return result
+            return result
 
-            return await original(held)
-
-        monkeypatch.setattr(cp.store, "run", run)
+        monkeypatch.setattr(openings, "_write_many", held)
 
 
 def _row(cp: ControlPlane) -> tuple[str, str]:
