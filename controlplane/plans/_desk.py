@@ -41,7 +41,7 @@ from controlplane.plans._repository import (
     RequestIdConflict,
 )
 from controlplane.plans._validate import PlanInvalid, PlanLimitsConfig, validate_plan
-from controlplane.policy import Effect, EvaluationContext, PolicyEngine, Verdict
+from controlplane.policy import Effect, EvaluationContext, PolicyEngine, RuleSet, Verdict
 from controlplane.policy import Violation as PolicyViolation
 from controlplane.store import Bus, Store
 from processkit import wait_event
@@ -230,13 +230,15 @@ class PlanDesk:
                     return self._replay(existing, digest)
                 raise
         submitting = otel_context.get_current()
+        # The rules in force now judge the plan, and say whether its history must be read.
+        rules = self._policy.rules_in_force()
 
         def decide(recent: dict[str, int]) -> Decision:
             # Runs on the store thread, inside the submission's transaction: the verdict and
             # the insert see the same history, in one round of the database. The span's
             # parent is passed in: the thread does not carry the caller's context.
             with _TRACER.start_as_current_span("plan.policy", context=submitting) as span:
-                verdict = self._evaluate(plan, now, recent)
+                verdict = self._evaluate(plan, now, recent, rules)
                 span.set_attribute("sentinel.plan.verdict", verdict.outcome)
             plan.violations = tuple(
                 Violation(v.rule_id, v.message, v.field, v.effect.value)
@@ -256,7 +258,9 @@ class PlanDesk:
             with _TRACER.start_as_current_span(
                 "plan.store", attributes={"sentinel.plan.id": plan.plan_id}
             ):
-                outcome = await self.repository.submit_new(plan, now - self._rate_window, decide)
+                outcome = await self.repository.submit_new(
+                    plan, now - self._rate_window, decide, history=rules.reads("history")
+                )
         except RequestIdConflict as conflict:
             return self._replay(await self.repository.get(conflict.plan_id), digest)
         if isinstance(outcome, Plan):
@@ -311,7 +315,9 @@ class PlanDesk:
             )
         return Submission(existing, preview_of(existing, self._executors), replayed=True)
 
-    def _evaluate(self, plan: Plan, now: dt.datetime, recent: dict[str, int]) -> Verdict:
+    def _evaluate(
+        self, plan: Plan, now: dt.datetime, recent: dict[str, int], rules: RuleSet
+    ) -> Verdict:
         autonomy = self._autonomy
         context = EvaluationContext(
             now=now,
@@ -323,8 +329,10 @@ class PlanDesk:
             source=autonomy.source_variables(plan.source) if autonomy else {},
             breaker=autonomy.breaker_variables() if autonomy else {},
         )
-        verdict = self._policy.evaluate(plan_document(plan), context)
-        # The breaker's hold is built in, after the policies: no policy edit removes it.
+        verdict = self._policy.evaluate(plan_document(plan), context, rules)
+        # The breaker's hold is built in, after the policies: no policy edit removes it. A
+        # plan judged again (its batch failed and it is written alone) is judged afresh.
+        plan.waiting_reason = ""
         if autonomy is not None and (held := autonomy.admission_hold(plan)) is not None:
             plan.waiting_reason = held
             hold = PolicyViolation(BREAKER_RULE_ID, held, "", Effect.REQUIRE_APPROVAL, "builtin")

@@ -2,18 +2,34 @@
 
 Every write bumps the plan's `version` and is conditional on the version it read (optimistic
 concurrency between the API and the controller, and between control planes); writes by the
-controller also carry its lease epoch, so a deposed leader cannot change anything.
+controller also carry its lease epoch, so a deposed leader cannot change anything. New plans
+that arrive together are created by one transaction and one commit (group commit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import datetime as dt
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, TextClause, bindparam, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    String,
+    Table,
+    TextClause,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from controlplane.audit import audit_row
@@ -35,6 +51,7 @@ from controlplane.store import (
     Bus,
     Store,
     UtcDateTime,
+    database_unavailable,
     fit,
 )
 
@@ -45,10 +62,99 @@ _INSERT_PLAN = insert(PLANS)
 _INSERT_TARGETS = insert(PLAN_TARGETS)
 _INSERT_TRANSITIONS = insert(PLAN_TRANSITIONS)
 _INSERT_AUDIT = insert(AUDIT_EVENTS)
-_PLAN_BY_REQUEST_ID = select(PLANS.c.plan_id).where(PLANS.c.request_id == bindparam("request_id"))
+# The columns a submission writes, per table (and the keys of its rows).
+_PLAN_COLUMNS = (
+    "plan_id",
+    "request_id",
+    "request_digest",
+    "source",
+    "rationale",
+    "confidence",
+    "submitted_by",
+    "phase",
+    "created_at",
+    "updated_at",
+    "expire_at",
+    "body",
+    "violations",
+    "status_message",
+    "version",
+)
+_TARGET_COLUMNS = ("plan_id", "target", "created_at")
+_TRANSITION_COLUMNS = ("plan_id", "from_phase", "to_phase", "at", "actor", "reason")
+_AUDIT_COLUMNS = ("event_id", "at", "principal", "method", "target", "outcome", "detail")
+_WRITTEN = (
+    (PLANS, _PLAN_COLUMNS),
+    (PLAN_TARGETS, _TARGET_COLUMNS),
+    (PLAN_TRANSITIONS, _TRANSITION_COLUMNS),
+    (AUDIT_EVENTS, _AUDIT_COLUMNS),
+)
+
+
+def _recordset_insert(table: Table, columns: Sequence[str]) -> str:
+    """`INSERT ... SELECT` of `table`'s rows from one JSON array parameter named as the table.
+    Strings are read as unbounded VARCHAR: a longer value than the column allows is refused by
+    the insert, as a plain INSERT refuses it (a cast to VARCHAR(n) would cut it silently)."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    fields = []
+    for name in columns:
+        sql_type = table.c[name].type
+        if isinstance(sql_type, String) and sql_type.length is not None:
+            sql_type = String()
+        fields.append(f"{name} {sql_type.compile(dialect=dialect)}")
+    names = ", ".join(columns)
+    return (
+        f"INSERT INTO {table.name} ({names}) SELECT {names} "  # noqa: S608
+        f"FROM json_to_recordset(CAST(:{table.name} AS json)) AS r({', '.join(fields)})"
+    )
+
+
+# On PostgreSQL a batch is written by ONE statement whatever its size, its rows in one JSON
+# document per table: executemany sends every row by itself (a round of the driver each,
+# holding the GIL) and arrays are adapted element by element in Python, either of which cost
+# more than the rest of the submission. Only table and column names are formatted in.
+_INSERT_SUBMISSIONS_PG = text(
+    "WITH "
+    + ", ".join(
+        f"{table.name}_written AS ({_recordset_insert(table, columns)})"
+        for table, columns in _WRITTEN[:-1]
+    )
+    + " "
+    + _recordset_insert(*_WRITTEN[-1])
+)
+_UTC_DATETIME = UtcDateTime()
+
+
+def _json_rows(table: Table, rows: list[dict[str, Any]]) -> str:
+    """`rows` as the JSON array `_recordset_insert` reads: times as ISO 8601 in UTC (checked
+    and converted as UtcDateTime binds them), JSON columns nested, so that the stored JSON is
+    the text SQLAlchemy's JSON type would have stored."""
+    times = [c.name for c in table.columns if isinstance(c.type, UtcDateTime)]
+    for row in rows:
+        for name in times:
+            value = _UTC_DATETIME.process_bind_param(row.get(name), None)
+            if value is not None:
+                row[name] = value.isoformat()
+    return json.dumps(rows)
+
+
+_PLANS_BY_REQUEST_ID = select(PLANS.c.request_id, PLANS.c.plan_id).where(
+    PLANS.c.request_id.in_(bindparam("request_ids", expanding=True))
+)
 
 # history.recent counts stop here: "this many or more" (see request_lookup).
 RATE_HISTORY_CAP = 100
+# Submissions waiting together are written by one transaction (group commit) of at most this
+# many plans, or this many targets (always at least one plan): the statement that counts the
+# targets' history has a bound parameter per target.
+BATCH_PLANS = 64
+BATCH_TARGETS = 1_000
+# Batches written at once. One commits submissions in the order they were taken in and judges
+# every batch on the history of all earlier ones, and, measured, gave more plans per second on
+# 2 cores than two (bigger batches: 1.9-2.3 ms of server CPU per plan at 8 in flight, against
+# 2.7-2.8 ms with two); submissions queue behind a batch in writing, not behind each other.
+BATCHES_IN_FLIGHT = 1
+_ACCEPTED_PHASES_EXCLUDED = frozenset({Phase.REJECTED, Phase.CANCELLED})
 
 
 class PlanNotFound(LookupError):
@@ -97,21 +203,28 @@ class PlanChange:
     transitions: tuple[Transition, ...]
 
 
-@functools.lru_cache(maxsize=64)
-def _recent_counts_query(targets: int) -> TextClause:
-    """One statement with one capped count per target (built once per number of targets:
+@functools.lru_cache(maxsize=256)
+def _recent_counts_query(shape: tuple[int, ...]) -> TextClause:
+    """One statement with one capped count per target of each submission (`shape`: how many
+    targets each has), each since that submission's own `since` (built once per shape:
     composing it with the expression language cost ~2 ms per submission). Capped because a
     rate-limit rule only asks whether a small threshold is reached, while an uncapped count
     grows with the history of a busy target."""
-    rejected = ", ".join(f"'{p.value}'" for p in (Phase.REJECTED, Phase.CANCELLED))
+    rejected = ", ".join(f"'{p.value}'" for p in sorted(_ACCEPTED_PHASES_EXCLUDED))
     # Only integers and the phases' own constants are formatted in; every value is bound.
-    columns = ", ".join(
-        f"(SELECT count(*) FROM (SELECT 1 FROM plan_targets pt JOIN plans p "  # noqa: S608
-        f"ON p.plan_id = pt.plan_id WHERE pt.target = :t{i} AND pt.created_at >= :since "
-        f"AND p.phase NOT IN ({rejected}) LIMIT {RATE_HISTORY_CAP}) AS s{i}) AS c{i}"
-        for i in range(targets)
+    columns: list[str] = []
+    for n, targets in enumerate(shape):
+        for _ in range(targets):
+            i = len(columns)
+            columns.append(
+                f"(SELECT count(*) FROM (SELECT 1 FROM plan_targets pt JOIN plans p "  # noqa: S608
+                f"ON p.plan_id = pt.plan_id WHERE pt.target = :t{i} AND pt.created_at >= "
+                f":since{n} AND p.phase NOT IN ({rejected}) LIMIT {RATE_HISTORY_CAP}) AS s{i}) "
+                f"AS c{i}"
+            )
+    return text(f"SELECT {', '.join(columns)}").bindparams(
+        *(bindparam(f"since{n}", type_=UtcDateTime()) for n in range(len(shape)))
     )
-    return text(f"SELECT {columns}").bindparams(bindparam("since", type_=UtcDateTime()))
 
 
 def _utcnow() -> dt.datetime:
@@ -173,15 +286,72 @@ PLAN_CHANNEL = "sentinel_plan"
 """Bus channel announcing a change of a plan (payload: its id) to the other replicas."""
 
 
+@dataclass(eq=False, slots=True)
+class _Submission:
+    """One submission waiting for its batch: what `submit_new` was given, and its outcome."""
+
+    plan: Plan
+    since: dt.datetime
+    decide: Callable[[dict[str, int]], Decision]
+    history: bool
+    outcome: asyncio.Future[Plan | Decision]
+    targets: list[str]
+    taken: bool = False
+    """Taken into a batch: it is written (or refused) by that batch, whatever its caller does."""
+
+
+def _read_submissions(
+    db: Connection, batch: Sequence[_Submission]
+) -> tuple[dict[str, str], list[dict[str, int]]]:
+    """In one statement each: the plans already stored under the batch's request_ids
+    (request_id to plan id), and per submission that asks for history its targets' capped
+    counts of accepted plans since its own `since`."""
+    stored: dict[str, str] = {
+        request_id: plan_id
+        for request_id, plan_id in db.execute(
+            _PLANS_BY_REQUEST_ID, {"request_ids": [s.plan.request_id for s in batch]}
+        )
+    }
+    counts: list[dict[str, int]] = [{} for _ in batch]
+    asking = [
+        (n, s)
+        for n, s in enumerate(batch)
+        if s.history and s.targets and s.plan.request_id not in stored
+    ]
+    if asking:
+        params: dict[str, Any] = {}
+        pairs: list[tuple[int, str]] = []
+        for k, (n, submission) in enumerate(asking):
+            params[f"since{k}"] = submission.since
+            for target in submission.targets:
+                params[f"t{len(pairs)}"] = target
+                pairs.append((n, target))
+        shape = tuple(len(s.targets) for _, s in asking)
+        values = db.execute(_recent_counts_query(shape), params).one()
+        for (n, target), count in zip(pairs, values, strict=True):
+            if count:
+                counts[n][target] = int(count)
+    return stored, counts
+
+
 class PlanRepository:
     """Stores plans with their transitions and targets; writes are fenced and optimistic."""
 
     def __init__(
-        self, store: Store, on_change: Callable[[PlanChange], None], bus: Bus | None = None
+        self,
+        store: Store,
+        on_change: Callable[[PlanChange], None],
+        bus: Bus | None = None,
+        *,
+        batches_in_flight: int = BATCHES_IN_FLIGHT,
     ) -> None:
         self._store = store
         self._on_change = on_change
         self._bus = bus
+        self._waiting: collections.deque[_Submission] = collections.deque()
+        # No more batches at once than the store has threads to write them.
+        self._batch_slots = asyncio.Semaphore(max(1, min(batches_in_flight, store.threads)))
+        self._batches: set[asyncio.Task[None]] = set()
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -220,56 +390,143 @@ class PlanRepository:
 
         return await self._store.run_core(read)
 
-    @staticmethod
-    def _recent_counts(
-        db: Connection, targets: Sequence[str], since: dt.datetime
-    ) -> dict[str, int]:
-        """For each target, how many accepted plans touched it since `since` (capped)."""
-        if not targets:
-            return {}
-        params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(targets)}
-        values = db.execute(_recent_counts_query(len(targets)), {**params, "since": since}).one()
-        return {t: int(n) for t, n in zip(targets, values, strict=True) if n}
-
     async def submit_new(
         self,
         plan: Plan,
         since: dt.datetime,
         decide: Callable[[dict[str, int]], Decision],
+        *,
+        history: bool = True,
     ) -> Plan | Decision:
         """Submission in ONE transaction: the plan already stored under its request_id (a
         replay: returned as is); otherwise `decide` (the policy verdict, given the per-target
-        counts of plans since `since`) and, unless it says not to store, the plan with its
-        targets, transitions and their audit events. Raises `RequestIdConflict` when another
-        submission with the same request_id committed first."""
+        counts of accepted plans since `since`, or no counts when `history` is False because no
+        rule reads them) and, unless it says not to store, the plan with its targets,
+        transitions and their audit events. Raises `RequestIdConflict` when another submission
+        with the same request_id committed first.
 
-        def work(db: Connection) -> Plan | Decision:
-            plan_id = db.scalar(_PLAN_BY_REQUEST_ID, {"request_id": plan.request_id})
-            if plan_id is not None:
-                existing = self._read(db, plan_id)
-                if existing is not None:
-                    return existing
-            decision = decide(self._recent_counts(db, plan.target_keys, since))
-            if decision.store:
-                self._insert(db, decision.plan, decision.digest, decision.transitions)
-                if self._bus is not None:
-                    self._bus.notify(db, PLAN_CHANNEL, decision.plan.plan_id)
-            return decision
-
+        Submissions that arrive while others are being written are written together by the
+        next transaction (group commit), each returned only once that transaction committed;
+        each is decided on the history of the plans committed before it and of those ahead of
+        it in its batch, as if they had come one after the other."""
+        outcome: asyncio.Future[Plan | Decision] = asyncio.get_running_loop().create_future()
+        submission = _Submission(plan, since, decide, history, outcome, plan.target_keys)
+        self._waiting.append(submission)
         try:
-            outcome = await self._store.run_core(work)
-        except IntegrityError:
-            existing = await self.find_by_request_id(plan.request_id)
-            if existing is None:
+            while not submission.taken:
+                await self._batch_slots.acquire()
+                if submission.taken:  # written by a batch that started meanwhile
+                    self._batch_slots.release()
+                    break
+                self._start_batch()
+        except asyncio.CancelledError:
+            if not submission.taken:  # never written: the caller knows nothing was stored
+                self._waiting.remove(submission)
+            raise
+        return await submission.outcome
+
+    def _start_batch(self) -> None:
+        """Takes the longest run of waiting submissions (in arrival order) that fits a batch
+        and writes it in a task of its own, which releases the batch slot when done: callers
+        that give up (a cancelled RPC) do not stop the batch that writes the others."""
+        batch: list[_Submission] = []
+        request_ids: set[str] = set()
+        targets = 0
+        while self._waiting and len(batch) < BATCH_PLANS:
+            submission = self._waiting[0]
+            if submission.plan.request_id in request_ids:
+                break  # the second of two alike is judged after the first committed: a replay
+            targets += len(submission.targets)
+            if batch and targets > BATCH_TARGETS:
+                break
+            self._waiting.popleft()
+            submission.taken = True
+            batch.append(submission)
+            request_ids.add(submission.plan.request_id)
+        task = asyncio.create_task(self._write_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _write_batch(self, batch: list[_Submission]) -> None:
+        try:
+            await self._write_together(batch)
+        except BaseException as exc:  # handed to every caller still waiting: they report it
+            for submission in batch:
+                _settle(submission, exc)
+            if not isinstance(exc, Exception):
                 raise
-            raise RequestIdConflict(existing.plan_id) from None
-        if isinstance(outcome, Decision) and outcome.store:
-            stored = outcome.plan
-            stored.version = 1
-            stored.updated_at = stored.created_at
-            stored.transitions = tuple(outcome.transitions)
-            self._on_change(PlanChange(stored, stored.transitions))
-        return outcome
+        finally:
+            self._batch_slots.release()
+
+    async def _write_together(self, batch: list[_Submission]) -> None:
+        try:
+            outcomes = await self._store.run_core(lambda db: self._submit_batch(db, batch))
+        except Exception as exc:
+            if len(batch) > 1 and not database_unavailable(exc):
+                # One plan's row may have failed them all (its request_id committed meanwhile
+                # by another control plane, say): each is written again on its own, and fails
+                # or succeeds as it would have alone.
+                for submission in batch:
+                    await self._write_together([submission])
+                return
+            if len(batch) == 1 and isinstance(exc, IntegrityError):
+                existing = await self.find_by_request_id(batch[0].plan.request_id)
+                if existing is not None:
+                    _settle(batch[0], RequestIdConflict(existing.plan_id))
+                    return
+            for submission in batch:
+                _settle(submission, exc)
+            return
+        for submission, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Decision) and outcome.store:
+                stored = outcome.plan
+                stored.version = 1
+                stored.updated_at = stored.created_at
+                stored.transitions = tuple(outcome.transitions)
+                try:
+                    self._on_change(PlanChange(stored, stored.transitions))
+                except Exception as exc:
+                    _settle(submission, exc)
+                    continue
+            _settle(submission, outcome)
+
+    def _submit_batch(
+        self, db: Connection, batch: Sequence[_Submission]
+    ) -> list[Plan | Decision | BaseException]:
+        """The transaction of a batch (see `submit_new`): a failure of one submission's
+        `decide` is that submission's outcome and leaves the others be."""
+        stored, counts = _read_submissions(db, batch)
+        outcomes: list[Plan | Decision | BaseException] = []
+        accepted: list[tuple[dt.datetime, list[str]]] = []  # earlier in this batch
+        inserts: list[Decision] = []
+        for submission, recent in zip(batch, counts, strict=True):
+            plan_id = stored.get(submission.plan.request_id)
+            if plan_id is not None and (existing := self._read(db, plan_id)) is not None:
+                outcomes.append(existing)
+                continue
+            if submission.history and accepted:
+                wanted = set(submission.targets)
+                for created_at, targets in accepted:
+                    if created_at >= submission.since:
+                        for target in wanted.intersection(targets):
+                            recent[target] = min(recent.get(target, 0) + 1, RATE_HISTORY_CAP)
+            try:
+                decision = submission.decide(recent)
+            except Exception as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(decision)
+            if decision.store:
+                inserts.append(decision)
+                plan = decision.plan
+                plan.created_at = plan.created_at or _utcnow()
+                if plan.phase not in _ACCEPTED_PHASES_EXCLUDED:
+                    accepted.append((plan.created_at, plan.target_keys))
+        if inserts:
+            self._insert(db, inserts)
+            if self._bus is not None:
+                self._bus.notify_many(db, PLAN_CHANNEL, [d.plan.plan_id for d in inserts])
+        return outcomes
 
     async def query(self, where: PlanFilter, after_id: str, limit: int) -> list[Plan]:
         def read(db: Connection) -> list[Plan]:
@@ -339,47 +596,67 @@ class PlanRepository:
     # --- writes -----------------------------------------------------------------------------
 
     @staticmethod
-    def _insert(db: Connection, plan: Plan, digest: str, transitions: Sequence[Transition]) -> None:
-        now = plan.created_at or _utcnow()
-        plan.created_at = now
-        db.execute(
-            _INSERT_PLAN,
-            {
-                "plan_id": plan.plan_id,
-                "request_id": plan.request_id,
-                "request_digest": digest,
-                "source": plan.source,
-                "rationale": plan.rationale,
-                "confidence": plan.confidence,
-                "submitted_by": plan.submitted_by,
-                "phase": plan.phase.value,
-                "created_at": now,
-                "updated_at": now,
-                "expire_at": plan.expire_at,
-                "body": body_of(plan),
-                "violations": [
-                    {
-                        "rule_id": v.rule_id,
-                        "message": v.message,
-                        "field": v.field,
-                        "effect": v.effect,
-                    }
-                    for v in plan.violations
-                ],
-                "status_message": fit(plan.status_message),
-                "version": 1,
-            },
-        )
-        db.execute(
-            _INSERT_TARGETS,
-            [
+    def _insert(db: Connection, decisions: Sequence[Decision]) -> None:
+        """The decided plans with their targets, transitions and audit events, all of them at
+        once: one statement on PostgreSQL, one per table elsewhere."""
+        plans: list[dict[str, Any]] = []
+        targets: list[dict[str, Any]] = []
+        transitions: list[dict[str, Any]] = []
+        audits: list[dict[str, Any]] = []
+        for decision in decisions:
+            plan = decision.plan
+            now = plan.created_at or _utcnow()
+            plan.created_at = now
+            plans.append(
+                {
+                    "plan_id": plan.plan_id,
+                    "request_id": plan.request_id,
+                    "request_digest": decision.digest,
+                    "source": plan.source,
+                    "rationale": plan.rationale,
+                    "confidence": plan.confidence,
+                    "submitted_by": plan.submitted_by,
+                    "phase": plan.phase.value,
+                    "created_at": now,
+                    "updated_at": now,
+                    "expire_at": plan.expire_at,
+                    "body": body_of(plan),
+                    "violations": [
+                        {
+                            "rule_id": v.rule_id,
+                            "message": v.message,
+                            "field": v.field,
+                            "effect": v.effect,
+                        }
+                        for v in plan.violations
+                    ],
+                    "status_message": fit(plan.status_message),
+                    "version": 1,
+                }
+            )
+            targets += (
                 {"plan_id": plan.plan_id, "target": key, "created_at": now}
                 for key in plan.target_keys
-            ],
-        )
-        rows, audits = _transition_rows(plan.plan_id, transitions)
-        db.execute(_INSERT_TRANSITIONS, rows)
-        db.execute(_INSERT_AUDIT, audits)
+            )
+            rows, events = _transition_rows(plan.plan_id, decision.transitions)
+            transitions += rows
+            audits += events
+        if db.dialect.name == "postgresql":
+            db.execute(
+                _INSERT_SUBMISSIONS_PG,
+                {
+                    table.name: _json_rows(table, rows)
+                    for (table, _), rows in zip(
+                        _WRITTEN, (plans, targets, transitions, audits), strict=True
+                    )
+                },
+            )
+            return
+        db.execute(_INSERT_PLAN, plans)
+        db.execute(_INSERT_TARGETS, targets)
+        if transitions:
+            db.execute(_INSERT_TRANSITIONS, transitions)
+            db.execute(_INSERT_AUDIT, audits)
 
     async def save(
         self,
@@ -435,3 +712,15 @@ class PlanRepository:
         saved.transitions = plan.transitions + transitions
         self._on_change(PlanChange(saved, transitions))
         return saved
+
+
+def _settle(submission: _Submission, outcome: Plan | Decision | BaseException) -> None:
+    """Hands a submission its outcome, unless its caller gave up waiting for it."""
+    if submission.outcome.done():
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        submission.outcome.cancel()
+    elif isinstance(outcome, BaseException):
+        submission.outcome.set_exception(outcome)
+    else:
+        submission.outcome.set_result(outcome)

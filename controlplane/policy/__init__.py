@@ -14,7 +14,7 @@ from controlplane.policy._cel import (
     compile_expression,
     expression_problem,
 )
-from controlplane.policy._engine import ID_PATTERN, PolicyEngine, check_policy
+from controlplane.policy._engine import ID_PATTERN, PolicyEngine, RuleSet, check_policy
 from controlplane.policy._files import (
     AUTONOMY_FILE_NAME,
     load_policy_files,
@@ -48,6 +48,7 @@ __all__ = [
     "PolicyNotFound",
     "PolicyReadOnly",
     "Rule",
+    "RuleSet",
     "Scope",
     "Verdict",
     "Violation",
