@@ -311,6 +311,7 @@ class ControlPlane:
             on_flush=self.metrics.store_flush.observe,
             # Only replicas relay telemetry; a lone control plane only keeps the history.
             on_published=self._telemetry_published,
+            on_accepted=self._telemetry_accepted,
             on_subscriptions=lambda: self.relay.subscriptions_changed(),
             on_relayed=lambda sample: self.telemetry_history.record((sample,)),
         )
@@ -524,13 +525,15 @@ class ControlPlane:
             self.metrics.disruption_budget_limit.labels(state.budget.name).set(state.limit)
             self.metrics.disruption_budget_in_use.labels(state.budget.name).set(state.in_use)
 
-    def _telemetry_published(self, samples: list[Sample[telemetry_pb2.TelemetrySample]]) -> None:
+    def _telemetry_accepted(self, samples: list[Sample[telemetry_pb2.TelemetrySample]]) -> None:
         self.telemetry_history.record(samples)
         if self.autonomy.watches_xids:
             # New XIDs count towards the breaker; judged from the samples received here.
             observe = self.autonomy.observe_xids
             for sample in samples:
                 observe(sample.node_id, tuple(gpu.last_xid for gpu in sample.payload.gpus))
+
+    def _telemetry_published(self, samples: list[Sample[telemetry_pb2.TelemetrySample]]) -> None:
         if self.bus.enabled:
             self.relay.forward(samples)
 

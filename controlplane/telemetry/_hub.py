@@ -104,10 +104,15 @@ class TelemetryHub(Generic[P]):
         on_flush: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_published: Callable[[list[Sample[P]]], None] | None = None,
+        on_accepted: Callable[[list[Sample[P]]], None] | None = None,
         on_subscriptions: Callable[[], None] | None = None,
         on_relayed: Callable[[Sample[P]], None] | None = None,
     ) -> None:
         self._on_published = on_published
+        # Per batch as it arrives (new samples only, before they are stored): work that needs
+        # no durability is done here, spread over the messages, instead of in the flush, where
+        # a fifth of a second of the fleet's samples would hold the event loop at once.
+        self._on_accepted = on_accepted
         self._on_relayed = on_relayed
         self._on_subscriptions = on_subscriptions
         self._store = store
@@ -157,6 +162,8 @@ class TelemetryHub(Generic[P]):
         node.gaps += gaps
         if accepted:
             self._dirty.add(node_id)
+            if self._on_accepted is not None:
+                self._on_accepted(samples if accepted == len(samples) else node.pending[-accepted:])
         elif duplicates and node.stored >= node.received:
             # A re-sent batch we already hold: ack again so the agent can drop it.
             self._ack(node_id, node, force=True)

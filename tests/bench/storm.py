@@ -62,13 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-opening-sessions",
         type=int,
-        default=64,
-        help="the control plane's max_opening_sessions (default 64; 0: admission control off)",
+        default=512,
+        help="the control plane's max_opening_sessions (default 512, as the control plane's; "
+        "0: admission control off)",
     )
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="also run with admission control off (or at 64 when --max-opening-sessions is 0)",
+        help="also run with admission control off (or at 512 when --max-opening-sessions is 0)",
     )
     parser.add_argument("--interval", type=float, default=5.0, help="telemetry interval (5 s)")
     parser.add_argument(
@@ -795,7 +796,7 @@ def report(results: list[Message], args: argparse.Namespace) -> None:
 async def main_async(args: argparse.Namespace, work_dir: pathlib.Path) -> list[Message]:
     modes = [args.max_opening_sessions]
     if args.compare:
-        modes.append(0 if args.max_opening_sessions else 64)
+        modes.append(0 if args.max_opening_sessions else 512)
     results = []
     for max_opening in modes:
         label = f"admission {max_opening}" if max_opening else "admission off"
