@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "sentinel_agent"
 _ids = random.Random()  # noqa: S311  # seeded from the OS at import; ids, not secrets
+# Nodes judged by the liveness sweep between two yields to the event loop.
+_SWEEP_SLICE = 2000
 # Seconds between full re-reads of the directory: the safety net under the bus.
 DIRECTORY_REFRESH_S = 30.0
 
@@ -65,6 +67,9 @@ class _Agent:
     """The replica holding the node's session, as the directory says ("" when none)."""
     session_key: str = ""
     """The directory's session id for the node: status writes are conditional on it."""
+    inventory_stamp: tuple[str, dt.datetime | None] | None = None
+    """(session id, connected at) of the row the inventory was taken from: the inventory only
+    changes when a session opens, so a re-read row with the same stamp keeps the one held."""
 
     def snapshot(self) -> AgentState:
         return replace(
@@ -225,6 +230,7 @@ class AgentRegistry:
                 gaps=row.telemetry_gap_samples,
                 replica=row.replica_id if held else "",
                 session_key=row.session_id if held else "",
+                inventory_stamp=(row.session_id, row.connected_at),
             )
             self._count(agent, None)
         self._publish_counts()
@@ -478,6 +484,7 @@ class AgentRegistry:
             self._set_state(agent, state)
         agent.replica = self.replica_id
         agent.session_key = session.session_id
+        agent.inventory_stamp = (session.session_id, now)
         snapshot = agent.snapshot()
         self._notify(snapshot)
         if self._on_status_changed is not None:
@@ -519,7 +526,10 @@ class AgentRegistry:
     async def sweep(self) -> None:
         """Applies the liveness rules once."""
         now = self._clock()
-        for agent in list(self._agents.values()):
+        for index, agent in enumerate(list(self._agents.values()), 1):
+            if index % _SWEEP_SLICE == 0:
+                # Tens of thousands of nodes: let the sessions' messages through meanwhile.
+                await asyncio.sleep(0)
             if agent.replica and agent.session is None:
                 if not self._held_elsewhere(agent.replica):
                     await self._release_orphan(agent)
@@ -763,7 +773,14 @@ class AgentRegistry:
                 return  # a write of ours not yet visible, or an older row: keep ours
         held = self._held_elsewhere(row.replica_id)
         status = AgentStatus(row.status)
-        inventory_json, kubernetes_node_name = compact_inventory(row.inventory)
+        stamp = (row.session_id, row.connected_at)
+        if agent is not None and agent.inventory_stamp == stamp:
+            # The directory is re-read every 30 s: re-encoding every node's inventory each time
+            # would hold the event loop for long at tens of thousands of nodes.
+            inventory_json = agent.state.inventory_json
+            kubernetes_node_name = agent.state.kubernetes_node_name
+        else:
+            inventory_json, kubernetes_node_name = compact_inventory(row.inventory)
         state = AgentState(
             node_id=row.node_id,
             status=status,
@@ -804,6 +821,7 @@ class AgentRegistry:
                 return
         agent.replica = row.replica_id
         agent.session_key = row.session_id
+        agent.inventory_stamp = stamp
         self._notify(agent.snapshot())
 
     def _publish_counts(self) -> None:
