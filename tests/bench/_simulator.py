@@ -59,6 +59,10 @@ class SimulatorConfig:
     backoff_base_s: float = 0.5
     """Reconnect backoff (full jitter: uniform in [0, min(cap, base * 2**attempt)])."""
     backoff_cap_s: float = 10.0
+    attempt_timeout_max_s: float = 60.0
+    """Reconnecting agents: after attempts in a row that got no Welcome, the wait doubles up
+    to this, and the delay before the next attempt is drawn from the upper half of a bound at
+    least that wait (nodeagent/_session.py's WelcomeWait and timeout_backoff_delay)."""
 
 
 def channel_options(index: int, keepalive_s: float) -> list[tuple[str, int]]:
@@ -280,6 +284,8 @@ class ReconnectingAgent:
         self._config = config
         self._stats = stats
         self._rng = rng
+        self._welcome_wait_s = config.attempt_timeout_s
+        """How long the next attempt waits for its Welcome (doubles after a timeout)."""
         directory = pathlib.Path(config.cert_dir)
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_pem,
@@ -385,14 +391,25 @@ class ReconnectingAgent:
                     self._failed(exc.code().name, exc)
             except TimeoutError as exc:
                 self._failed("no welcome in time", exc)
+                if not self.in_session:
+                    # As the agent: a longer delay than after a plain failure, at least half
+                    # the wait that timed out, and a longer wait next time.
+                    waited = self._welcome_wait_s
+                    bound = min(
+                        config.backoff_cap_s, max(config.backoff_base_s * 2**attempt, waited)
+                    )
+                    delay = self._rng.uniform(bound / 2, bound)
+                    attempt += 1
+                    self._welcome_wait_s = min(config.attempt_timeout_max_s, waited * 2)
             except (RuntimeError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 self._failed("other", exc)
             finally:
                 welcomed = self.in_session
                 self._end_session()
             if welcomed:
-                # A session that was open resets the backoff, however it ended.
+                # A session that was open resets the backoff and the wait, however it ended.
                 attempt = 0
+                self._welcome_wait_s = config.attempt_timeout_s
             if self.stopping:
                 return
             if delay is None:
@@ -449,7 +466,7 @@ class ReconnectingAgent:
                 resume = self._hello.hello.resume
                 resume.next_telemetry_seq = self.produced + 1
                 resume.oldest_unacked_seq = self._spool[0][0] if self._spool else 0
-                async with asyncio.timeout(self._config.attempt_timeout_s):
+                async with asyncio.timeout(self._welcome_wait_s):
                     # At once, before anything is awaited. A refused session may already be
                     # over; the read below raises its status.
                     with contextlib.suppress(asyncio.InvalidStateError):

@@ -106,7 +106,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how long an agent waits for its Welcome before retrying (10 s, the agent's default)",
     )
     parser.add_argument(
-        "--backoff-cap", type=float, default=10.0, help="agents' reconnect backoff cap (10 s)"
+        "--attempt-timeout-max",
+        type=float,
+        default=60.0,
+        help="longest wait for a Welcome after attempts in a row that timed out (60 s, the "
+        "agent's default connect_timeout_max_s)",
+    )
+    parser.add_argument(
+        "--backoff-cap",
+        type=float,
+        default=30.0,
+        help="agents' reconnect backoff cap (30 s, the agent's default)",
     )
     parser.add_argument(
         "--database-url",
@@ -323,6 +333,7 @@ class Fleet:
                 interval_s=args.interval,
                 ramp=max(1, args.ramp // args.simulators),
                 attempt_timeout_s=args.attempt_timeout,
+                attempt_timeout_max_s=args.attempt_timeout_max,
                 connect_timeout_s=600.0,
                 reconnect=True,
                 backoff_cap_s=args.backoff_cap,
