@@ -225,7 +225,24 @@ def _run(rule: _CompiledRule, context: cel.Context, field: str) -> Violation | N
         return None
     if result is False:
         return _violation(rule, field, None)
-    return _violation(rule, field, f"it gave {type(result).__name__} {result!r}, not a bool")
+    return _violation(rule, field, f"it gave {type(result).__name__} {_shown(result)}, not a bool")
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """A result as a person reads it, the same every time: a map's keys in sorted order (the
+    CEL library's maps iterate in hash order, which varies between evaluations), cut to
+    `limit` characters."""
+
+    def show(item: Any) -> str:
+        if isinstance(item, Mapping):
+            pairs = sorted((show(k), show(v)) for k, v in item.items())
+            return "{" + ", ".join(f"{k}: {v}" for k, v in pairs) + "}"
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(show(v) for v in item) + "]"
+        return repr(item)
+
+    text = show(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class PolicyEngine:

@@ -608,15 +608,6 @@ def test_the_comparison_catches_a_variable_left_out() -> None:
 # --- found while writing these tests ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a rule whose result is a map (`plan.limits`) is reported as 'it gave dict {...}, not a "
-        "bool' with the map's keys in the CEL library's hash order, which differs from one "
-        "evaluation to the next (pruned or not): the same plan gets a different violation "
-        "message each time"
-    ),
-)
 def test_a_rule_giving_a_map_is_reported_with_the_same_message_every_time() -> None:
     engine = engine_of(hand_written(Case("map-result", "plan.limits", fields("limits"))))
     plan = DOCUMENTS["safe-power-limit"]
