@@ -6,6 +6,7 @@ other processes, so this process's CPU time and RSS are the server's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -453,6 +454,7 @@ class GcPauses:
     def __init__(self) -> None:
         self.active = False
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.collected: dict[int, int] = {0: 0, 1: 0, 2: 0}
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
@@ -460,6 +462,7 @@ class GcPauses:
             self._started = time.perf_counter()
         elif self.active:
             self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+            self.collected[info["generation"]] += info.get("collected", 0)
 
     def figures(self) -> Message:
         return {
@@ -467,6 +470,7 @@ class GcPauses:
                 "collections": len(pauses),
                 "total_ms": sum(pauses) * 1000,
                 "max_ms": max(pauses, default=0.0) * 1000,
+                "collected": self.collected[generation],
             }
             for generation, pauses in self.pauses.items()
         }
@@ -558,6 +562,9 @@ async def measure(config: RunConfig) -> Message:
         # sees the steady rate, not the ramp.
         await asyncio.sleep(config.interval_s + 1.0)
         gc_pauses.active = True
+        if os.environ.get("SENTINEL_BENCH_GC_GARBAGE"):
+            # Keep what the collector frees, to say which cycles the server makes.
+            gc.set_debug(gc.DEBUG_SAVEALL)
         stop_lag_probe = asyncio.Event()
         lag_probe = asyncio.create_task(_loop_lag(stop_lag_probe))
         window = await _steady_window(server, config, simulators)
@@ -574,6 +581,12 @@ async def measure(config: RunConfig) -> Message:
             window["open_streams_at_end"] = sum(a["open_streams"] for a in after_pings)
         stop_lag_probe.set()
         lags = await lag_probe
+        if os.environ.get("SENTINEL_BENCH_GC_GARBAGE"):
+            gc.collect()
+            kinds = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+            print(f"  {config.kind}: cyclic garbage by type: {kinds.most_common(20)}", flush=True)
+            gc.set_debug(0)
+            gc.garbage.clear()
         gc_pauses.active = False
         for simulator in simulators:
             simulator.conn.send({"type": "stop"})
