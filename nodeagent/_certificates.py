@@ -3,6 +3,10 @@ certificate, renews over its current identity at a jittered 70-90 % of the certi
 and replaces the files atomically so the next connection uses the new certificate.
 
 A renewal never touches the open session: TLS checks a certificate at the handshake only.
+
+Reading the certificate (serial, validity, SPIFFE id) needs only Python's own `ssl`, which
+asyncio loads anyway; `cryptography` (about 8 MB of the agent's memory) is imported when a key
+and CSR are made or an issued certificate is checked, i.e. at enrollment and renewal only.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import logging
 import os
 import pathlib
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from sentinel.v1 import agent_pb2, agent_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 
-from certs import Identity, IdentityError, make_key_and_csr, parse_spiffe_id
 from nodeagent.settings import AgentSettings
+
+if TYPE_CHECKING:
+    from certs import Identity
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +47,25 @@ class CurrentCertificate:
     serial: int
     not_before: dt.datetime
     not_after: dt.datetime
-    identity: Identity | None
+    spiffe_id: str
+    """The certificate's URI SAN when it has exactly one ('' otherwise)."""
 
     @property
     def lifetime(self) -> dt.timedelta:
         return self.not_after - self.not_before
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who the certificate speaks for; None when its URI is not a Sentinel SPIFFE id."""
+        # Here, not at the top: `certs` loads cryptography, which only renewal needs.
+        from certs import IdentityError, parse_spiffe_id
+
+        if not self.spiffe_id:
+            return None
+        try:
+            return parse_spiffe_id(self.spiffe_id)
+        except IdentityError:
+            return None
 
 
 def enrollment_endpoint(settings: AgentSettings) -> str:
@@ -71,19 +91,46 @@ def bootstrap_token(settings: AgentSettings) -> str:
 
 def read_certificate(path: pathlib.Path) -> CurrentCertificate | None:
     """The certificate at `path`, or None when it is missing or unreadable."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return _read_certificate_with_cryptography(path)
+    try:
+        # The decoder behind SSLSocket.getpeercert(), fed from a PEM file: the same dict.
+        fields: dict[str, Any] = decode(os.fspath(path))
+        uris = [value for kind, value in fields.get("subjectAltName", ()) if kind == "URI"]
+        return CurrentCertificate(
+            int(fields["serialNumber"], 16),
+            _certificate_time(fields["notBefore"]),
+            _certificate_time(fields["notAfter"]),
+            uris[0] if len(uris) == 1 else "",
+        )
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _certificate_time(text: str) -> dt.datetime:
+    """An X.509 time as the ssl module writes it ("Nov 30 15:32:06 2027 GMT"), in UTC."""
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(text), dt.UTC)
+
+
+def _read_certificate_with_cryptography(path: pathlib.Path) -> CurrentCertificate | None:
+    """`read_certificate` for a Python whose ssl module has no certificate-file decoder."""
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError):
         return None
-    identity: Identity | None = None
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        identity = parse_spiffe_id(uris[0]) if len(uris) == 1 else None
-    except (x509.ExtensionNotFound, IdentityError):
-        identity = None
+    except x509.ExtensionNotFound:
+        uris = []
     return CurrentCertificate(
-        cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, identity
+        cert.serial_number,
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+        uris[0] if len(uris) == 1 else "",
     )
 
 
@@ -102,6 +149,8 @@ def _write_atomically(path: pathlib.Path, data: bytes, mode: int) -> pathlib.Pat
 
 
 def _spki(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(  # type: ignore[attr-defined,no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -219,7 +268,12 @@ class CertificateKeeper:
 
     # -- enrollment and renewal ------------------------------------------------------------------
 
+    # cryptography and `certs` (which loads it) are imported where keys and certificates are
+    # made or checked, so an agent that is not renewing does not carry them.
+
     async def _enroll(self, token: str) -> None:
+        from certs import Identity, make_key_and_csr
+
         s = self._settings
         identity = Identity(s.trust_domain, "agent", s.node_id)
         key_pem, csr_pem = await asyncio.to_thread(make_key_and_csr, identity)
@@ -240,6 +294,8 @@ class CertificateKeeper:
         log.info("enrolled: certificate valid until %s", self._not_after())
 
     async def _renew(self, current: CurrentCertificate) -> None:
+        from certs import Identity, make_key_and_csr
+
         s = self._settings
         identity = current.identity or Identity(s.trust_domain, "agent", s.node_id)
         key_pem, csr_pem = await asyncio.to_thread(make_key_and_csr, identity)
@@ -262,6 +318,9 @@ class CertificateKeeper:
     async def _install(self, key_pem: bytes, cert_pem: bytes) -> None:
         """Checks the issued certificate against our key and node, then renames the new key and
         certificate over the old ones (the lock keeps a reader from pairing old with new)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         s = self._settings
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)

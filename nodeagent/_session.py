@@ -8,6 +8,13 @@ control plane asks for (GoAway's `reconnect_after`, the `retry-after-ms` trailer
 refused for capacity) replaces the backoff: it is waited in full, plus jitter. A session that
 was open and ends because the server drained its connection (maximum connection age) is routine:
 the agent reconnects at once, through the load balancer, and re-sends what was not acked.
+
+An attempt that gets no welcome in time means a control plane too busy to answer (a reconnect
+storm after its restart): retrying at once, with the same short wait, would only add to the
+load and time out again. So the wait for the welcome doubles after every attempt that timed out
+in a row, up to `connect_timeout_max_s`, and is back to `connect_timeout_s` after a welcome; and
+the delay after a timeout is drawn from the upper half of a bound at least as long as the wait
+that timed out (never an immediate retry). Each change of the wait is logged once.
 """
 
 from __future__ import annotations
@@ -38,9 +45,47 @@ class SessionRefused(Exception):
     """The control plane answered the hello with something other than a welcome."""
 
 
+class WelcomeTimeout(TimeoutError):
+    """No welcome came within the wait: the control plane is down to a crawl, or overloaded."""
+
+
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**attempt)], attempt 0 included."""
     return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+def timeout_backoff_delay(
+    attempt: int, base_s: float, cap_s: float, waited_s: float, rng: random.Random
+) -> float:
+    """The delay after an attempt that got no welcome within `waited_s`: uniform in the upper
+    half of [0, bound], where bound = min(cap, max(base * 2**attempt, waited_s)); so it is
+    longer than after a plain failure, and never an immediate retry."""
+    bound = min(cap_s, max(base_s * (2**attempt), waited_s))
+    return rng.uniform(bound / 2, bound)
+
+
+class WelcomeWait:
+    """How long the next attempt waits for its welcome: `base_s`, doubled after every attempt
+    that timed out in a row, up to `max_s`; back to `base_s` after a welcome."""
+
+    def __init__(self, base_s: float, max_s: float) -> None:
+        self.base_s = base_s
+        self.max_s = max(base_s, max_s)
+        self.seconds = base_s
+        self.timeouts = 0
+        """Attempts in a row that got no welcome in time."""
+
+    def timed_out(self) -> bool:
+        """Counts a timed-out attempt and lengthens the wait; True when the wait changed."""
+        self.timeouts += 1
+        previous, self.seconds = self.seconds, min(self.max_s, self.seconds * 2)
+        return self.seconds != previous
+
+    def welcomed(self) -> bool:
+        """A welcome came: the wait is back to `base_s`; True when it changed."""
+        self.timeouts = 0
+        previous, self.seconds = self.seconds, self.base_s
+        return self.seconds != previous
 
 
 def requested_delay(asked_s: float, base_s: float, rng: random.Random) -> float:
@@ -105,6 +150,9 @@ class AgentSession:
         """Whether the current attempt got a welcome (the session was open)."""
         self._drained = False
         """Whether the server sent HTTP/2 GOAWAY on the current session's connection."""
+        self.welcome_wait = WelcomeWait(settings.connect_timeout_s, settings.connect_timeout_max_s)
+        self._last_write = 0.0
+        """Event-loop time of the last message written on the open session."""
 
     def stop(self) -> None:
         """Ends the open session (half-closing the stream) and stops reconnecting."""
@@ -131,8 +179,11 @@ class AgentSession:
                 delay = await self._session(state, boot_count)
             except grpc.aio.AioRpcError as exc:
                 delay = self._delay_after(exc)
+            except WelcomeTimeout:
+                delay = self._delay_after_timeout(attempt)
+                attempt += 1
             except (SessionRefused, TimeoutError) as exc:
-                log.warning("session failed: %s", exc or "no welcome in time")
+                log.warning("session failed: %s", exc or type(exc).__name__)
             except OSError as exc:
                 log.error("cannot read TLS files: %s", exc)
             finally:
@@ -150,6 +201,26 @@ class AgentSession:
             log.info("reconnecting in %.2f s", delay, extra={"reconnect_delay_s": delay})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _delay_after_timeout(self, attempt: int) -> float:
+        """Lengthens the wait for the next welcome (logged when it changes) and returns the
+        delay before the next attempt."""
+        wait = self.welcome_wait
+        waited = wait.seconds
+        s = self._settings
+        delay = timeout_backoff_delay(attempt, s.backoff_base_s, s.backoff_cap_s, waited, self._rng)
+        if wait.timed_out():
+            log.warning(
+                "no welcome within %g s (%d attempt(s) in a row): the control plane may be "
+                "overloaded; waiting up to %g s for the next welcome, and longer between attempts",
+                waited,
+                wait.timeouts,
+                wait.seconds,
+                extra={"welcome_wait_s": wait.seconds},
+            )
+        else:
+            log.debug("no welcome within %g s (%d attempts in a row)", waited, wait.timeouts)
+        return delay
 
     def _delay_after(self, exc: grpc.aio.AioRpcError) -> float | None:
         """Logs why a session ended with an error status; returns the delay the control plane
@@ -234,7 +305,14 @@ class AgentSession:
             # hello (capacity) may already be over; the read below raises its status.
             with contextlib.suppress(asyncio.InvalidStateError):
                 await call.write(hello)
-            first = await asyncio.wait_for(call.read(), s.connect_timeout_s)
+            # asyncio.timeout rather than wait_for: no extra task, and no reference cycle
+            # through the raised error that kept a refused call (and its connection, on both
+            # sides) alive until the garbage collector ran.
+            try:
+                async with asyncio.timeout(self.welcome_wait.seconds):
+                    first = await call.read()
+            except TimeoutError:
+                raise WelcomeTimeout(f"no welcome within {self.welcome_wait.seconds:g} s") from None
             if first is grpc.aio.EOF:
                 await call.wait_for_connection()
                 raise SessionRefused(f"stream closed before welcome: {await call.details()}")
@@ -242,9 +320,11 @@ class AgentSession:
                 raise SessionRefused(f"expected welcome, got {first.WhichOneof('message')}")
             welcome = first.welcome
             self._welcomed = True
+            if self.welcome_wait.welcomed():
+                log.info("welcomed: the wait for a welcome is back to %g s", s.connect_timeout_s)
             self.session_id = welcome.session_id
             self.sessions_opened += 1
-            await self._acknowledge(state, welcome.acked_telemetry_seq)
+            self._acknowledge(state, welcome.acked_telemetry_seq)
             if welcome.heartbeat_interval.ToNanoseconds() > 0:
                 self._heartbeat_s = welcome.heartbeat_interval.ToNanoseconds() / 1e9
             self._sampler.interval.suggest(welcome.telemetry_interval.ToNanoseconds() / 1e9)
@@ -281,55 +361,66 @@ class AgentSession:
         log.info("the control plane is draining this connection (GOAWAY); the session goes on")
 
     async def _read_loop(self, state: AgentStateStore, call: Any) -> float | None:
+        """Reads until the stream ends or the agent stops (then half-closes it and returns 0)."""
+        reader = asyncio.ensure_future(self._read_messages(state, call))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            while True:
-                read = asyncio.ensure_future(call.read())
-                done, _ = await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if stopping in done:
-                    read.cancel()
-                    # The stream may have ended under us (the server went away at the same
-                    # moment); half-closing it then fails, and there is nothing left to close.
-                    with contextlib.suppress(Exception):
-                        await call.done_writing()
-                    return 0.0
-                message = read.result()
-                if message is grpc.aio.EOF:
-                    code = await call.code()
-                    log.warning(
-                        "control plane ended the session: %s %s", code.name, await call.details()
-                    )
-                    return None
-                kind = message.WhichOneof("message")
-                if kind == "telemetry_ack":
-                    await self._acknowledge(state, message.telemetry_ack.seq)
-                elif kind == "command":
-                    self._on_command(message.command)
-                elif kind == "config_update":
-                    self._sampler.interval.update(
-                        message.config_update.telemetry_interval.ToNanoseconds() / 1e9
-                    )
-                elif kind == "go_away":
-                    asked: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
-                    log.info(
-                        "control plane going away (%s); asked to reconnect after %.2f s",
-                        message.go_away.reason,
-                        asked,
-                        extra={"reconnect_after_s": asked},
-                    )
-                    return requested_delay(asked, self._settings.backoff_base_s, self._rng)
-                elif kind == "cancel_command":
-                    log.info("cancel requested for %s", message.cancel_command.command_id)
+            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                return reader.result()
+            reader.cancel()
+            # The stream may have ended under us (the server went away at the same moment);
+            # half-closing it then fails, and there is nothing left to close.
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+            return 0.0
         finally:
             stopping.cancel()
+            reader.cancel()
+            await asyncio.gather(reader, stopping, return_exceptions=True)
 
-    async def _acknowledge(self, state: AgentStateStore, seq: int) -> None:
-        if seq > self.acked_seq or seq == 0:
-            await asyncio.to_thread(state.acknowledge, seq)
-            self.acked_seq = max(self.acked_seq, seq)
+    async def _read_messages(self, state: AgentStateStore, call: Any) -> float | None:
+        """Handles what the control plane sends; returns the delay it asked for at its end
+        (None: the backoff's)."""
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                code = await call.code()
+                log.warning(
+                    "control plane ended the session: %s %s", code.name, await call.details()
+                )
+                return None
+            kind = message.WhichOneof("message")
+            if kind == "telemetry_ack":
+                self._acknowledge(state, message.telemetry_ack.seq)
+            elif kind == "command":
+                self._on_command(message.command)
+            elif kind == "config_update":
+                self._sampler.interval.update(
+                    message.config_update.telemetry_interval.ToNanoseconds() / 1e9
+                )
+            elif kind == "go_away":
+                asked: float = message.go_away.reconnect_after.ToNanoseconds() / 1e9
+                log.info(
+                    "control plane going away (%s); asked to reconnect after %.2f s",
+                    message.go_away.reason,
+                    asked,
+                    extra={"reconnect_after_s": asked},
+                )
+                return requested_delay(asked, self._settings.backoff_base_s, self._rng)
+            elif kind == "cancel_command":
+                log.info("cancel requested for %s", message.cancel_command.command_id)
 
-    @staticmethod
-    async def _write_loop(call: Any, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
+    def _acknowledge(self, state: AgentStateStore, seq: int) -> None:
+        # Noted in memory; the spool deletes them with its next write (no disk I/O here).
+        if seq > self.acked_seq:
+            state.note_acknowledged(seq)
+            self.acked_seq = seq
+
+    async def _write_loop(
+        self, call: Any, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]
+    ) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             message = await outgoing.get()
             try:
@@ -338,6 +429,7 @@ class AgentSession:
                 # The stream ended under us; the reader sees why and the session is retried.
                 # Whatever was queued is re-sent from the spool or re-delivered by the server.
                 return
+            self._last_write = loop.time()
 
     async def _pump_telemetry(
         self,
@@ -351,10 +443,16 @@ class AgentSession:
         sent_up_to = acked
         while True:
             sampler.new_sample.clear()
-            rows = await asyncio.to_thread(state.unsent, sent_up_to, max_batch)
+            latest = sampler.latest_spooled
+            rows: list[tuple[int, bytes]]
+            if latest is not None and latest[0] <= sent_up_to:
+                rows = []  # nothing spooled since the last send
+            elif latest is not None and latest[0] == sent_up_to + 1:
+                rows = [latest]  # caught up: the sample just spooled, without reading it back
+            else:
+                rows = await asyncio.to_thread(state.unsent, sent_up_to, max_batch)
             if rows:
-                batch = agent_pb2.TelemetryBatch(dropped_samples=state.dropped_since_report)
-                state.dropped_since_report = 0
+                batch = agent_pb2.TelemetryBatch(dropped_samples=state.take_dropped())
                 for seq, payload in rows:
                     batch.samples.add().ParseFromString(payload)
                     sent_up_to = seq
@@ -365,10 +463,16 @@ class AgentSession:
                 await sampler.new_sample.wait()
 
     async def _heartbeat_loop(self, outgoing: asyncio.Queue[agent_pb2.ConnectRequest]) -> None:
+        """A heartbeat after every heartbeat interval in which nothing else was sent: any
+        message proves the agent alive, so telemetry at least that often makes them moot."""
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
         while True:
-            await asyncio.sleep(self._heartbeat_s)
-            outgoing.put_nowait(
-                agent_pb2.ConnectRequest(
-                    heartbeat=agent_pb2.Heartbeat(send_time=encode.now_timestamp())
+            await asyncio.sleep(self._last_write + self._heartbeat_s - loop.time())
+            if loop.time() - self._last_write >= self._heartbeat_s:
+                self._last_write = loop.time()  # queued: the next one is due one interval on
+                outgoing.put_nowait(
+                    agent_pb2.ConnectRequest(
+                        heartbeat=agent_pb2.Heartbeat(send_time=encode.now_timestamp())
+                    )
                 )
-            )

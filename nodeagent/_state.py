@@ -2,7 +2,23 @@
 sequence counter, the boot counter, the cordon mark, and the commands it executed (so each runs
 at most once, across its own restarts, and its result can be re-sent).
 
-All methods block; the agent calls them from a worker thread.
+All methods block; the agent calls them from a worker thread, except `note_acknowledged` and
+`take_dropped`, which do no I/O and are meant for the event loop.
+
+Durability: the database runs in WAL mode with synchronous=NORMAL, so a commit costs no fsync
+(only checkpoints sync): a committed transaction survives a crash of the agent (it is in the
+WAL, in the OS page cache) and only a crash of the OS or a power loss can roll back the last
+ones. For telemetry that is the right price: the node that lost power lost those samples'
+subject with them, and the control plane counts what it never got as a gap. Command records
+are written with synchronous=FULL instead (the WAL is synced before the commit returns), so a
+command that was started is never forgotten, even across a power loss, and is never run twice.
+
+The spool write of one sample is one transaction: the acknowledgements that came since the last
+one (noted in memory by the session, without touching the disk), the sample, and the trimming to
+the bound. The sequence counter is the newest spooled seq; it is written to `meta` only before a
+delete that may take the newest sample (an acknowledgement of everything, a full disk), so a
+restart never reuses a seq that was sent. The number of spooled samples is kept in memory, so no
+write scans the spool.
 
 A full disk (docs/failures.md) costs telemetry, never a command record: the store keeps a small
 reserve file beside its database and gives it up when a write fails for want of space, so that
@@ -13,6 +29,7 @@ so the control plane sees the gap), and the reserve is taken back once there is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -20,7 +37,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -108,20 +125,37 @@ class AgentStateStore:
             self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
             self._db.executescript(_SCHEMA)
             self._take_reserve()
-        self.dropped_since_report = 0
+            # This store is the database's only writer: what it counts stays true.
+            count, newest = self._db.execute("SELECT COUNT(*), MAX(seq) FROM spool").fetchone()
+            self._count = int(count)
+            # The counter in `meta` is written only when the spool may lose its newest sample;
+            # otherwise the newest spooled seq is the counter (see `_store_sample`).
+            self._stored_next = self._get("next_seq")
+            self._next = max(self._stored_next, int(newest or 0) + 1)
         self.dropped_total = 0
         """Samples dropped since start: spool bound or full disk (also counted as gaps)."""
+        self._dropped_reported = 0
         # The seq after the last sample dropped for want of room: never reused in this run.
         self._seq_floor = 0
-        # An acknowledgement whose delete found no room; retried with the next write.
-        self._pending_ack = 0
+        # Acknowledged seqs: the highest one noted (raised under `_ack_lock` only) and the
+        # highest one deleted (written under `_lock` only); a delete that found no room is
+        # retried with the next write.
+        self._ack_lock = threading.Lock()
+        self._ack_noted = 0
+        self._ack_applied = 0
         # Results of finished commands whose record found no room; kept (and answered from)
         # in memory, written with the next write that finds room.
         self._unrecorded: dict[str, bytes] = {}
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self._apply_acks()
+            except sqlite3.Error as exc:
+                # Harmless: the next session's welcome acknowledges them again.
+                log.warning("could not delete acknowledged samples at close: %s", exc)
+            finally:
+                self._db.close()
 
     def check_writable(self) -> None:
         """Writes and commits one row: raises what a write in the state directory raises."""
@@ -162,9 +196,8 @@ class AgentStateStore:
         self._full_bound = self._max_spool
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            if self._pending_ack:
-                self._db.execute("DELETE FROM spool WHERE seq <= ?", (self._pending_ack,))
-                self._pending_ack = 0
+            self._store_next_seq()  # what follows may delete the newest sample
+            self._apply_acks()
             if drop_samples:
                 (count,) = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()
                 excess = -(-int(count) // _FREE_SHARE)  # at least one while any is spooled
@@ -176,25 +209,33 @@ class AgentStateStore:
                     )
                     self._count_dropped(excess)
             (count,) = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()
-            self._full_bound = max(int(count), 1)
+            self._count = int(count)
+            self._full_bound = max(self._count, 1)
         except sqlite3.Error as exc:
             if not _full(exc):
                 raise
             log.warning("no room even after giving up the reserve: %s", exc)
 
     def _count_dropped(self, samples: int) -> None:
-        self.dropped_since_report += samples
         self.dropped_total += samples
+
+    def take_dropped(self) -> int:
+        """Samples dropped since the last call (for the next batch's `dropped_samples`). No
+        I/O; call it from one thread only (the session's)."""
+        total = self.dropped_total
+        dropped = total - self._dropped_reported
+        self._dropped_reported = total
+        return dropped
 
     def _after_write(self) -> None:
         """A write found room: catch up on what earlier writes could not store."""
         try:
-            if self._pending_ack:
-                self._db.execute("DELETE FROM spool WHERE seq <= ?", (self._pending_ack,))
-                self._pending_ack = 0
-            for command_id, result in list(self._unrecorded.items()):
-                self._write_finished(command_id, result)
-                del self._unrecorded[command_id]
+            self._apply_acks()
+            if self._unrecorded:
+                with self._synced():
+                    for command_id, result in list(self._unrecorded.items()):
+                        self._write_finished(command_id, result)
+                        del self._unrecorded[command_id]
         except sqlite3.Error as exc:
             if not _full(exc):
                 raise
@@ -214,6 +255,13 @@ class AgentStateStore:
             (key, value),
         )
 
+    def _store_next_seq(self) -> None:
+        """Writes the sequence counter to `meta` (autocommit) unless it is there already: due
+        before anything that may delete the newest spooled sample."""
+        if self._stored_next != self._next:
+            self._set("next_seq", self._next)
+            self._stored_next = self._next
+
     def next_boot(self) -> int:
         with self._lock:
             boot = self._get("boot_count") + 1
@@ -223,7 +271,7 @@ class AgentStateStore:
     def next_seq(self) -> int:
         """The seq the next sample will carry (1 for a brand-new agent)."""
         with self._lock:
-            return max(self._get("next_seq") or 1, self._seq_floor)
+            return max(self._next, self._seq_floor)
 
     def get_setting(self, key: str) -> int:
         with self._lock:
@@ -252,11 +300,16 @@ class AgentStateStore:
 
         `payload_for_seq(seq) -> bytes` builds the serialized sample once the seq is known, so
         seq assignment and storage are one transaction (a crash never reuses a seq that was
-        sent). A sample that finds no room even after the oldest samples are dropped is itself
-        dropped and counted; its seq is not reused, so the control plane counts the gap.
+        sent). The same transaction deletes what was acknowledged since the last write. A
+        sample that finds no room even after the oldest samples are dropped is itself dropped
+        and counted; its seq is not reused, so the control plane counts the gap.
         """
+        return self.spool_sample(payload_for_seq)[0]
+
+    def spool_sample(self, payload_for_seq: Callable[[int], bytes]) -> tuple[int, bool]:
+        """`spool`, also telling whether the sample was stored (False: dropped for room)."""
         with self._lock:
-            seq = max(self._get("next_seq") or 1, self._seq_floor)
+            seq = max(self._next, self._seq_floor)
             payload = payload_for_seq(seq)
             try:
                 self._store_sample(seq, payload)
@@ -271,34 +324,60 @@ class AgentStateStore:
                         raise
                     self._seq_floor = seq + 1
                     self._count_dropped(1)
-                    return seq
+                    return seq, False
             self._after_write()
-            return seq
+            return seq, True
 
     def _store_sample(self, seq: int, payload: bytes) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        acked = self._ack_noted
+        count = self._count
+        if acked <= self._ack_applied and count < (
+            self._full_bound if self.disk_full else self._max_spool
+        ):
+            # Nothing to delete: the insert is the whole transaction (autocommit).
+            db.execute("INSERT INTO spool(seq, payload) VALUES(?, ?)", (seq, payload))
+            self._count = count + 1
+            self._next = seq + 1
+            return
+        excess = 0
+        stores_next = False
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("INSERT INTO spool(seq, payload) VALUES(?, ?)", (seq, payload))
-            self._set("next_seq", seq + 1)
-            (count,) = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()
+            if acked > self._ack_applied:
+                count -= db.execute("DELETE FROM spool WHERE seq <= ?", (acked,)).rowcount
+            db.execute("INSERT INTO spool(seq, payload) VALUES(?, ?)", (seq, payload))
+            count += 1
             # On a full disk the spool may not grow past what it held then: each new sample
             # takes the place of the oldest, so the room left is kept for command records.
             excess = count - (self._full_bound if self.disk_full else self._max_spool)
+            # The newest spooled seq is the counter while the sample stays (the acknowledged
+            # ones deleted above are older); only a bound that leaves nothing needs `meta`.
+            stores_next = excess >= count
+            if stores_next:
+                self._set("next_seq", seq + 1)
             if excess > 0:
                 # Oldest first: recent telemetry is worth more than old. The control plane
                 # sees the jump in seq and counts the gap.
-                self._db.execute(
+                count -= db.execute(
                     "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool ORDER BY seq LIMIT ?)",
                     (excess,),
-                )
-                self._count_dropped(excess)
-            self._db.execute("COMMIT")
+                ).rowcount
+            db.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself on some errors (SQLITE_FULL among them); a second
             # ROLLBACK would replace the real error with "no transaction is active".
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        # Committed: only now does the bookkeeping follow.
+        if excess > 0:
+            self._count_dropped(excess)
+        self._count = count
+        self._next = seq + 1
+        if stores_next:
+            self._stored_next = seq + 1
+        self._ack_applied = max(self._ack_applied, acked)
 
     def unsent(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         with self._lock:
@@ -308,25 +387,54 @@ class AgentStateStore:
             ).fetchall()
         return [(int(seq), bytes(payload)) for seq, payload in rows]
 
+    def note_acknowledged(self, seq: int) -> None:
+        """Notes that the control plane holds every sample up to `seq`; the samples are deleted
+        with the next write (no I/O here: the event loop may call it). Until then they are
+        neither re-sent nor counted: the session resumes after the control plane's own
+        acknowledged seq, and `spool_bounds` leaves them out."""
+        with self._ack_lock:  # never held across I/O: the event loop does not wait on it
+            if seq > self._ack_noted:
+                self._ack_noted = seq
+
     def acknowledge(self, seq: int) -> None:
-        """Drops every sample up to and including `seq` (the control plane holds them); on a
-        full disk the delete waits for the next write that finds room (never raises for it:
+        """Drops every sample up to and including `seq` (the control plane holds them) now; on
+        a full disk the delete waits for the next write that finds room (never raises for it:
         the session goes on)."""
+        self.note_acknowledged(seq)
         with self._lock:
             try:
-                self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
+                self._apply_acks()
             except sqlite3.Error as exc:
                 if not _full(exc):
                     raise
-                self._pending_ack = max(self._pending_ack, seq)
+
+    def _apply_acks(self) -> None:
+        """Deletes what was acknowledged and not yet deleted (under the lock, autocommit)."""
+        acked = self._ack_noted
+        if acked > self._ack_applied:
+            if acked >= self._next - 1:
+                self._store_next_seq()  # the newest sample goes too
+            self._count -= self._db.execute("DELETE FROM spool WHERE seq <= ?", (acked,)).rowcount
+            self._ack_applied = acked
 
     def spool_bounds(self) -> tuple[int, int]:
-        """(oldest seq in the spool or 0, number of samples in it)."""
+        """(oldest unacknowledged seq in the spool or 0, number of such samples)."""
         with self._lock:
-            oldest, count = self._db.execute("SELECT MIN(seq), COUNT(*) FROM spool").fetchone()
+            oldest, count = self._db.execute(
+                "SELECT MIN(seq), COUNT(*) FROM spool WHERE seq > ?", (self._ack_noted,)
+            ).fetchone()
         return int(oldest or 0), int(count)
 
     # -- executed commands ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _synced(self) -> Iterator[None]:
+        """Commits inside are synced to disk before they return (see the module docstring)."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def executed(self, command_id: str) -> ExecutedCommand | None:
         with self._lock:
@@ -347,7 +455,7 @@ class AgentStateStore:
             "INSERT OR IGNORE INTO executed(command_id, state, result, at) "
             "VALUES(?, 'STARTED', NULL, ?)"
         )
-        with self._lock:
+        with self._lock, self._synced():
             try:
                 self._db.execute(statement, (command_id, time.time()))
             except sqlite3.Error as exc:
@@ -370,7 +478,7 @@ class AgentStateStore:
         """Records the command's result. Without room even after dropping spooled samples the
         result is kept in memory (and answered from) until a write finds room; the record
         on disk stays STARTED, so after a restart the command is reported, never re-run."""
-        with self._lock:
+        with self._lock, self._synced():
             try:
                 self._write_finished(command_id, result)
             except sqlite3.Error as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import platform
 import time
@@ -37,6 +36,11 @@ _GPU_DISABLED = GpuReading(
 )
 
 
+def _wake(sleep: asyncio.Future[None]) -> None:
+    if not sleep.done():
+        sleep.set_result(None)
+
+
 class TelemetryInterval:
     """The telemetry period: the agent's setting, replaced by the control plane's, unless a
     command pinned one (a pinned interval survives agent restarts)."""
@@ -44,8 +48,25 @@ class TelemetryInterval:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.pinned = False
-        self.changed = asyncio.Event()
-        """Set whenever `seconds` changes, so the collection loop does not sleep out the old."""
+        # The collection loop's sleep, ended early when `seconds` changes, so the loop does not
+        # sleep out the old interval.
+        self._sleep: asyncio.Future[None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        """Waits `seconds`, or less when the interval changes meanwhile. A timer and a future:
+        no task, and no cancellation to unwind, per cycle."""
+        loop = asyncio.get_running_loop()
+        sleep = self._sleep = loop.create_future()
+        timer = loop.call_later(seconds, _wake, sleep)
+        try:
+            await sleep
+        finally:
+            timer.cancel()
+            self._sleep = None
+
+    def _changed(self) -> None:
+        if self._sleep is not None:
+            _wake(self._sleep)
 
     async def restore(self, state: AgentStateStore) -> None:
         """Takes up the interval a command pinned before the agent restarted, if any."""
@@ -57,19 +78,19 @@ class TelemetryInterval:
         """The control plane's interval at session start; a pinned interval stays."""
         if not self.pinned and seconds > 0:
             self.seconds = seconds
-            self.changed.set()
+            self._changed()
 
     def update(self, seconds: float) -> None:
         """The control plane's configuration update; applies until the next one or a restart."""
         if seconds > 0:
             self.seconds = seconds
-            self.changed.set()
+            self._changed()
 
     async def pin(self, seconds: float, state: AgentStateStore) -> None:
         """A command's interval, stored so that it survives restarts."""
         await asyncio.to_thread(state.put_setting, _INTERVAL_SETTING, int(seconds * 1000))
         self.seconds, self.pinned = seconds, True
-        self.changed.set()
+        self._changed()
         log.info("telemetry interval set to %g s", seconds)
 
 
@@ -93,6 +114,9 @@ class TelemetrySampler:
         """GPU events not yet sent; the oldest are dropped beyond the bound."""
         self.new_sample = asyncio.Event()
         """Set after each sample is spooled."""
+        self.latest_spooled: tuple[int, bytes] | None = None
+        """(seq, serialized sample) of the newest sample stored in the spool by this process,
+        so the session can send it without reading it back."""
         self.host_inventory = HostInventory(hostname="", os="")
         self.gpu_inventory: list[GpuInventoryItem] = []
         self.gpu_available = False
@@ -124,25 +148,15 @@ class TelemetrySampler:
                 await self.collect_once(state)
             except Exception:
                 log.exception("telemetry collection failed; next attempt in one interval")
-            interval.changed.clear()
             remaining = interval.seconds - (time.monotonic() - started)
             if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(interval.changed.wait(), remaining)
+                await interval.sleep(remaining)
 
     async def collect_once(self, state: AgentStateStore) -> None:
         """Reads the collectors and spools one sample under the next sequence number."""
-        host = await asyncio.to_thread(self._host.collect) if self._host is not None else None
         reading = await self._gpu.collect() if self._gpu is not None else _GPU_DISABLED
-        collect_time_ns = time.time_ns()
-        built: list[telemetry_pb2.TelemetrySample] = []
-
-        def serialize(seq: int) -> bytes:
-            sample = encode.telemetry_sample(seq, self._node_id, collect_time_ns, host, reading)
-            built.append(sample)
-            return sample.SerializeToString()
-
-        await asyncio.to_thread(state.spool, serialize)
+        # Host collection, encoding and the spool write: one trip to a worker thread.
+        sample = await asyncio.to_thread(self._collect_and_spool, state, reading)
         if self._gpu is not None:
             self.events.extend(reading.events)
             ok = reading.status.state is GpuCollectionState.OK
@@ -150,7 +164,28 @@ class TelemetrySampler:
                 # A driver that appeared after start: the next hello carries the inventory.
                 self.gpu_inventory = await self._gpu.inventory()
                 self.gpu_available = True
-        self.last_sample = built[0]
+        self.last_sample = sample
         if self.on_sample is not None:
-            self.on_sample(built[0])
+            self.on_sample(sample)
         self.new_sample.set()
+
+    def _collect_and_spool(
+        self, state: AgentStateStore, reading: GpuReading
+    ) -> telemetry_pb2.TelemetrySample:
+        """Blocking: reads the host, builds the sample and spools it."""
+        host = self._host.collect() if self._host is not None else None
+        collect_time_ns = time.time_ns()
+        built: list[telemetry_pb2.TelemetrySample] = []
+        payloads: list[bytes] = []
+
+        def serialize(seq: int) -> bytes:
+            sample = encode.telemetry_sample(seq, self._node_id, collect_time_ns, host, reading)
+            built.append(sample)
+            payloads.append(sample.SerializeToString())
+            return payloads[0]
+
+        seq, stored = state.spool_sample(serialize)
+        if stored:
+            # A plain assignment of a new tuple: the event loop reads it whole or not at all.
+            self.latest_spooled = (seq, payloads[0])
+        return built[0]

@@ -13,9 +13,8 @@ import functools
 import logging
 import random
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from sentinel.v1 import telemetry_pb2
 
 from nodeagent._certificates import CertificateKeeper
@@ -23,9 +22,12 @@ from nodeagent._commands import CommandRunner
 from nodeagent._session import (
     AgentSession,
     SessionRefused,
+    WelcomeTimeout,
+    WelcomeWait,
     backoff_delay,
     channel_options,
     mtls_credentials,
+    timeout_backoff_delay,
 )
 from nodeagent._state import AgentStateStore
 from nodeagent._telemetry import TelemetryInterval, TelemetrySampler
@@ -34,7 +36,17 @@ from nodeagent.collectors import AsyncGpuCollector, HostCollector
 from nodeagent.settings import AgentSettings
 from processkit import Supervisor, log_context
 
-__all__ = ["NodeAgent", "SessionRefused", "backoff_delay"]
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+__all__ = [
+    "NodeAgent",
+    "SessionRefused",
+    "WelcomeTimeout",
+    "WelcomeWait",
+    "backoff_delay",
+    "timeout_backoff_delay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +174,10 @@ class NodeAgent:
 
     def metrics_collector(self) -> Collector:
         """A prometheus_client collector of the agent's own session state."""
+        # Imported here: an agent that serves no /metrics never loads prometheus_client.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.registry import Collector
+
         agent = self
 
         class _SessionMetrics(Collector):

@@ -14,13 +14,10 @@ import pathlib
 import signal
 import sys
 
-from prometheus_client import CollectorRegistry
-
 from nodeagent._certificates import bootstrap_token
 from nodeagent._state import state_dir_problem
 from nodeagent.agent import NodeAgent
 from nodeagent.collectors import AsyncGpuCollector, HostCollector
-from nodeagent.exporter import AgentHealth, TelemetryExporter, start_http_endpoint
 from nodeagent.settings import AgentSettings
 from processkit import configure_logging, field_docs
 
@@ -78,6 +75,12 @@ async def run(settings: AgentSettings) -> None:
     )
     http_server = None
     if settings.metrics_listen:
+        # Imported only when served: prometheus_client and its HTTP stack are some 3 MB of the
+        # agent's memory.
+        from prometheus_client import CollectorRegistry
+
+        from nodeagent.exporter import AgentHealth, TelemetryExporter, start_http_endpoint
+
         registry = CollectorRegistry()
         exporter = TelemetryExporter(registry)
         agent.on_sample = exporter.update

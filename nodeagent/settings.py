@@ -35,7 +35,11 @@ class AgentSettings:
     backoff_cap_s: float = 30.0
     """Largest reconnect delay bound."""
     connect_timeout_s: float = 10.0
-    """How long to wait for the welcome after opening a session."""
+    """How long to wait for the welcome after opening a session. After an attempt that got
+    none in time the wait doubles (up to connect_timeout_max_s) and the next attempt is delayed
+    by at least half that wait (up to backoff_cap_s); a welcome resets it."""
+    connect_timeout_max_s: float = 60.0
+    """Longest wait for the welcome after attempts in a row that timed out."""
     keepalive_time_s: float = 30.0
     """Client keepalive ping interval (the control plane accepts pings at this rate)."""
     keepalive_timeout_s: float = 10.0

@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pynvml
-
 from nodeagent.collectors._gpu_diagnostics import read_diagnostics
 from nodeagent.collectors._gpu_power import PowerLimit, read_power_limit, write_power_limit
 from nodeagent.collectors._gpu_readings import read_inventory, read_metrics
@@ -25,6 +23,7 @@ from nodeagent.collectors._nvml import (
     system_string,
     text,
 )
+from nodeagent.collectors._pynvml import driver_library_present, pynvml
 from nodeagent.collectors._values import (
     GpuCollectionState,
     GpuEvent,
@@ -42,11 +41,13 @@ _OK = GpuCollectionState.OK
 _NO_GPU = GpuCollectionState.NO_GPU
 _ERROR = GpuCollectionState.ERROR
 
+_NO_DRIVER = "NVIDIA driver not found (NVML library not loaded): no GPU telemetry"
+
 
 def _init_failure(error: pynvml.NVMLError) -> tuple[GpuCollectionState, str]:
     """The state and message for an nvmlInit that failed."""
     if isinstance(error, pynvml.NVMLError_LibraryNotFound):
-        return _NO_GPU, "NVIDIA driver not found (NVML library not loaded): no GPU telemetry"
+        return _NO_GPU, _NO_DRIVER
     if isinstance(error, pynvml.NVMLError_DriverNotLoaded):
         return _NO_GPU, "NVIDIA kernel driver not loaded: no GPU telemetry"
     if isinstance(error, pynvml.NVMLError_NoPermission):
@@ -100,6 +101,11 @@ class GpuCollector:
         if self._initialized:
             return self._status
         self._next_start_attempt = self._clock() + self._retry_interval
+        if not driver_library_present():
+            # What nvmlInit would say, without importing pynvml for it.
+            self._set_status(_NO_GPU, _NO_DRIVER)
+            _log.info("GPU collection unavailable: %s", self._status.message)
+            return self._status
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as error:
@@ -167,6 +173,17 @@ class GpuCollector:
         events = (*self._pending_events, *xid_events)
         self._pending_events = []
         return GpuReading(status=self._status, gpus=tuple(gpus), events=events)
+
+    def reading_without_nvml(self) -> GpuReading | None:
+        """What `collect()` would return now without calling NVML: NVML is not running and no
+        start attempt is due (a node without GPUs, between retries). None when `collect()` has
+        work to do. Reads state only, so any thread may ask while no call runs on the
+        collector's own."""
+        if self._initialized or self._pending_events:
+            return None
+        if self._clock() >= self._next_start_attempt:
+            return None
+        return GpuReading(status=self._status)
 
     def stop(self) -> None:
         """Releases the event set and shuts NVML down; a later collect() starts again."""

@@ -73,6 +73,12 @@ class AsyncGpuCollector:
 
     async def collect(self) -> GpuReading:
         """See `GpuCollector.collect`; a TIMEOUT or ERROR reading instead of any exception."""
+        if self._runner.in_flight_seconds is None:
+            # Without a GPU (NVML not running, no retry due) there is nothing for the NVML
+            # thread to do: answer here, without the trip to it and back.
+            idle = self._collector.reading_without_nvml()
+            if idle is not None:
+                return self._with_late_events(idle)
         try:
             reading = await self._runner.call(self._collector.collect, timeout=self._call_timeout)
         except CollectorTimeout as timeout:

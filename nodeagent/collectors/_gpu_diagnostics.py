@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pynvml
-
 from nodeagent.collectors._nvml import Device, DeviceReader, text
+from nodeagent.collectors._pynvml import pynvml
 
 # Clock-event ("throttle") reason bits in the order nvidia-smi lists them, with stable names.
 _THROTTLE_REASONS: tuple[tuple[str, str], ...] = (

@@ -4,12 +4,12 @@ ECC, remapped rows, ...) and once per start (its inventory), field by field thro
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
-import pynvml
-
 from nodeagent.collectors._nvml import Device, DeviceReader, event_now, text
+from nodeagent.collectors._pynvml import pynvml
 from nodeagent.collectors._values import GpuEvent, GpuEventKind, GpuInventoryItem, GpuMetrics
 
 _log = logging.getLogger(__name__)
@@ -27,31 +27,35 @@ _REMAPPED_ROWS_FIELDS = (
     "remapped_rows_pending",
 )
 
+
 # GpuMetrics fields that are one NVML call each: (field, NVML function, its arguments after the
 # device handle). Functions are looked up by name at call time, so an older pynvml without one
-# reports the field unsupported instead of failing.
-_SCALAR_FIELDS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
-    ("sm_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,)),
-    ("memory_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_MEM,)),
-    ("graphics_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_GRAPHICS,)),
-    ("temperature_celsius", "nvmlDeviceGetTemperature", (pynvml.NVML_TEMPERATURE_GPU,)),
-    ("power_usage_milliwatts", "nvmlDeviceGetPowerUsage", ()),
-    ("power_limit_milliwatts", "nvmlDeviceGetEnforcedPowerLimit", ()),
-    ("total_energy_millijoules", "nvmlDeviceGetTotalEnergyConsumption", ()),
-    (
-        "ecc_corrected_volatile",
-        "nvmlDeviceGetTotalEccErrors",
-        (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_VOLATILE_ECC),
-    ),
-    (
-        "ecc_uncorrected_volatile",
-        "nvmlDeviceGetTotalEccErrors",
-        (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC),
-    ),
-    ("fan_speed_percent", "nvmlDeviceGetFanSpeed", ()),
-    ("pcie_tx_kbps", "nvmlDeviceGetPcieThroughput", (pynvml.NVML_PCIE_UTIL_TX_BYTES,)),
-    ("pcie_rx_kbps", "nvmlDeviceGetPcieThroughput", (pynvml.NVML_PCIE_UTIL_RX_BYTES,)),
-)
+# reports the field unsupported instead of failing. Built at first use: the arguments are pynvml
+# constants, and importing pynvml waits until there is a GPU to read.
+@functools.cache
+def _scalar_fields() -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    return (
+        ("sm_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,)),
+        ("memory_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_MEM,)),
+        ("graphics_clock_mhz", "nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_GRAPHICS,)),
+        ("temperature_celsius", "nvmlDeviceGetTemperature", (pynvml.NVML_TEMPERATURE_GPU,)),
+        ("power_usage_milliwatts", "nvmlDeviceGetPowerUsage", ()),
+        ("power_limit_milliwatts", "nvmlDeviceGetEnforcedPowerLimit", ()),
+        ("total_energy_millijoules", "nvmlDeviceGetTotalEnergyConsumption", ()),
+        (
+            "ecc_corrected_volatile",
+            "nvmlDeviceGetTotalEccErrors",
+            (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_VOLATILE_ECC),
+        ),
+        (
+            "ecc_uncorrected_volatile",
+            "nvmlDeviceGetTotalEccErrors",
+            (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC),
+        ),
+        ("fan_speed_percent", "nvmlDeviceGetFanSpeed", ()),
+        ("pcie_tx_kbps", "nvmlDeviceGetPcieThroughput", (pynvml.NVML_PCIE_UTIL_TX_BYTES,)),
+        ("pcie_rx_kbps", "nvmlDeviceGetPcieThroughput", (pynvml.NVML_PCIE_UTIL_RX_BYTES,)),
+    )
 
 
 def read_metrics(device: Device, events: list[GpuEvent]) -> GpuMetrics:
@@ -72,7 +76,7 @@ def read_metrics(device: Device, events: list[GpuEvent]) -> GpuMetrics:
         values["memory_used_bytes"] = int(memory.used)
         values["memory_free_bytes"] = int(memory.free)
         values["memory_reserved_bytes"] = int(memory.reserved)
-    for field, function, args in _SCALAR_FIELDS:
+    for field, function, args in _scalar_fields():
         value = reader.read(field, function, *args)
         if value is not None:
             values[field] = int(value)

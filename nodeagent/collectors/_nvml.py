@@ -13,8 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import pynvml
-
+from nodeagent.collectors._pynvml import pynvml
 from nodeagent.collectors._values import GpuCollectionState, GpuEvent, GpuEventKind, GpuStatus
 
 _log = logging.getLogger(__name__)

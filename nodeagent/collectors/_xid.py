@@ -10,9 +10,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pynvml
-
 from nodeagent.collectors._nvml import Device, event_now, handle_address
+from nodeagent.collectors._pynvml import pynvml
 from nodeagent.collectors._values import GpuEvent, GpuEventKind
 
 _log = logging.getLogger(__name__)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
 import platform
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psutil
 import pytest
@@ -265,3 +268,69 @@ def test_inventory_matches_platform_and_psutil() -> None:
     assert inventory.physical_cpus == (psutil.cpu_count(logical=False) or 0)
     assert inventory.memory_total_bytes == psutil.virtual_memory().total
     assert inventory.boot_time_unix_seconds == int(psutil.boot_time())
+
+
+def test_counters_read_from_proc_agree_with_psutil() -> None:
+    """The collector reads /proc itself (one read per file per snapshot); what it reports is
+    what psutil reports, read just before and just after."""
+    swap_before = psutil.swap_memory()
+    disks_before = psutil.disk_io_counters(perdisk=True) or {}
+    nics_before = psutil.net_io_counters(pernic=True)
+    host = HostCollector().collect()
+    swap_after = psutil.swap_memory()
+    disks_after = psutil.disk_io_counters(perdisk=True) or {}
+    nics_after = psutil.net_io_counters(pernic=True)
+
+    memory = host.memory
+    assert memory.swap_total_bytes == swap_after.total
+    assert swap_before.sin <= memory.swap_in_bytes <= swap_after.sin
+    assert swap_before.sout <= memory.swap_out_bytes <= swap_after.sout
+    for disk in host.disks:
+        before, after = disks_before[disk.device], disks_after[disk.device]
+        assert before.read_bytes <= disk.read_bytes <= after.read_bytes
+        assert before.write_bytes <= disk.written_bytes <= after.write_bytes
+        assert before.write_count <= disk.writes_completed <= after.write_count
+        assert before.busy_time / 1000 <= disk.io_time_seconds <= after.busy_time / 1000
+    for nic in host.networks:
+        before_nic, after_nic = nics_before[nic.interface], nics_after[nic.interface]
+        assert before_nic.bytes_recv <= nic.receive_bytes <= after_nic.bytes_recv
+        assert before_nic.packets_sent <= nic.transmit_packets <= after_nic.packets_sent
+        assert before_nic.dropin <= nic.receive_drops <= after_nic.dropin
+    assert host.boot_time_unix_seconds == int(psutil.boot_time())
+    assert host.cpu is not None and host.cpu.logical_cpus == len(psutil.cpu_times(percpu=True))
+
+
+def test_the_mount_table_is_parsed_again_exactly_when_it_changed(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psutil parses the table (and finds the root device) only when /proc/self/mounts
+    changed; a snapshot after a mount sees the new table."""
+    partition = collections.namedtuple("partition", "device mountpoint fstype opts")
+    table = [partition("/dev/first", "/", "ext4", "rw")]
+    calls: list[int] = []
+
+    def partitions(all: bool = False) -> list[Any]:
+        calls.append(1)
+        return list(table)
+
+    monkeypatch.setattr(psutil, "disk_partitions", partitions)
+    collector = HostCollector()
+    assert [fs.device for fs in collector.collect().filesystems] == ["/dev/first"]
+    table[0] = partition("/dev/second", "/", "ext4", "rw")
+    assert [fs.device for fs in collector.collect().filesystems] == ["/dev/first"]
+    assert len(calls) == 1
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount here (needs root)")
+    try:
+        assert [fs.device for fs in collector.collect().filesystems] == ["/dev/second"]
+        assert len(calls) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
