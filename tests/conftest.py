@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from certs import CertificateAuthority, Identity, write_private_key
 from controlplane import ControlPlane, ControlPlaneSettings, TlsFiles
+from controlplane.store import Store
 from nodeagent.agent import NodeAgent
 from nodeagent.settings import AgentSettings
 from tests.fakenvml import FakeNvml
@@ -160,6 +161,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
         yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
         _drop_database(admin, name)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """The store on the test's database, migrated (tests that need more define their own)."""
+    opened = Store(database_url)
+    opened.migrate()
+    yield opened
+    opened.close()
 
 
 ControlPlaneFactory = Callable[..., Awaitable[ControlPlane]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select
@@ -24,14 +24,6 @@ def _add(node_id: str) -> Callable[[Session], str]:
         return node_id
 
     return work
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    store = Store(database_url)
-    await asyncio.to_thread(store.migrate)
-    yield store
-    store.close()
 
 
 def _stored(store: Store) -> list[str]:

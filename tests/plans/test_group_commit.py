@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Connection, Table, func, select
@@ -25,14 +25,6 @@ from controlplane.plans import (
 )
 from controlplane.plans._repository import Decision
 from controlplane.store import AUDIT_EVENTS, PLAN_TARGETS, PLAN_TRANSITIONS, PLANS, Store
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = Store(database_url)
-    await asyncio.to_thread(opened.migrate)
-    yield opened
-    opened.close()
 
 
 def _plan(plan_id: str, request_id: str, *nodes: str) -> Plan:

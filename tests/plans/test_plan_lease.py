@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import pytest
 from sentinel.v1 import plan_pb2
@@ -31,14 +30,6 @@ from controlplane.plans._repository import Decision
 from controlplane.store import COMMANDS, Store
 from tests.conftest import AgentFactory, ControlPlaneFactory, Pki, eventually, needs_postgres
 from tests.plan_helpers import phases, plan, plan_client, step, wait_terminal
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = Store(database_url)
-    await asyncio.to_thread(opened.migrate)
-    yield opened
-    opened.close()
 
 
 def _plan(plan_id: str) -> Plan:

@@ -36,14 +36,6 @@ BATCH = 500
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def deletes() -> Iterator[collections.Counter[str]]:
     """DELETE statements sent to the database, by table."""
     counted: collections.Counter[str] = collections.Counter()
